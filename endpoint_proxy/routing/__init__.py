@@ -1,0 +1,1 @@
+"""Routing decisions: which instance an endpoint's connection goes to; pure and synchronous."""

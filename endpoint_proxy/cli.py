@@ -1,0 +1,193 @@
+"""The ``endpoint-proxy`` command: run, check and demo."""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"endpoint-proxy: invalid config: {e}", file=sys.stderr)
+        return 2
+    n_endpoints = sum(len(c.endpoints) for c in config.clusters)
+    print(f"{args.config}: OK ({len(config.clusters)} cluster(s), {n_endpoints} endpoint(s))")
+    return 0
+
+
+async def _serve(config: Config, worker_index: int, workers: int, runtime_dir: str | None,
+                 on_ready: Callable[[dict[str, str]], None] | None = None) -> None:
+    from .server.app import Proxy
+
+    async with trio.open_nursery() as nursery:
+        proxy = Proxy(config, worker_index=worker_index, workers=workers, runtime_dir=runtime_dir)
+        await nursery.start(proxy.run)
+        if on_ready is not None:
+            on_ready({k: str(v) for k, v in proxy.bound.items()})
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _worker_main(config: Config, index: int, workers: int, runtime_dir: str) -> None:
+    from .server.logs import configure_logging
+
+    configure_logging(config.logging, worker=index)
+    try:
+        trio.run(_serve, config, index, workers, runtime_dir)
+    except KeyboardInterrupt:
+        pass
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .server.logs import configure_logging
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"endpoint-proxy: invalid config: {e}", file=sys.stderr)
+        return 2
+    workers = args.workers or config.server.workers
+    if workers == 1:
+        configure_logging(config.logging)
+        try:
+            trio.run(_serve, config, 0, 1, None)
+        except KeyboardInterrupt:
+            pass
+        except OSError as e:
+            print(f"endpoint-proxy: {e}", file=sys.stderr)
+            return 1
+        return 0
+    return _run_workers(config, workers)
+
+
+def _run_workers(config: Config, workers: int) -> int:
+    """Fork worker processes that share each endpoint's port through SO_REUSEPORT."""
+    for c in config.clusters:
+        for ep in c.endpoints:
+            if ep.listen.port == 0:
+                print(f"endpoint-proxy: endpoint {ep.name}: workers > 1 needs a fixed listen port",
+                      file=sys.stderr)
+                return 2
+    runtime_dir = tempfile.mkdtemp(prefix="endpoint-proxy-")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_worker_main, args=(config, i, workers, runtime_dir), daemon=False)
+             for i in range(workers)]
+    for p in procs:
+        p.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    try:
+        code = 0
+        for p in procs:
+            p.join()
+            if p.exitcode:
+                code = 1
+                forward(signal.SIGTERM, None)
+        return code
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .config import parse_config
+    from .localcluster.postgresql import PostgresCluster
+    from .server.logs import configure_logging
+
+    print("endpoint-proxy demo: starting a PostgreSQL primary and 2 streaming replicas ...", flush=True)
+    with PostgresCluster(replicas=2) as cluster:
+        writer_port = args.port or _free_port()
+        reader_port = _free_port() if not args.port else args.port + 1
+        doc = {
+            "logging": {"format": "console", "level": "info"},
+            "clusters": [{
+                "name": "demo",
+                "protocol": "postgresql",
+                "health_check_interval_ms": 250,
+                "monitor": {"user": cluster.monitor_user, "password": cluster.monitor_password},
+                "users": [{"name": cluster.app_user, "password": cluster.app_password}],
+                "instances": [{"name": i.name, "host": i.host, "port": i.port} for i in cluster.instances],
+                "endpoints": [
+                    {"name": "writer", "listen": f"127.0.0.1:{writer_port}", "kind": "writer"},
+                    {"name": "reader", "listen": f"127.0.0.1:{reader_port}", "kind": "reader"},
+                ],
+            }],
+        }
+        config = parse_config(doc)
+        configure_logging(config.logging)
+
+        def ready(bound: dict[str, str]) -> None:
+            pw = cluster.app_password
+            print("\nendpoint-proxy demo is ready. Instances:")
+            for i in cluster.instances:
+                role = "primary" if i.name == cluster.primary_name else "replica"
+                print(f"  {i.name}: 127.0.0.1:{i.port} ({role})")
+            print("\nConnect through the proxy (Ctrl-C stops everything):")
+            for name in ("writer", "reader"):
+                addr = bound[name]
+                port = addr.rsplit(":", 1)[1]
+                print(f"  {name:6}  PGPASSWORD={pw} psql -h 127.0.0.1 -p {port} -U {cluster.app_user} "
+                      f"{cluster.database} -c 'select inet_server_port(), pg_is_in_recovery()'")
+            print(flush=True)
+            if args.exit_after_ready:
+                raise KeyboardInterrupt
+
+        try:
+            trio.run(_serve, config, 0, 1, None, ready)
+        except KeyboardInterrupt:
+            pass
+        print("endpoint-proxy demo: stopping the cluster ...", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="endpoint-proxy",
+                                     description="Aurora-style endpoints for PostgreSQL and MySQL clusters")
+    parser.add_argument("--version", action="version", version=f"endpoint-proxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the proxy")
+    run.add_argument("--config", required=True, type=Path)
+    run.add_argument("--workers", type=int, default=None, help="override [server] workers")
+    run.set_defaults(func=_run)
+    check = sub.add_parser("check", help="validate a config file and exit")
+    check.add_argument("--config", required=True, type=Path)
+    check.set_defaults(func=_check)
+    demo = sub.add_parser("demo", help="start a local primary + 2 replicas with the proxy in front")
+    demo.add_argument("--port", type=int, default=None, help="writer port (reader gets the next one)")
+    demo.add_argument("--exit-after-ready", action="store_true", help=argparse.SUPPRESS)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result

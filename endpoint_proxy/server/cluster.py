@@ -1,0 +1,146 @@
+"""A cluster at run time: its topology, the monitor tasks that probe it, and connection counts."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections import Counter
+
+import structlog
+import trio
+
+from ..config import ClusterConfig, EndpointConfig, UserConfig
+from ..protocol.pg.auth import ScramSecret, make_scram_secret
+from ..routing.endpoints import Route, route
+from ..topology.state import ClusterTopology, TopologyEvent
+from .pg_backend import BackendError, ProbeConnection
+
+log = structlog.get_logger("endpoint_proxy.cluster")
+
+# What the monitor asks each PostgreSQL instance.
+PG_PROBE_SQL = "select pg_is_in_recovery()"
+
+
+class ClusterRuntime:
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.topology = ClusterTopology(tuple(i.name for i in config.instances))
+        self.connections: Counter[str] = Counter()  # open session backends per instance
+        self._changed = trio.Event()
+        self._probe_now: dict[str, trio.Event] = {i.name: trio.Event() for i in config.instances}
+        self._scram: dict[str, ScramSecret] = {}
+        # A secret for users that do not exist, so their exchange looks like any other.
+        self._unknown_user_secret = make_scram_secret(secrets.token_urlsafe(24))
+        self.weights = {i.name: i.weight for i in config.instances}
+
+    # --- credentials --------------------------------------------------------------------------
+
+    def scram_secret(self, user: UserConfig | None) -> ScramSecret:
+        """The SCRAM verifier of a configured user, derived once (PBKDF2 is slow on purpose)."""
+        if user is None:
+            return self._unknown_user_secret
+        secret = self._scram.get(user.name)
+        if secret is None:
+            secret = make_scram_secret(user.password)
+            self._scram[user.name] = secret
+        return secret
+
+    def prepare_secrets(self) -> None:
+        for user in self.config.users:
+            self.scram_secret(user)
+
+    def monitor_credentials(self) -> tuple[str, str | None]:
+        if self.config.monitor is not None:
+            return self.config.monitor.user, self.config.monitor.password
+        if self.config.users:
+            return self.config.users[0].name, self.config.users[0].password
+        return "postgres", None
+
+    # --- routing ------------------------------------------------------------------------------
+
+    def route(self, endpoint: EndpointConfig) -> Route:
+        return route(endpoint, self.topology, self.connections,
+                     fallback_to_writer=self.config.reader_fallback_to_writer,
+                     weights=self.weights)
+
+    async def wait_for_route(self, endpoint: EndpointConfig, timeout_s: float) -> Route:
+        """Route now; if nothing qualifies, ask for fresh probes and wait up to ``timeout_s``."""
+        decision = self.route(endpoint)
+        if decision.instance is not None:
+            return decision
+        with trio.move_on_after(timeout_s):
+            while decision.instance is None:
+                changed = self._changed
+                self.request_probe()
+                await changed.wait()
+                decision = self.route(endpoint)
+        return decision
+
+    def request_probe(self, name: str | None = None) -> None:
+        """Probe one instance (or all) now instead of at the next interval."""
+        for n, ev in self._probe_now.items():
+            if name is None or n == name:
+                ev.set()
+
+    def backend_failed(self, name: str, error: str) -> None:
+        """A session could not reach an instance: probe it at once."""
+        log.info("backend_connect_failed", instance=name, error=error)
+        self.request_probe(name)
+
+    # --- monitor ------------------------------------------------------------------------------
+
+    def _apply(self, events: list[TopologyEvent]) -> None:
+        for ev in events:
+            log.info(ev.kind, cluster=self.config.name, instance=ev.instance, detail=ev.detail)
+        # Every probe result wakes waiters: a route may now exist, or a wait may give up.
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def probe_once(self, name: str, conn: ProbeConnection | None) -> ProbeConnection | None:
+        inst = self.config.instance_named(name)
+        timeout = max(1.0, 4 * self.config.health_check_interval_ms / 1000)
+        user, password = self.monitor_credentials()
+        try:
+            with trio.fail_after(timeout):
+                if conn is None:
+                    conn = await ProbeConnection.open(name, inst.address, user=user, password=password,
+                                                      tls_mode=self.config.backend_tls)
+                rows = await conn.query(PG_PROBE_SQL)
+            in_recovery = rows[0][0] == "t"
+            self._apply(self.topology.probe_succeeded(name, trio.current_time(), in_recovery=in_recovery))
+            return conn
+        except (OSError, BackendError, trio.TooSlowError, IndexError) as e:
+            reason = "probe timed out" if isinstance(e, trio.TooSlowError) else str(e) or type(e).__name__
+            self._apply(self.topology.probe_failed(name, trio.current_time(), reason))
+            if conn is not None:
+                with trio.CancelScope(shield=True):
+                    await conn.backend.conn.aclose()
+            return None
+
+    async def monitor_instance(self, name: str) -> None:
+        interval = self.config.health_check_interval_ms / 1000
+        conn: ProbeConnection | None = None
+        try:
+            while True:
+                self._probe_now[name] = trio.Event()
+                conn = await self.probe_once(name, conn)
+                with trio.move_on_after(interval):
+                    await self._probe_now[name].wait()
+        finally:
+            if conn is not None:
+                with trio.CancelScope(shield=True):
+                    await conn.aclose()
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Probe every instance once, then keep monitoring; reports started after the first round."""
+        async with trio.open_nursery() as nursery:
+            first = [self._changed]
+            for inst in self.config.instances:
+                nursery.start_soon(self.monitor_instance, inst.name)
+            # Wait (bounded) until every instance has an answer, so the first clients route well.
+            with trio.move_on_after(max(2.0, 8 * self.config.health_check_interval_ms / 1000)):
+                while any(st.last_probe_at is None for st in self.topology.instances.values()):
+                    await first[0].wait()
+                    first[0] = self._changed
+            task_status.started()
+            await trio.sleep(math.inf)

@@ -1,0 +1,169 @@
+"""Byte transports for the relay: raw non-blocking sockets on trio's I/O manager, or a trio stream (TLS).
+
+Why not trio's SocketStream everywhere: its cost is per call (checkpoints, a scheduler
+pass each time), and a relay makes many small calls. ``RawConn`` tries the syscall first
+and only waits when the kernel says EAGAIN, so a ready socket costs one syscall.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import ssl
+
+import trio
+
+# A raw connection yields to the scheduler at least this often even when data keeps coming,
+# so a flood on one session cannot starve the others.
+_YIELD_EVERY = 64
+
+
+class Conn:
+    """What the relay needs of a connection."""
+
+    async def recv_into(self, buf: bytearray | memoryview) -> int:
+        raise NotImplementedError
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def is_tls(self) -> bool:
+        return False
+
+
+class RawConn(Conn):
+    __slots__ = ("sock", "_spins", "closed")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._spins = 0
+        self.closed = False
+
+    async def recv_into(self, buf: bytearray | memoryview) -> int:
+        sock = self.sock
+        self._spins += 1
+        if self._spins >= _YIELD_EVERY:
+            self._spins = 0
+            await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                return sock.recv_into(buf)
+            except BlockingIOError:
+                self._spins = 0
+                await trio.lowlevel.wait_readable(sock)
+            except InterruptedError:
+                continue
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        sock = self.sock
+        view = memoryview(data)
+        while view:
+            try:
+                sent = sock.send(view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            except InterruptedError:
+                continue
+            view = view[sent:]
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            trio.lowlevel.notify_closing(self.sock)
+        except (ValueError, OSError):
+            pass
+        self.sock.close()
+
+    def to_stream(self) -> trio.SocketStream:
+        """Hand the socket over to a trio stream (for a TLS upgrade); this object is spent."""
+        self.closed = True
+        return trio.SocketStream(trio.socket.from_stdlib_socket(self.sock))
+
+
+class StreamConn(Conn):
+    """A trio stream (TLS); costlier per call, used only where TLS is on."""
+
+    __slots__ = ("stream", "closed")
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.closed = False
+
+    async def recv_into(self, buf: bytearray | memoryview) -> int:
+        try:
+            data = await self.stream.receive_some(len(buf))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise ConnectionResetError(str(e)) from e
+        n = len(data)
+        buf[:n] = data
+        return n
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise ConnectionResetError(str(e)) from e
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+    @property
+    def is_tls(self) -> bool:
+        return True
+
+
+async def connect_tcp(host: str, port: int) -> RawConn:
+    """Open a TCP connection without trio's stream layer; raises OSError on failure."""
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last: OSError | None = None
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex(addr)
+            if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+                await trio.lowlevel.wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, f"connect to {host}:{port}: {errno.errorcode.get(err, err)}")
+            return RawConn(sock)
+        except BaseException as e:
+            try:
+                trio.lowlevel.notify_closing(sock)
+            except (ValueError, OSError):
+                pass
+            sock.close()
+            if isinstance(e, OSError):
+                last = e
+                continue
+            raise
+    raise last or OSError(f"cannot resolve {host}:{port}")
+
+
+async def start_tls_client(conn: RawConn, ctx: ssl.SSLContext, server_hostname: str | None) -> StreamConn:
+    stream = trio.SSLStream(conn.to_stream(), ctx, server_hostname=server_hostname)
+    await stream.do_handshake()
+    return StreamConn(stream)
+
+
+async def start_tls_server(conn: RawConn, ctx: ssl.SSLContext) -> StreamConn:
+    stream = trio.SSLStream(conn.to_stream(), ctx, server_side=True)
+    await stream.do_handshake()
+    return StreamConn(stream)
