@@ -227,13 +227,16 @@ class PgSession:
         auth = self._server_auth(startup.user)
         await self.client.send_all(auth.start())
         while True:
+            # Judge the type byte before waiting for the body: a second StartupMessage
+            # would otherwise read as a long message and stall until the timeout.
+            type_ = reader.peek_type()
+            if type_ is not None and type_ != ord("p"):
+                raise ProtocolError(f"expected a password response, got message type {type_!r}")
             msg = reader.next_message()
             if msg is None:
                 await self._read_into(reader, buf)
                 continue
             type_, payload = msg
-            if type_ != ord("p"):
-                raise ProtocolError(f"expected a password response, got message type {type_!r}")
             try:
                 reply, done = auth.step(payload)
             except AuthenticationError as e:

@@ -60,6 +60,10 @@ class FrameReader:
         self._buf.clear()
         return data
 
+    def peek_type(self) -> int | None:
+        """The type byte of the next message, as soon as it has arrived."""
+        return self._buf[0] if self._buf else None
+
     def next_message(self) -> tuple[int, bytes] | None:
         """The next typed message as (type, payload), or None when more bytes are needed."""
         buf = self._buf

@@ -1,0 +1,172 @@
+"""Misbehaving clients get a clear FATAL (or a closed socket) and never disturb other sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+
+from endpoint_proxy.localcluster.postgresql import PostgresCluster
+from endpoint_proxy.protocol.pg import messages as m
+from endpoint_proxy.protocol.pg.framing import FrameReader
+from endpoint_proxy.protocol.pg.startup import encode_ssl_request, encode_startup_message
+from tests.fixtures.proxy import ProxyProcess
+
+pytestmark = pytest.mark.integration
+
+
+def open_socket(proxy: ProxyProcess, endpoint: str = "writer") -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", proxy.port(endpoint)), timeout=10)
+    return s
+
+
+def read_all(s: socket.socket, timeout: float = 10) -> bytes:
+    """Everything the proxy sends until it closes the connection."""
+    s.settimeout(timeout)
+    chunks = []
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def messages(data: bytes) -> list[m.Message]:
+    reader = FrameReader()
+    reader.feed(data)
+    out = []
+    while (msg := reader.next_message()) is not None:
+        out.append(m.decode_backend(*msg))
+    return out
+
+
+def fatal(data: bytes) -> m.ErrorResponse:
+    msgs = messages(data)
+    errors = [x for x in msgs if isinstance(x, m.ErrorResponse)]
+    assert errors, f"expected an ErrorResponse, got {msgs!r}"
+    assert errors[-1].severity == "FATAL"
+    return errors[-1]
+
+
+@pytest.fixture
+def bystander(pg_cluster: PostgresCluster, pg_proxy: ProxyProcess) -> Iterator[None]:
+    """A healthy session open across the test; it must still work afterwards."""
+    loop = asyncio.new_event_loop()
+    conn = loop.run_until_complete(asyncpg.connect(
+        host="127.0.0.1", port=pg_proxy.port("writer"), user=pg_cluster.app_user,
+        password=pg_cluster.app_password, database=pg_cluster.database, ssl=False))
+    try:
+        yield
+        assert loop.run_until_complete(conn.fetchval("select 41 + 1")) == 42
+    finally:
+        loop.run_until_complete(conn.close())
+        loop.close()
+
+
+def test_ssl_request_followed_by_plaintext_is_refused(pg_proxy: ProxyProcess, bystander: None) -> None:
+    with open_socket(pg_proxy) as s:
+        s.sendall(encode_ssl_request() + encode_startup_message({"user": "app", "database": "app"}))
+        data = read_all(s)
+    assert not data.startswith(b"S")
+    assert fatal(data).sqlstate == "08P01"
+
+
+@pytest.mark.parametrize("length", [0, 3, 0x7FFFFFFF, 10_001])
+def test_impossible_startup_length_closes_at_once(pg_proxy: ProxyProcess, bystander: None, length: int) -> None:
+    with open_socket(pg_proxy) as s:
+        started = time.monotonic()
+        s.sendall(struct.pack("!I", length) + b"\x00\x03\x00\x00")
+        assert read_all(s) == b""
+        assert time.monotonic() - started < 2
+
+
+def test_startup_timeout(pg_proxy: ProxyProcess, bystander: None) -> None:
+    # The fixture's startup_timeout_ms is 2000: a silent client is dropped after it.
+    with open_socket(pg_proxy) as s:
+        started = time.monotonic()
+        assert read_all(s, timeout=10) == b""
+        assert 1.5 < time.monotonic() - started < 8
+
+
+@pytest.mark.parametrize(("params", "sqlstate"), [
+    ({"user": "", "database": "app"}, "28000"),
+    ({"database": "app"}, "28000"),
+    ({"user": "u" * 100, "database": "app"}, "42622"),
+    ({"user": "app", "database": "d" * 100}, "42622"),
+])
+def test_bad_names_get_fatal(pg_proxy: ProxyProcess, bystander: None, params: dict[str, str], sqlstate: str) -> None:
+    with open_socket(pg_proxy) as s:
+        s.sendall(encode_startup_message(params))
+        assert fatal(read_all(s)).sqlstate == sqlstate
+
+
+def test_unsupported_protocol_version(pg_proxy: ProxyProcess, bystander: None) -> None:
+    with open_socket(pg_proxy) as s:
+        s.sendall(encode_startup_message({"user": "app"}, protocol_version=(2 << 16)))
+        assert fatal(read_all(s)).sqlstate == "0A000"
+
+
+def test_second_startup_message_during_authentication(pg_proxy: ProxyProcess, bystander: None) -> None:
+    with open_socket(pg_proxy) as s:
+        s.sendall(encode_startup_message({"user": "app", "database": "app"}))
+        s.settimeout(5)
+        first = s.recv(4096)
+        assert isinstance(messages(first)[0], m.AuthenticationSASL)
+        s.sendall(encode_startup_message({"user": "app", "database": "app"}))
+        assert fatal(read_all(s)).sqlstate == "08P01"
+
+
+def test_malformed_scram_message(pg_proxy: ProxyProcess, bystander: None) -> None:
+    with open_socket(pg_proxy) as s:
+        s.sendall(encode_startup_message({"user": "app", "database": "app"}))
+        s.settimeout(5)
+        s.recv(4096)
+        s.sendall(m.SASLInitialResponse("SCRAM-SHA-256", b"this is not scram").encode())
+        assert fatal(read_all(s)).sqlstate == "08P01"
+
+
+def _md5_login(proxy: ProxyProcess) -> socket.socket:
+    """Log in as md5user by hand; returns the socket after ReadyForQuery."""
+    s = open_socket(proxy)
+    s.sendall(encode_startup_message({"user": "md5user", "database": "app"}))
+    reader = FrameReader()
+    s.settimeout(10)
+    while True:
+        reader.feed(s.recv(65536))
+        msg = reader.next_message()
+        if msg is not None:
+            break
+    request = m.decode_backend(*msg)
+    assert isinstance(request, m.AuthenticationMD5Password)
+    inner = hashlib.md5(b"md5-secret" + b"md5user").hexdigest().encode()
+    digest = "md5" + hashlib.md5(inner + request.salt).hexdigest()
+    s.sendall(m.PasswordMessage(digest).encode())
+    while True:
+        while (msg := reader.next_message()) is not None:
+            if isinstance(m.decode_backend(*msg), m.ReadyForQuery):
+                return s
+        data = s.recv(65536)
+        assert data, "proxy closed the connection during login"
+        reader.feed(data)
+
+
+def test_huge_message_after_login_closes_only_that_session(pg_proxy: ProxyProcess, bystander: None) -> None:
+    s = _md5_login(pg_proxy)
+    with s:
+        s.sendall(b"Q" + struct.pack("!I", 0x7FFFFFF0) + b"select 1")
+        started = time.monotonic()
+        assert read_all(s) == b""
+        assert time.monotonic() - started < 2
+
+
+def test_length_below_four_after_login(pg_proxy: ProxyProcess, bystander: None) -> None:
+    s = _md5_login(pg_proxy)
+    with s:
+        s.sendall(b"Q" + struct.pack("!I", 2))
+        assert read_all(s) == b""
