@@ -146,7 +146,7 @@ def _demo(args: argparse.Namespace) -> int:
 
         def ready(bound: dict[str, str]) -> None:
             pw = cluster.app_password
-            print("\nendpoint-proxy demo is ready. Instances:")
+            print(f"\nendpoint-proxy demo is ready. Cluster files: {cluster.root_dir}\nInstances:")
             for i in cluster.instances:
                 role = "primary" if i.name == cluster.primary_name else "replica"
                 print(f"  {i.name}: 127.0.0.1:{i.port} ({role})")

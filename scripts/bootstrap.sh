@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Make this checkout runnable: system binaries the tests and demo need, and a .venv with the package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+if [ -z "$pg_bin" ] || [ ! -x "$pg_bin/postgres" ] || [ ! -x "$pg_bin/pg_basebackup" ]; then
+  need_apt+=(postgresql)
+fi
+command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
+command -v pgbench >/dev/null 2>&1 || [ -x "${pg_bin:-/nonexistent}/pgbench" ] || need_apt+=(postgresql-contrib)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "bootstrap: missing ${need_apt[*]}; install them (as root: apt-get install ${need_apt[*]})" >&2
+    exit 1
+  fi
+  echo "bootstrap: installing ${need_apt[*]} with apt-get" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+# PostgreSQL refuses to run as root: the local cluster runs servers as this account.
+if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
+  useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+stamp=.venv/.installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+  touch "$stamp"
+fi

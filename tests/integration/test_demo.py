@@ -1,0 +1,59 @@
+"""`endpoint-proxy demo`: a real cluster behind the proxy, with psql commands that work as printed."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.proxy import wait_until
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_demo_prints_working_psql_commands_and_cleans_up() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "endpoint_proxy", "demo"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: any(" reader " in ln and "psql" in ln for ln in lines), 60, "the demo to be ready")
+        commands = {m.group(1): m.group(2) for ln in lines if (m := re.match(r"\s+(writer|reader)\s+(.*psql.*)$", ln))}
+        assert set(commands) == {"writer", "reader"}
+        roles = {}
+        for name, command in commands.items():
+            words = shlex.split(command)
+            env = dict(os.environ)
+            while "=" in words[0]:
+                key, value = words.pop(0).split("=", 1)
+                env[key] = value
+            out = subprocess.run([*words, "-At"], env=env, capture_output=True, text=True, timeout=30)
+            assert out.returncode == 0, out.stderr
+            roles[name] = out.stdout.strip().split("|")[1]
+        assert roles == {"writer": "f", "reader": "t"}
+        tmp_dirs = re.findall(r"Cluster files: (\S+)", "".join(lines))
+        assert tmp_dirs and Path(tmp_dirs[0]).is_dir()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(30)
+        t.join(5)
+    assert code == 0, "".join(lines)
+    assert "stopping the cluster" in "".join(lines)
+    for d in tmp_dirs:
+        assert not Path(d).exists()
