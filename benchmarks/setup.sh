@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Install the comparison targets for benchmarks/pgbench_compare.py (PgBouncer,
+# HAProxy) and make sure the Debian packages' own services are not running:
+# the benchmark starts its own instances on free loopback ports.
+#
+# Idempotent: installs only what is missing, runs `apt-get update` only when
+# an install is needed. Needs root (or sudo) for the install step.
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO="sudo"
+fi
+
+missing=()
+command -v pgbouncer >/dev/null 2>&1 || missing+=(pgbouncer)
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+if ! command -v pgbench >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1; then
+    missing+=(postgresql-contrib)
+fi
+if ! command -v psql >/dev/null 2>&1; then
+    missing+=(postgresql-client)
+fi
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup.sh: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # Only refresh the package lists when they are absent or the install fails.
+    if ! $SUDO apt-get install -y --no-install-recommends "${missing[@]}"; then
+        $SUDO apt-get update
+        $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
+    fi
+else
+    echo "setup.sh: pgbouncer and haproxy already installed"
+fi
+
+# The packages start their own daemons (pgbouncer on 6432, haproxy with
+# /etc/haproxy/haproxy.cfg). Stop them; the benchmark runs its own.
+for svc in pgbouncer haproxy; do
+    $SUDO service "$svc" stop >/dev/null 2>&1 || true
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    fi
+done
+# Without an init system `service` may not find them: stop the packages'
+# daemons by their own pidfiles (never by process name, so a benchmark run in
+# progress elsewhere is left alone).
+for pidfile in /var/run/postgresql/pgbouncer.pid /run/postgresql/pgbouncer.pid \
+               /run/haproxy.pid /var/run/haproxy.pid; do
+    if [ -r "$pidfile" ]; then
+        pid="$(cat "$pidfile" 2>/dev/null || true)"
+        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+            $SUDO kill "$pid" 2>/dev/null || true
+        fi
+    fi
+done
+
+echo "setup.sh: pgbouncer $(pgbouncer --version 2>/dev/null | head -n1 || echo '?')"
+echo "setup.sh: $(haproxy -v 2>/dev/null | head -n1 || echo 'haproxy ?')"
