@@ -24,6 +24,9 @@ class Conn:
     async def recv_into(self, buf: bytearray | memoryview) -> int:
         raise NotImplementedError
 
+    async def recv_into_after_wait(self, buf: bytearray | memoryview) -> int:
+        return await self.recv_into(buf)
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         raise NotImplementedError
 
@@ -58,6 +61,13 @@ class RawConn(Conn):
                 await trio.lowlevel.wait_readable(sock)
             except InterruptedError:
                 continue
+
+    async def recv_into_after_wait(self, buf: bytearray | memoryview) -> int:
+        """Like recv_into, but wait for readiness first: for when the peer surely has not
+        answered yet (we just sent it a whole request), which saves a recv that would fail."""
+        self._spins = 0
+        await trio.lowlevel.wait_readable(self.sock)
+        return await self.recv_into(buf)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         sock = self.sock

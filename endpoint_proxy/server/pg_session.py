@@ -320,9 +320,12 @@ class PgSession:
         src, dst = self.client, backend.conn
         buf = bytearray(RELAY_BUFFER)
         view = memoryview(buf)
+        idle = False
         try:
             while True:
-                n = await src.recv_into(buf)
+                # A chunk that ended on a message boundary was most likely a whole request:
+                # the client now waits for the answer, so wait before trying to read.
+                n = await (src.recv_into_after_wait(buf) if idle else src.recv_into(buf))
                 if n == 0:
                     return
                 chunk = view[:n]
@@ -332,6 +335,7 @@ class PgSession:
                     self.log.info("client_protocol_error", error=e.message)
                     return
                 await dst.send_all(chunk)
+                idle = scanner.at_boundary
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
             return
         finally:
@@ -344,15 +348,20 @@ class PgSession:
         scanner = MessageScanner(b"Z")
         buf = bytearray(RELAY_BUFFER)
         view = memoryview(buf)
+        idle = False
         try:
             while True:
-                n = await src.recv_into(buf)
+                # After a ReadyForQuery that ended the chunk the server has nothing more to
+                # say until the client asks again: wait before trying to read.
+                n = await (src.recv_into_after_wait(buf) if idle else src.recv_into(buf))
                 if n == 0:
                     return
                 chunk = view[:n]
-                for _type, payload in scanner.scan(chunk):
+                ready = scanner.scan(chunk)
+                for _type, payload in ready:
                     backend.status = chr(payload[0]) if payload else backend.status
                 await dst.send_all(chunk)
+                idle = bool(ready) and scanner.at_boundary
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError,
                 ProtocolError):
             return
