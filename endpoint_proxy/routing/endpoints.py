@@ -54,7 +54,8 @@ def least_loaded(candidates: list[str], load: Mapping[str, int],
 
 
 def route(endpoint: EndpointConfig, topology: ClusterTopology, load: Mapping[str, int], *,
-          fallback_to_writer: bool, weights: Mapping[str, int] | None = None) -> Route:
+          fallback_to_writer: bool, weights: Mapping[str, int] | None = None, rotation: int = 0) -> Route:
+    """``rotation`` turns the candidate list so that ties in load take turns."""
     kind = endpoint.kind
     if kind in ("writer", "readwrite"):
         w = topology.writer
@@ -66,6 +67,9 @@ def route(endpoint: EndpointConfig, topology: ClusterTopology, load: Mapping[str
         if weights:
             positive = [n for n in eligible if weights.get(n, 1) > 0]
             eligible = positive or eligible
+        if rotation and len(eligible) > 1:
+            k = rotation % len(eligible)
+            eligible = eligible[k:] + eligible[:k]
         return Route(least_loaded(eligible, load, weights))
     if kind == "instance":
         return Route(None, f"instance {endpoint.instance} is not available")

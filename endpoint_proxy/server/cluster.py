@@ -12,19 +12,43 @@ import trio
 from ..config import ClusterConfig, EndpointConfig, UserConfig
 from ..protocol.pg.auth import ScramSecret, make_scram_secret
 from ..routing.endpoints import Route, route
-from ..topology.state import ClusterTopology, TopologyEvent
+from ..topology.state import ClusterTopology, ProbeResult, TopologyEvent
 from .pg_backend import BackendError, ProbeConnection
 
 log = structlog.get_logger("endpoint_proxy.cluster")
 
-# What the monitor asks each PostgreSQL instance.
-PG_PROBE_SQL = "select pg_is_in_recovery()"
+# What the monitor asks each PostgreSQL instance: role, WAL positions as byte counts, the
+# age of the last replayed transaction, and (on a writable instance) its timeline.
+PG_PROBE_SQL = """
+select pg_is_in_recovery(),
+       case when pg_is_in_recovery() then null else pg_current_wal_lsn() - '0/0' end,
+       pg_last_wal_receive_lsn() - '0/0',
+       pg_last_wal_replay_lsn() - '0/0',
+       coalesce(extract(epoch from now() - pg_last_xact_replay_timestamp()), 0),
+       case when pg_is_in_recovery() then null
+            else ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int end
+"""
+
+
+def parse_probe_row(row: tuple[str | None, ...]) -> ProbeResult:
+    def num(v: str | None) -> int | None:
+        return None if v is None else int(float(v))
+
+    return ProbeResult(
+        in_recovery=row[0] == "t",
+        current_lsn=num(row[1]),
+        receive_lsn=num(row[2]),
+        replay_lsn=num(row[3]),
+        replay_age_s=float(row[4] or 0),
+        timeline=num(row[5]),
+    )
 
 
 class ClusterRuntime:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
-        self.topology = ClusterTopology(tuple(i.name for i in config.instances))
+        self.topology = ClusterTopology(tuple(i.name for i in config.instances),
+                                        max_replica_lag_ms=config.max_replica_lag_ms)
         self.connections: Counter[str] = Counter()  # open session backends per instance
         self._changed = trio.Event()
         self._probe_now: dict[str, trio.Event] = {i.name: trio.Event() for i in config.instances}
@@ -32,6 +56,7 @@ class ClusterRuntime:
         # A secret for users that do not exist, so their exchange looks like any other.
         self._unknown_user_secret = make_scram_secret(secrets.token_urlsafe(24))
         self.weights = {i.name: i.weight for i in config.instances}
+        self._rotation = 0
 
     # --- credentials --------------------------------------------------------------------------
 
@@ -59,9 +84,10 @@ class ClusterRuntime:
     # --- routing ------------------------------------------------------------------------------
 
     def route(self, endpoint: EndpointConfig) -> Route:
+        self._rotation += 1
         return route(endpoint, self.topology, self.connections,
                      fallback_to_writer=self.config.reader_fallback_to_writer,
-                     weights=self.weights)
+                     weights=self.weights, rotation=self._rotation)
 
     async def wait_for_route(self, endpoint: EndpointConfig, timeout_s: float) -> Route:
         """Route now; if nothing qualifies, ask for fresh probes and wait up to ``timeout_s``."""
@@ -83,8 +109,9 @@ class ClusterRuntime:
                 ev.set()
 
     def backend_failed(self, name: str, error: str) -> None:
-        """A session could not reach an instance: probe it at once."""
-        log.info("backend_connect_failed", instance=name, error=error)
+        """A session could not reach an instance: stop routing there and probe it at once."""
+        log.info("backend_failed", cluster=self.config.name, instance=name, error=error)
+        self._apply(self.topology.mark_suspect(name, trio.current_time(), error))
         self.request_probe(name)
 
     # --- monitor ------------------------------------------------------------------------------
@@ -106,10 +133,10 @@ class ClusterRuntime:
                     conn = await ProbeConnection.open(name, inst.address, user=user, password=password,
                                                       tls_mode=self.config.backend_tls)
                 rows = await conn.query(PG_PROBE_SQL)
-            in_recovery = rows[0][0] == "t"
-            self._apply(self.topology.probe_succeeded(name, trio.current_time(), in_recovery=in_recovery))
+            result = parse_probe_row(rows[0])
+            self._apply(self.topology.probe_succeeded(name, trio.current_time(), result=result))
             return conn
-        except (OSError, BackendError, trio.TooSlowError, IndexError) as e:
+        except (OSError, BackendError, trio.TooSlowError, IndexError, ValueError) as e:
             reason = "probe timed out" if isinstance(e, trio.TooSlowError) else str(e) or type(e).__name__
             self._apply(self.topology.probe_failed(name, trio.current_time(), reason))
             if conn is not None:

@@ -21,6 +21,8 @@ _YIELD_EVERY = 64
 class Conn:
     """What the relay needs of a connection."""
 
+    closed: bool = False
+
     async def recv_into(self, buf: bytearray | memoryview) -> int:
         raise NotImplementedError
 

@@ -39,6 +39,8 @@ class BackendConnection:
     # ParameterStatus and NoticeResponse messages of the startup, raw, for the client.
     startup_messages: bytes = b""
     status: str = "I"
+    address: Address | None = None
+    in_recovery: bool = False  # the instance was a replica when this connection was made
 
 
 async def _read_message(conn: Conn, reader: FrameReader, buf: bytearray) -> tuple[int, bytes]:

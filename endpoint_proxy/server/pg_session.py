@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
-from ..config import Address, ClusterConfig, EndpointConfig
+from ..config import Address, ClusterConfig, EndpointConfig, UserConfig
 from ..protocol.errors import AuthenticationError, FrameError, ProtocolError
 from ..protocol.pg import messages as m
 from ..protocol.pg.auth import CleartextServerAuth, Md5ServerAuth, ScramServerAuth, ServerAuth
@@ -24,6 +24,8 @@ from ..protocol.pg.startup import (
     StartupMessage,
     parse_startup_packet,
 )
+from ..routing.endpoints import members
+from ..routing.session_state import SessionState, ends_transaction, is_rollback
 from .net import Conn, RawConn, start_tls_server
 from .pg_backend import BackendConnection, BackendError, open_backend
 
@@ -66,6 +68,11 @@ class CancelRegistry:
 
     def withdraw(self, process_id: int, secret: int) -> None:
         self._targets.pop((process_id, secret), None)
+
+    def retarget(self, process_id: int, secret: int, target: CancelTarget) -> None:
+        """The session moved to another backend: its client-visible key now cancels there."""
+        if (process_id, secret) in self._targets:
+            self._targets[(process_id, secret)] = target
 
     def lookup(self, process_id: int, secret: int) -> CancelTarget | None:
         return self._targets.get((process_id, secret))
@@ -114,6 +121,21 @@ class PgSession:
         self.log = log.bind(conn=session_id, endpoint=ctx.endpoint.name)
         self.backend: BackendConnection | None = None
         self.cancel_key: tuple[int, int] | None = None
+        self.user: UserConfig
+        self.backend_params: dict[str, str] = {}
+        self.client_params: dict[str, str] = {}
+        self.client_pid = 0
+        self.state = SessionState()
+        self._nursery: trio.Nursery | None = None
+        self._att: _Attachment | None = None
+        self._mode: _Mode | None = None
+        self._checked_generation = -1
+        # The request in flight (since the session was last idle): what a retry needs.
+        self.inflight = 0  # ReadyForQuery messages still owed to the client
+        self.request_buf = bytearray()
+        self.request_retryable = False
+        self.request_forwarded = False
+        self.request_status = "I"
 
     @property
     def cluster_config(self) -> ClusterConfig:
@@ -155,10 +177,15 @@ class PgSession:
         with trio.CancelScope(shield=True):
             if self.cancel_key is not None:
                 self.ctx.cancels.withdraw(*self.cancel_key)
-            if self.backend is not None:
+            att = self._att
+            if att is not None and not att.released:
+                att.released = True
+                self.ctx.cluster.connections[att.backend.instance] -= 1
+                await att.backend.conn.aclose()
+            elif att is None and self.backend is not None:
                 self.ctx.cluster.connections[self.backend.instance] -= 1
                 await self.backend.conn.aclose()
-                self.backend = None
+            self.backend = None
             await self.client.aclose()
 
     # --- startup and authentication ----------------------------------------------------------
@@ -252,48 +279,61 @@ class PgSession:
 
     # --- the backend --------------------------------------------------------------------------
 
-    async def _attach(self, startup: StartupMessage) -> None:
+    async def _open_routed_backend(self, timeout_s: float) -> BackendConnection:
+        """Route and connect. Raises _NoRoute when nothing qualified in time, _ServerRefused
+        when the server itself said no (its ErrorResponse is in the exception)."""
         ctx = self.ctx
         cluster = ctx.cluster
-        user = cluster.config.user(startup.user)
-        assert user is not None
-        params = {k: v for k, v in startup.parameters.items()
-                  if k not in _NOT_FORWARDED and not k.startswith("_pq_.")}
-        params.setdefault("database", startup.user)
-        tried: set[str] = set()
-        deadline = trio.current_time() + cluster.config.failover_timeout_ms / 1000
+        user = self.user
+        attempts: dict[str, int] = {}
+        deadline = trio.current_time() + timeout_s
         while True:
             remaining = max(0.0, deadline - trio.current_time())
             decision = await cluster.wait_for_route(ctx.endpoint, remaining)
             name = decision.instance
-            if name is None or name in tried:
+            if name is None or attempts.get(name, 0) >= 2:
                 reason = decision.reason or "no instance is available"
-                raise _Fatal("08006", f"endpoint {ctx.endpoint.name}: {reason}")
+                raise _NoRoute(f"endpoint {ctx.endpoint.name}: {reason}")
+            attempts[name] = attempts.get(name, 0) + 1
             address = cluster.config.instance_named(name).address
             cluster.connections[name] += 1
             try:
                 with trio.fail_after(ctx.connect_timeout_s):
-                    self.backend = await open_backend(
-                        name, address, params, user=user.name, password=user.password,
+                    backend = await open_backend(
+                        name, address, self.backend_params, user=user.name, password=user.password,
                         tls_mode=cluster.config.backend_tls)
-                break
+                backend.address = address
+                backend.in_recovery = bool(cluster.topology.instances[name].in_recovery)
+                return backend
             except BackendError as e:
                 cluster.connections[name] -= 1
                 if e.raw_error is not None:
-                    # The server's own refusal (unknown database, too many connections):
-                    # hand it to the client exactly as sent.
-                    raise _Fatal(e.sqlstate, str(e), raw=e.raw_error) from None
+                    raise _ServerRefused(e.sqlstate, str(e), e.raw_error) from None
                 cluster.backend_failed(name, str(e))
-                tried.add(name)
             except (OSError, trio.TooSlowError) as e:
                 cluster.connections[name] -= 1
                 cluster.backend_failed(name, str(e) or "connect timed out")
-                tried.add(name)
-            if ctx.endpoint.kind == "instance":
-                raise _Fatal("08006", f"could not connect to instance {name}")
-        backend = self.backend
-        secret = ctx.cancels.issue(backend.process_id,
-                                   CancelTarget(address, backend.process_id, backend.secret_key))
+
+    async def _attach(self, startup: StartupMessage) -> None:
+        """The first backend, during startup: any failure is FATAL, as a server's would be."""
+        ctx = self.ctx
+        user = ctx.cluster.config.user(startup.user)
+        assert user is not None
+        self.user = user
+        params = {k: v for k, v in startup.parameters.items()
+                  if k not in _NOT_FORWARDED and not k.startswith("_pq_.")}
+        params.setdefault("database", startup.user)
+        self.backend_params = params
+        try:
+            backend = await self._open_routed_backend(ctx.cluster.config.failover_timeout_ms / 1000)
+        except _NoRoute as e:
+            raise _Fatal("08006", str(e)) from None
+        except _ServerRefused as e:
+            raise _Fatal(e.sqlstate, str(e), raw=e.raw) from None
+        self.backend = backend
+        self.client_params = dict(backend.parameters)
+        self.client_pid = backend.process_id
+        secret = ctx.cancels.issue(backend.process_id, self._cancel_target(backend))
         self.cancel_key = (backend.process_id, secret)
         hello = (backend.startup_messages
                  + m.BackendKeyData(backend.process_id, secret).encode()
@@ -301,69 +341,421 @@ class PgSession:
         await self.client.send_all(hello)
         self.log.debug("session_attached", instance=backend.instance, pid=backend.process_id)
 
+    @staticmethod
+    def _cancel_target(backend: BackendConnection) -> CancelTarget:
+        assert backend.address is not None
+        return CancelTarget(backend.address, backend.process_id, backend.secret_key)
+
+    async def _replay(self, backend: BackendConnection) -> None:
+        """Rebuild the session's state on a fresh backend: SET/PREPARE statements, then the
+        named prepared statements (each with its own Sync, so one failure spoils no other)."""
+        sqls = self.state.replay_sql()
+        parses = list(self.state.parse_messages.values())
+        if not sqls and not parses:
+            return
+        sync = m.Sync().encode()
+        await backend.conn.send_all(b"".join(m.Query(q).encode() for q in sqls) + b"".join(p + sync for p in parses))
+        expected = len(sqls) + len(parses)
+        reader = FrameReader()
+        buf = bytearray(65536)
+        while expected:
+            msg = reader.next_message()
+            if msg is None:
+                n = await backend.conn.recv_into(buf)
+                if n == 0:
+                    raise ConnectionResetError("backend closed during replay")
+                reader.feed(memoryview(buf)[:n])
+                continue
+            type_, payload = msg
+            if type_ == ord("Z"):
+                expected -= 1
+                backend.status = chr(payload[0])
+            elif type_ == ord("S"):
+                ps = m.decode_backend(type_, payload)
+                assert isinstance(ps, m.ParameterStatus)
+                backend.parameters[ps.name] = ps.value
+            elif type_ == ord("E"):
+                err = m.decode_backend(type_, payload)
+                assert isinstance(err, m.ErrorResponse)
+                self.log.info("session_replay_error", sqlstate=err.sqlstate, error=err.message)
+
     # --- the relay ----------------------------------------------------------------------------
 
     async def _relay(self, leftover: bytes) -> None:
         backend = self.backend
         assert backend is not None
-        client_scanner = MessageScanner(b"X", max_length=self.ctx.max_message_bytes)
-        if leftover:
-            client_scanner.scan(leftover)
-            await backend.conn.send_all(leftover)
+        self.backend = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump_client, client_scanner, nursery.cancel_scope)
-            nursery.start_soon(self._pump_server, nursery.cancel_scope)
+            self._nursery = nursery
+            self._start_attachment(backend)
+            try:
+                await self._client_loop(leftover)
+            finally:
+                nursery.cancel_scope.cancel()
 
-    async def _pump_client(self, scanner: MessageScanner, scope: trio.CancelScope) -> None:
-        backend = self.backend
-        assert backend is not None
-        src, dst = self.client, backend.conn
+    def _start_attachment(self, backend: BackendConnection) -> None:
+        att = _Attachment(backend)
+        self.backend = backend
+        self._att = att
+        assert self._nursery is not None
+        self._nursery.start_soon(self._server_pump, att)
+
+    async def _detach(self, att: _Attachment, *, terminate: bool) -> None:
+        """Let go of a backend on purpose (it left the endpoint, or the session is moving)."""
+        att.closing = True
+        att.scope.cancel()
+        await att.done.wait()
+        if terminate:
+            with trio.move_on_after(0.5):
+                try:
+                    await att.backend.conn.send_all(m.Terminate().encode())
+                except OSError:
+                    pass
+        self._release(att)
+
+    def _release(self, att: _Attachment) -> None:
+        if att.released:
+            return
+        att.released = True
+        self.ctx.cluster.connections[att.backend.instance] -= 1
+        if self.backend is att.backend:
+            self.backend = None
+        # Closing a raw socket never blocks; a TLS close is bounded inside aclose().
+        if self._nursery is not None and not att.backend.conn.closed:
+            self._nursery.start_soon(att.backend.conn.aclose)
+
+    def _placement_ok(self, name: str) -> bool:
+        cluster = self.ctx.cluster
+        eligible = members(self.ctx.endpoint, cluster.topology)
+        if name in eligible:
+            return True
+        return not eligible and cluster.route(self.ctx.endpoint).instance == name
+
+    async def _client_loop(self, leftover: bytes) -> None:
+        scanner = MessageScanner(b"QPCSFX", max_length=self.ctx.max_message_bytes)
         buf = bytearray(RELAY_BUFFER)
         view = memoryview(buf)
-        idle = False
-        try:
-            while True:
+        client = self.client
+        wait_first = False
+        pending: memoryview | None = memoryview(leftover) if leftover else None
+        while True:
+            if pending is not None:
+                chunk, pending = pending, None
+            else:
                 # A chunk that ended on a message boundary was most likely a whole request:
                 # the client now waits for the answer, so wait before trying to read.
-                n = await (src.recv_into_after_wait(buf) if idle else src.recv_into(buf))
+                n = await (client.recv_into_after_wait(buf) if wait_first else client.recv_into(buf))
                 if n == 0:
                     return
                 chunk = view[:n]
-                try:
-                    scanner.scan(chunk)
-                except FrameError as e:
-                    self.log.info("client_protocol_error", error=e.message)
-                    return
-                await dst.send_all(chunk)
-                idle = scanner.at_boundary
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
-            return
-        finally:
-            scope.cancel()
+            try:
+                msgs = scanner.scan(chunk)
+            except FrameError as e:
+                self.log.info("client_protocol_error", error=e.message)
+                return
+            wait_first = scanner.at_boundary
+            if not await self._client_chunk(chunk, msgs):
+                return
 
-    async def _pump_server(self, scope: trio.CancelScope) -> None:
-        backend = self.backend
-        assert backend is not None
+    async def _client_chunk(self, chunk: memoryview, msgs: list[tuple[int, bytes]]) -> bool:
+        """Handle one chunk of client bytes; False ends the session."""
+        if self._mode is not None and not await self._emulate(msgs):
+            return True
+        terminate = any(t == _X for t, _ in msgs)
+        att = self._att
+        if att is not None and self.backend is not None and self.inflight == 0 and self.backend.status == "I":
+            gen = self.ctx.cluster.topology.generation
+            if gen != self._checked_generation:
+                self._checked_generation = gen
+                if not self._placement_ok(self.backend.instance):
+                    self.log.info("session_moving", instance=self.backend.instance, reason="left the endpoint")
+                    await self._detach(att, terminate=True)
+                    att = self._att = None
+        if att is None or self.backend is None:
+            if terminate:
+                return False
+            if not await self._reattach():
+                await self._emulate(msgs)
+                return True
+            att = self._att
+            assert att is not None
+        starts_request = self.inflight == 0
+        for type_, payload in msgs:
+            if type_ in _REQUEST_ENDS:
+                self.inflight += 1
+            if type_ == _Q:
+                self.state.on_query(_text(payload))
+            elif type_ == _P:
+                name = payload[: payload.find(b"\0")].decode("utf-8", "surrogateescape")
+                self.state.on_parse(name, bytes((_P,)) + (len(payload) + 4).to_bytes(4, "big") + payload)
+            elif type_ == _C and payload[:1] == b"S":
+                self.state.on_close_statement(payload[1:-1].decode("utf-8", "surrogateescape"))
+        if starts_request:
+            self.request_buf.clear()
+            self.request_retryable = True
+            self.request_forwarded = False
+            self.request_status = att.backend.status
+        if self.request_retryable:
+            if self.inflight > 1 or len(self.request_buf) + len(chunk) > _RETRY_BUFFER_LIMIT:
+                self.request_retryable = False
+                self.request_buf.clear()
+            else:
+                self.request_buf += chunk
+        try:
+            await att.backend.conn.send_all(chunk)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+            # The server pump sees the loss too and deals with what is in flight.
+            await att.done.wait()
+        return not terminate
+
+    async def _reattach(self) -> bool:
+        """Find a backend for the session's next request and rebuild its state there."""
+        if not self.state.replayable:
+            raise _Fatal("08006", f"the server connection was lost and the session's {self.state.pinned_by} "
+                                  "cannot be moved to another server")
+        timeout = self.ctx.cluster.config.failover_timeout_ms / 1000
+        try:
+            backend = await self._open_routed_backend(timeout)
+            await self._replay(backend)
+        except _NoRoute as e:
+            self._mode = _Mode("error", "57P03", f"{e} (waited {timeout * 1000:.0f} ms)", "I")
+            return False
+        except _ServerRefused as e:
+            self._mode = _Mode("error", e.sqlstate, str(e), "I")
+            return False
+        except (OSError, BackendError) as e:
+            self._mode = _Mode("error", "08006", f"could not re-attach the session: {e}", "I")
+            return False
+        changed = b"".join(m.ParameterStatus(k, v).encode() for k, v in backend.parameters.items()
+                           if self.client_params.get(k) != v)
+        self.client_params.update(backend.parameters)
+        if changed:
+            await self.client.send_all(changed)
+        if self.cancel_key is not None:
+            self.ctx.cancels.retarget(*self.cancel_key, self._cancel_target(backend))
+        self._start_attachment(backend)
+        self._checked_generation = self.ctx.cluster.topology.generation
+        self.log.info("session_reattached", instance=backend.instance, pid=backend.process_id)
+        return True
+
+    async def _emulate(self, msgs: list[tuple[int, bytes]]) -> bool:
+        """Answer the client ourselves while there is no backend to answer: a failed
+        transaction waiting for ROLLBACK, or an error to report up to the next Sync.
+        Returns True when the chunk should go on to a backend after all."""
+        mode = self._mode
+        if mode is None:
+            return True
+        out = bytearray()
+        for type_, payload in msgs:
+            mode = self._mode
+            if mode is None:
+                break
+            if type_ == _X:
+                break
+            if mode.kind == "failed_tx":
+                if type_ == _Q:
+                    sql = _text(payload)
+                    if is_rollback(sql) or (mode.reported and ends_transaction(sql)):
+                        out += m.CommandComplete("ROLLBACK").encode() + m.ReadyForQuery("I").encode()
+                        self._mode = None
+                    else:
+                        out += self._mode_error(mode) + m.ReadyForQuery("E").encode()
+                    continue
+                if type_ == _P and is_rollback(_parse_query(payload)):
+                    # An extended-protocol ROLLBACK: a fresh backend runs it (outside any
+                    # transaction it only warns), and the session is whole again.
+                    self._mode = None
+                    if out:
+                        await self.client.send_all(out)
+                    return True
+            if type_ in (_Q, _F):
+                out += self._mode_error(mode) + m.ReadyForQuery(mode.status).encode()
+                mode.batch_error_sent = False
+                if mode.kind == "error":
+                    self._mode = None
+            elif type_ == _S:
+                if not mode.batch_error_sent:
+                    out += self._mode_error(mode)
+                out += m.ReadyForQuery(mode.status).encode()
+                mode.batch_error_sent = False
+                if mode.kind == "error":
+                    self._mode = None
+            elif not mode.batch_error_sent:
+                out += self._mode_error(mode)
+                mode.batch_error_sent = True
+        if out:
+            await self.client.send_all(out)
+        return False
+
+    def _mode_error(self, mode: _Mode) -> bytes:
+        if mode.kind == "failed_tx":
+            if mode.reported:
+                return m.error_response("ERROR", "25P02", "current transaction is aborted, commands ignored "
+                                        "until end of transaction block")
+            mode.reported = True
+        return m.error_response("ERROR", mode.sqlstate, mode.message)
+
+    async def _server_pump(self, att: _Attachment) -> None:
+        backend = att.backend
         src, dst = backend.conn, self.client
-        scanner = MessageScanner(b"Z")
+        scanner = MessageScanner(b"ZSE")
         buf = bytearray(RELAY_BUFFER)
         view = memoryview(buf)
         idle = False
+        lost = False
         try:
-            while True:
-                # After a ReadyForQuery that ended the chunk the server has nothing more to
-                # say until the client asks again: wait before trying to read.
-                n = await (src.recv_into_after_wait(buf) if idle else src.recv_into(buf))
-                if n == 0:
-                    return
-                chunk = view[:n]
-                ready = scanner.scan(chunk)
-                for _type, payload in ready:
-                    backend.status = chr(payload[0]) if payload else backend.status
-                await dst.send_all(chunk)
-                idle = bool(ready) and scanner.at_boundary
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError,
-                ProtocolError):
-            return
+            with att.scope:
+                while True:
+                    try:
+                        # After a ReadyForQuery that ended the chunk the server has nothing to
+                        # say until the client asks again: wait before trying to read.
+                        n = await (src.recv_into_after_wait(buf) if idle else src.recv_into(buf))
+                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+                        n = 0
+                    if n == 0:
+                        lost = True
+                        break
+                    chunk = view[:n]
+                    try:
+                        found = scanner.scan(chunk)
+                    except ProtocolError:
+                        lost = True
+                        break
+                    ready = False
+                    for type_, payload in found:
+                        if type_ == _Z:
+                            ready = True
+                            backend.status = chr(payload[0]) if payload else backend.status
+                            if self.inflight:
+                                self.inflight -= 1
+                        elif type_ == _S:
+                            self._note_parameter(payload)
+                        elif _is_fatal(payload):
+                            # The server is about to close (shutdown, crash of a sibling,
+                            # terminate): the session survives it, so the client must not
+                            # see the FATAL. It is the last message the server sends.
+                            size = len(payload) + 5
+                            if chunk[n - size:n] == _frame_bytes(_E, payload):
+                                chunk = chunk[: n - size]
+                            lost = True
+                    if not chunk:
+                        break
+                    self.request_forwarded = True
+                    try:
+                        await dst.send_all(chunk)
+                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+                        self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
+                        return
+                    if lost:
+                        break
+                    idle = ready and scanner.at_boundary
+            if lost and not att.closing:
+                await self._backend_lost(att)
         finally:
-            scope.cancel()
+            att.done.set()
+
+    def _note_parameter(self, payload: bytes) -> None:
+        name, _, rest = payload.partition(b"\0")
+        self.client_params[name.decode("utf-8", "replace")] = rest.rstrip(b"\0").decode("utf-8", "replace")
+
+    async def _backend_lost(self, att: _Attachment) -> None:
+        backend = att.backend
+        cluster = self.ctx.cluster
+        cluster.backend_failed(backend.instance, "session backend connection lost")
+        self._release(att)
+        self._att = None
+        if not self.state.replayable:
+            await self._send_quietly(fatal_bytes("08006", "the server connection was lost and the session's "
+                                                 f"{self.state.pinned_by} cannot be moved to another server"))
+            self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
+            return
+        if self.inflight == 0:
+            self.log.info("session_backend_lost", instance=backend.instance, status=backend.status)
+            if backend.status in ("T", "E"):
+                self._mode = _Mode("failed_tx", "08007", _TX_LOST, "E")
+            return
+        in_tx = self.request_status in ("T", "E")
+        if (self.request_retryable and not in_tx and backend.in_recovery and not self.request_forwarded
+                and self.inflight == 1):
+            # A read outside a transaction that lost its replica: run it elsewhere.
+            request = bytes(self.request_buf)
+            if await self._reattach():
+                assert self._att is not None
+                self.log.info("request_retried", lost=backend.instance, instance=self._att.backend.instance)
+                try:
+                    await self._att.backend.conn.send_all(request)
+                    return
+                except OSError:
+                    return  # the new pump sees this loss in turn
+            self._mode = None
+        status = "E" if in_tx else "I"
+        message = _TX_LOST if in_tx else ("the server connection was lost while the statement ran; "
+                                          "its outcome is unknown")
+        out = b"".join(m.error_response("ERROR", "08007", message) + m.ReadyForQuery(status).encode()
+                       for _ in range(self.inflight))
+        self.inflight = 0
+        if in_tx:
+            self._mode = _Mode("failed_tx", "08007", _TX_LOST, "E", reported=True)
+        self.log.info("session_backend_lost", instance=backend.instance, in_flight=True, in_transaction=in_tx)
+        await self.client.send_all(out)
+
+
+_TX_LOST = ("the server connection was lost during the transaction; its outcome is unknown. "
+            "Roll back to continue")
+_RETRY_BUFFER_LIMIT = 1 << 20
+_Q, _P, _C, _S, _F, _X, _Z, _E = (ord(c) for c in "QPCSFXZE")
+_REQUEST_ENDS = frozenset((_Q, _S, _F))
+
+
+def _is_fatal(error_payload: bytes) -> bool:
+    """Whether an ErrorResponse payload has severity FATAL or PANIC (its S field comes first)."""
+    if error_payload.startswith((b"SFATAL\0", b"SPANIC\0")):
+        return True
+    return b"\0VFATAL\0" in error_payload or b"\0VPANIC\0" in error_payload
+
+
+def _frame_bytes(type_: int, payload: bytes) -> bytes:
+    return bytes((type_,)) + (len(payload) + 4).to_bytes(4, "big") + payload
+
+
+def _text(payload: bytes) -> str:
+    return payload.rstrip(b"\0").decode("utf-8", "surrogateescape")
+
+
+def _parse_query(payload: bytes) -> str:
+    _name, _, rest = payload.partition(b"\0")
+    return rest[: rest.find(b"\0")].decode("utf-8", "surrogateescape")
+
+
+class _NoRoute(Exception):
+    pass
+
+
+class _ServerRefused(Exception):
+    def __init__(self, sqlstate: str, message: str, raw: bytes) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.raw = raw
+
+
+class _Attachment:
+    """One backend connection of a session and the task pumping its answers to the client."""
+
+    def __init__(self, backend: BackendConnection) -> None:
+        self.backend = backend
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        self.closing = False
+        self.released = False
+
+
+@dataclass
+class _Mode:
+    """The session answers by itself: ``failed_tx`` until ROLLBACK, or ``error`` until Sync."""
+
+    kind: str
+    sqlstate: str
+    message: str
+    status: str  # transaction status for our ReadyForQuery
+    reported: bool = False
+    batch_error_sent: bool = False

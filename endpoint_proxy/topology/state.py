@@ -8,6 +8,7 @@ timeline wins and the other is fenced (it never receives traffic).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -15,6 +16,7 @@ from enum import StrEnum
 class Health(StrEnum):
     UNKNOWN = "unknown"
     UP = "up"
+    SUSPECT = "suspect"  # a session could not reach it; not routed to until a probe answers
     DOWN = "down"
 
 
@@ -34,10 +36,28 @@ class InstanceStatus:
     last_probe_at: float | None = None
     last_error: str | None = None
     fenced: bool = False
+    current_lsn: int | None = None  # the writer's WAL position (bytes)
+    receive_lsn: int | None = None  # a replica's received WAL position
+    replay_lsn: int | None = None  # a replica's replayed WAL position
+    replay_age_s: float = 0.0  # now() - pg_last_xact_replay_timestamp() on a replica
+    lag_bytes: int | None = None
+    lag_ms: float | None = None
 
     @property
     def up(self) -> bool:
         return self.health is Health.UP
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What one probe of an instance saw."""
+
+    in_recovery: bool
+    timeline: int | None = None
+    current_lsn: int | None = None
+    receive_lsn: int | None = None
+    replay_lsn: int | None = None
+    replay_age_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -52,8 +72,14 @@ class TopologyEvent:
 @dataclass
 class ClusterTopology:
     instance_names: tuple[str, ...]
+    max_replica_lag_ms: float | None = None  # None: lag never excludes a replica
     instances: dict[str, InstanceStatus] = field(default_factory=dict)
     _writer: str | None = None
+    # Bumped whenever anything routing depends on changes (health, roles, fencing, lag
+    # eligibility): sessions re-check their placement only when it moved.
+    generation: int = 0
+    # (time, LSN) of the writer at each probe, to tell how old a replica's unreplayed WAL is.
+    _writer_lsn_history: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=1024))
 
     def __post_init__(self) -> None:
         for name in self.instance_names:
@@ -79,27 +105,51 @@ class ClusterTopology:
         return self.instances[name].up
 
     def readers(self) -> list[str]:
-        """Instances that are up and in recovery, in configuration order."""
-        return [n for n in self.instance_names if self.instances[n].up and self.instances[n].in_recovery
-                and not self.instances[n].fenced]
+        """Replicas that are up, not fenced and within the lag limit, in configuration order."""
+        return [n for n in self.instance_names if self._eligible_reader(self.instances[n])]
+
+    def _eligible_reader(self, st: InstanceStatus) -> bool:
+        if not (st.up and st.in_recovery and not st.fenced):
+            return False
+        limit = self.max_replica_lag_ms
+        return limit is None or st.lag_ms is None or st.lag_ms <= limit
+
+    def _routing_view(self) -> tuple[object, ...]:
+        return (self._writer, tuple((st.health, st.fenced, st.in_recovery, self._eligible_reader(st))
+                                    for st in self.instances.values()))
 
     # --- inputs -----------------------------------------------------------------------------
 
-    def probe_succeeded(self, name: str, now: float, *, in_recovery: bool,
-                        timeline: int | None = None) -> list[TopologyEvent]:
+    def probe_succeeded(self, name: str, now: float, *, in_recovery: bool | None = None,
+                        timeline: int | None = None, result: ProbeResult | None = None) -> list[TopologyEvent]:
+        if result is None:
+            assert in_recovery is not None
+            result = ProbeResult(in_recovery=in_recovery, timeline=timeline)
+        before = self._routing_view()
         st = self.instances[name]
         events: list[TopologyEvent] = []
         if st.health is not Health.UP:
             events.append(TopologyEvent("instance_up", name))
         st.health = Health.UP
-        st.in_recovery = in_recovery
-        st.timeline = timeline
+        st.in_recovery = result.in_recovery
+        st.timeline = result.timeline
+        st.current_lsn = result.current_lsn
+        st.receive_lsn = result.receive_lsn
+        st.replay_lsn = result.replay_lsn
+        st.replay_age_s = result.replay_age_s
         st.last_probe_at = now
         st.last_error = None
         events.extend(self._elect())
+        if name == self._writer and result.current_lsn is not None:
+            history = self._writer_lsn_history
+            if not history or history[-1][1] != result.current_lsn:
+                history.append((now, result.current_lsn))
+        events.extend(self._update_lag(now))
+        self._bump_if_changed(before)
         return events
 
     def probe_failed(self, name: str, now: float, error: str) -> list[TopologyEvent]:
+        before = self._routing_view()
         st = self.instances[name]
         events: list[TopologyEvent] = []
         if st.health is not Health.DOWN:
@@ -108,6 +158,63 @@ class ClusterTopology:
         st.last_probe_at = now
         st.last_error = error
         events.extend(self._elect())
+        self._bump_if_changed(before)
+        return events
+
+    def mark_suspect(self, name: str, now: float, error: str) -> list[TopologyEvent]:
+        """A session failed to reach the instance: stop routing to it until a probe answers."""
+        st = self.instances[name]
+        if st.health is not Health.UP:
+            return []
+        before = self._routing_view()
+        st.health = Health.SUSPECT
+        st.last_error = error
+        events = [TopologyEvent("instance_suspect", name, error), *self._elect()]
+        self._bump_if_changed(before)
+        return events
+
+    def _bump_if_changed(self, before: tuple[object, ...]) -> None:
+        if self._routing_view() != before:
+            self.generation += 1
+
+    def _unreplayed_since(self, replay_lsn: int) -> float | None:
+        """When the writer first had WAL beyond ``replay_lsn`` (None: not in the history)."""
+        for t, lsn in self._writer_lsn_history:
+            if lsn > replay_lsn:
+                return t
+        return None
+
+    def _update_lag(self, now: float) -> list[TopologyEvent]:
+        """Lag of each replica against the writer's last known WAL position.
+
+        Bytes: writer LSN minus replay LSN. Milliseconds: zero when the replica has replayed
+        everything the writer has (an idle primary shows no false lag), else how long ago the
+        writer first had WAL the replica has not replayed (from the writer's probe history),
+        or at least the age of the last replayed transaction.
+        """
+        events: list[TopologyEvent] = []
+        writer = self.instances[self._writer] if self._writer is not None else None
+        for st in self.instances.values():
+            if not st.in_recovery:
+                st.lag_bytes, st.lag_ms = (0, 0.0) if st.name == self._writer else (None, None)
+                continue
+            if st.replay_lsn is None:
+                continue
+            was_eligible = self._eligible_reader(st)
+            if writer is not None and writer.current_lsn is not None:
+                st.lag_bytes = max(0, writer.current_lsn - st.replay_lsn)
+            else:
+                st.lag_bytes = None
+            caught_up = st.lag_bytes == 0 or (st.lag_bytes is None and st.receive_lsn == st.replay_lsn)
+            if caught_up:
+                st.lag_ms = 0.0
+            else:
+                since = self._unreplayed_since(st.replay_lsn)
+                oldest = self._writer_lsn_history[0][0] if self._writer_lsn_history else now
+                st.lag_ms = max(0.0, (now - (since if since is not None else oldest)) * 1000)
+            if st.up and was_eligible != self._eligible_reader(st):
+                kind = "replica_lag_ok" if not was_eligible else "replica_lagging"
+                events.append(TopologyEvent(kind, st.name, f"lag {st.lag_ms:.0f} ms, {st.lag_bytes} bytes"))
         return events
 
     # --- the decision -----------------------------------------------------------------------
@@ -131,7 +238,7 @@ class ClusterTopology:
                                                 f"claims to be writable; {best.name} is newer"))
                 st.fenced = fenced
         for st in self.instances.values():
-            if st.fenced and not (st.up and st.in_recovery is False):
+            if st.fenced and not (st.health in (Health.UP, Health.SUSPECT) and st.in_recovery is False):
                 st.fenced = False  # it went down or back into recovery: no longer a rival
         if new_writer != self._writer:
             events.append(TopologyEvent("writer_changed", new_writer, f"was {self._writer}"))

@@ -77,3 +77,9 @@ def test_writer_election_and_fencing() -> None:
     assert t.writer == "a"
     t.probe_failed("a", 2.1, "refused")
     assert t.writer is None
+
+
+def test_ties_take_turns_with_rotation() -> None:
+    t = topo()
+    chosen = {route(ep("reader"), t, {}, fallback_to_writer=True, rotation=r).instance for r in range(4)}
+    assert chosen == {"b", "c"}

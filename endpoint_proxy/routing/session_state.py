@@ -1,0 +1,157 @@
+"""What a client session has set up on its backend, so it can be rebuilt on another one.
+
+Rules of this file: pure bookkeeping fed the client's messages as the relay sees them.
+Replayable: SET/RESET/DISCARD (as SQL text, in order), SQL-level PREPARE, and named
+prepared statements of the extended protocol (their Parse messages, verbatim). Not
+replayable (the session is *pinned*): LISTEN, temporary tables, session advisory locks,
+WITH HOLD cursors. Startup parameters are the caller's; they go into every new backend.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+# Statement heads that change session state. A light lexical check: the statement's first
+# words, after comments and whitespace. SET LOCAL and SET TRANSACTION only last a transaction.
+_LEADING_NOISE = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*", re.S)
+_WORDS = re.compile(r"[A-Za-z_]+")
+
+_PINNING_FUNCTIONS = re.compile(r"\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(", re.I)
+
+
+def _head_words(sql: str, n: int = 4) -> list[str]:
+    rest = sql[_LEADING_NOISE.match(sql).end():]  # type: ignore[union-attr]
+    return [w.lower() for w in _WORDS.findall(rest[:200])[:n]]
+
+
+@dataclass
+class SessionState:
+    set_statements: list[str] = field(default_factory=list)
+    sql_prepared: dict[str, str] = field(default_factory=dict)
+    parse_messages: dict[str, bytes] = field(default_factory=dict)  # statement name -> raw Parse
+    pinned_by: str | None = None
+
+    @property
+    def replayable(self) -> bool:
+        return self.pinned_by is None
+
+    def on_query(self, sql: str) -> None:
+        """A simple-protocol Query (possibly several statements) the client sent."""
+        for statement in _split(sql):
+            self._on_statement(statement)
+
+    def _on_statement(self, sql: str) -> None:
+        words = _head_words(sql)
+        if not words:
+            return
+        head = words[0]
+        if head == "set":
+            if len(words) > 1 and words[1] in ("local", "transaction"):
+                return
+            self.set_statements.append(sql.strip())
+        elif head == "reset":
+            if words[1:2] == ["all"]:
+                self.set_statements.clear()
+            else:
+                self.set_statements.append(sql.strip())
+        elif head == "discard":
+            if words[1:2] == ["all"]:
+                self.set_statements.clear()
+                self.sql_prepared.clear()
+                self.parse_messages.clear()
+        elif head == "prepare" and len(words) > 1 and words[1] != "transaction":
+            self.sql_prepared[words[1]] = sql.strip()
+        elif head == "deallocate":
+            target = words[2] if words[1:2] == ["prepare"] and len(words) > 2 else (words[1] if len(words) > 1 else "")
+            if target == "all":
+                self.sql_prepared.clear()
+            else:
+                self.sql_prepared.pop(target, None)
+        elif head in ("listen",):
+            self.pinned_by = self.pinned_by or "LISTEN"
+        elif head == "create" and any(w in ("temp", "temporary") for w in words[1:3]):
+            self.pinned_by = self.pinned_by or "temporary table"
+        elif head == "declare" and "hold" in _WORDS.findall(sql.lower())[:12]:
+            self.pinned_by = self.pinned_by or "WITH HOLD cursor"
+        if _PINNING_FUNCTIONS.search(sql):
+            self.pinned_by = self.pinned_by or "session advisory lock"
+
+    def on_parse(self, name: str, raw_message: bytes) -> None:
+        if name:
+            self.parse_messages[name] = raw_message
+        self._on_statement_text_for_pins(raw_message)
+
+    def _on_statement_text_for_pins(self, raw_message: bytes) -> None:
+        if _PINNING_FUNCTIONS.search(raw_message.decode("utf-8", "replace")):
+            self.pinned_by = self.pinned_by or "session advisory lock"
+
+    def on_close_statement(self, name: str) -> None:
+        self.parse_messages.pop(name, None)
+
+    def replay_sql(self) -> list[str]:
+        """Statements to run, in order, on a fresh backend before the client's next request."""
+        return [*self.set_statements, *self.sql_prepared.values()]
+
+
+def _split(sql: str) -> list[str]:
+    """Split on top-level semicolons, respecting quotes, dollar quotes and comments."""
+    out: list[str] = []
+    start = 0
+    i = 0
+    n = len(sql)
+    while i < n:
+        c = sql[i]
+        if c == "'" or c == '"':
+            j = i + 1
+            while j < n:
+                if sql[j] == c:
+                    if j + 1 < n and sql[j + 1] == c:
+                        j += 2
+                        continue
+                    break
+                j += 1
+            i = j + 1
+        elif c == "-" and sql.startswith("--", i):
+            j = sql.find("\n", i)
+            i = n if j < 0 else j + 1
+        elif c == "/" and sql.startswith("/*", i):
+            depth, j = 1, i + 2
+            while j < n and depth:
+                if sql.startswith("/*", j):
+                    depth, j = depth + 1, j + 2
+                elif sql.startswith("*/", j):
+                    depth, j = depth - 1, j + 2
+                else:
+                    j += 1
+            i = j
+        elif c == "$":
+            m = re.match(r"\$([A-Za-z_][A-Za-z_0-9]*)?\$", sql[i:])
+            if m:
+                tag = m.group(0)
+                j = sql.find(tag, i + len(tag))
+                i = n if j < 0 else j + len(tag)
+            else:
+                i += 1
+        elif c == ";":
+            out.append(sql[start:i])
+            i += 1
+            start = i
+        else:
+            i += 1
+    out.append(sql[start:])
+    return [s for s in out if s.strip()]
+
+
+def is_rollback(sql: str) -> bool:
+    """True for ROLLBACK / ABORT (not ROLLBACK TO SAVEPOINT, not ROLLBACK PREPARED)."""
+    words = _head_words(sql, 3)
+    if not words or words[0] not in ("rollback", "abort"):
+        return False
+    return not (len(words) > 1 and words[1] in ("to", "prepared"))
+
+
+def ends_transaction(sql: str) -> bool:
+    words = _head_words(sql, 2)
+    return bool(words) and words[0] in ("commit", "end", "rollback", "abort") and not (
+        len(words) > 1 and words[1] in ("to", "prepared"))
