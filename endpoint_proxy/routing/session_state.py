@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .pg_classify import split_statements
+
 # Statement heads that change session state. A light lexical check: the statement's first
 # words, after comments and whitespace. SET LOCAL and SET TRANSACTION only last a transaction.
 _LEADING_NOISE = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*", re.S)
@@ -38,7 +40,7 @@ class SessionState:
 
     def on_query(self, sql: str) -> None:
         """A simple-protocol Query (possibly several statements) the client sent."""
-        for statement in _split(sql):
+        for statement in split_statements(sql):
             self._on_statement(statement)
 
     def _on_statement(self, sql: str) -> None:
@@ -92,55 +94,6 @@ class SessionState:
     def replay_sql(self) -> list[str]:
         """Statements to run, in order, on a fresh backend before the client's next request."""
         return [*self.set_statements, *self.sql_prepared.values()]
-
-
-def _split(sql: str) -> list[str]:
-    """Split on top-level semicolons, respecting quotes, dollar quotes and comments."""
-    out: list[str] = []
-    start = 0
-    i = 0
-    n = len(sql)
-    while i < n:
-        c = sql[i]
-        if c == "'" or c == '"':
-            j = i + 1
-            while j < n:
-                if sql[j] == c:
-                    if j + 1 < n and sql[j + 1] == c:
-                        j += 2
-                        continue
-                    break
-                j += 1
-            i = j + 1
-        elif c == "-" and sql.startswith("--", i):
-            j = sql.find("\n", i)
-            i = n if j < 0 else j + 1
-        elif c == "/" and sql.startswith("/*", i):
-            depth, j = 1, i + 2
-            while j < n and depth:
-                if sql.startswith("/*", j):
-                    depth, j = depth + 1, j + 2
-                elif sql.startswith("*/", j):
-                    depth, j = depth - 1, j + 2
-                else:
-                    j += 1
-            i = j
-        elif c == "$":
-            m = re.match(r"\$([A-Za-z_][A-Za-z_0-9]*)?\$", sql[i:])
-            if m:
-                tag = m.group(0)
-                j = sql.find(tag, i + len(tag))
-                i = n if j < 0 else j + len(tag)
-            else:
-                i += 1
-        elif c == ";":
-            out.append(sql[start:i])
-            i += 1
-            start = i
-        else:
-            i += 1
-    out.append(sql[start:])
-    return [s for s in out if s.strip()]
 
 
 def is_rollback(sql: str) -> bool:
