@@ -19,6 +19,9 @@ from .pg_classify import split_statements
 _LEADING_NOISE = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*", re.S)
 _WORDS = re.compile(r"[A-Za-z_]+")
 
+_STATEFUL_HEADS = ("set", "reset", "discard", "prepare", "deallocate", "listen", "create", "declare", "/*", "--",
+                   "(")
+
 _PINNING_FUNCTIONS = re.compile(r"\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(", re.I)
 
 
@@ -40,6 +43,11 @@ class SessionState:
 
     def on_query(self, sql: str) -> None:
         """A simple-protocol Query (possibly several statements) the client sent."""
+        # The hot path: most statements are plain DML or SELECT; a glance at the head
+        # (and for the rare multi-statement or commented query, the full split) decides.
+        head = sql[:16].lstrip().lower()
+        if (not head.startswith(_STATEFUL_HEADS) and ";" not in sql and "advisory" not in sql):
+            return
         for statement in split_statements(sql):
             self._on_statement(statement)
 
@@ -85,7 +93,7 @@ class SessionState:
         self._on_statement_text_for_pins(raw_message)
 
     def _on_statement_text_for_pins(self, raw_message: bytes) -> None:
-        if _PINNING_FUNCTIONS.search(raw_message.decode("utf-8", "replace")):
+        if b"advisory" in raw_message and _PINNING_FUNCTIONS.search(raw_message.decode("utf-8", "replace")):
             self.pinned_by = self.pinned_by or "session advisory lock"
 
     def on_close_statement(self, name: str) -> None:
