@@ -17,8 +17,12 @@ def test_set_reset_discard_and_prepare_are_replayed_in_order() -> None:
     s.on_query("RESET search_path")
     s.on_query("PREPARE q(int) AS SELECT $1")
     s.on_query("select 'set x = 1'")
-    assert s.replay_sql() == ["SET search_path = app, public", "/* c */ SET application_name = 'x'", "RESET search_path",
-                              "PREPARE q(int) AS SELECT $1"]
+    assert s.replay_sql() == [
+        "SET search_path = app, public",
+        "/* c */ SET application_name = 'x'",
+        "RESET search_path",
+        "PREPARE q(int) AS SELECT $1",
+    ]
     s.on_query("DEALLOCATE q")
     s.on_query("RESET ALL")
     assert s.replay_sql() == []
