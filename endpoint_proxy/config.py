@@ -13,6 +13,7 @@ CUSTOM_ROLES = ("reader", "any")
 TLS_MODES = ("off", "optional", "required")
 BACKEND_TLS_MODES = ("off", "prefer", "require")
 CLIENT_AUTH_METHODS = ("scram-sha-256", "md5", "password")
+CONSISTENCY_MODES = ("eventual", "session")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -96,6 +97,8 @@ class EndpointConfig:
     members: tuple[str, ...] | None = None
     excluded: tuple[str, ...] | None = None
     instance: str | None = None
+    consistency: str = "eventual"  # readwrite: "session" = read-your-writes
+    session_wait_ms: int = 100  # readwrite, session consistency: how long a read waits for a replica
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,9 @@ class ClusterConfig:
     reader_fallback_to_writer: bool = True
     backend_tls: str = "off"
     client_auth: str = "scram-sha-256"
+    read_functions: tuple[str, ...] = ()
+    write_functions: tuple[str, ...] = ()
+    function_refresh_ms: int = 30_000
 
     def user(self, name: str) -> UserConfig | None:
         for u in self.users:
@@ -277,10 +283,16 @@ def _parse_endpoint(t: _Table, instance_names: set[str]) -> EndpointConfig:
         instance = t.string("instance")
         if instance not in instance_names:
             raise ConfigError(t.sub("instance"), f"no instance named {instance!r}")
+    consistency = "eventual"
+    session_wait_ms = 100
+    if kind == "readwrite":
+        consistency = t.string("consistency", "eventual", CONSISTENCY_MODES)
+        session_wait_ms = t.integer("session_wait_ms", 100, minimum=0, maximum=60_000)
     t.check_unknown()
     return EndpointConfig(
         name=name, listen=listen, kind=kind, tls=tls, role=role,
         members=members, excluded=excluded, instance=instance,
+        consistency=consistency, session_wait_ms=session_wait_ms,
     )
 
 
@@ -326,6 +338,9 @@ def _parse_cluster(t: _Table) -> ClusterConfig:
         reader_fallback_to_writer=t.boolean("reader_fallback_to_writer", True),
         backend_tls=t.string("backend_tls", "off", BACKEND_TLS_MODES),
         client_auth=t.string("client_auth", "scram-sha-256", CLIENT_AUTH_METHODS),
+        read_functions=tuple(n.lower() for n in _names(t.array("read_functions"), t.sub("read_functions"))),
+        write_functions=tuple(n.lower() for n in _names(t.array("write_functions"), t.sub("write_functions"))),
+        function_refresh_ms=t.integer("function_refresh_ms", 30_000, minimum=0),
     )
     t.check_unknown()
     return cluster

@@ -23,6 +23,10 @@ def pg_proxy(pg_cluster: PostgresCluster, tmp_path_factory: pytest.TempPathFacto
     primary = pg_cluster.primary_name
     pg_cluster.sql(primary, "create role md5user login password 'md5-secret'")
     pg_cluster.sql(primary, f"grant all on database {pg_cluster.database} to md5user")
+    # A user function that writes: the readwrite endpoint must learn it from the catalog.
+    pg_cluster.sql(primary, "create table if not exists bumps (n int)", user=pg_cluster.app_user)
+    pg_cluster.sql(primary, "create or replace function app_bump() returns int language sql volatile "
+                            "as 'insert into bumps values (1) returning n'", user=pg_cluster.app_user)
     doc = pg_proxy_config(pg_cluster)
     with ProxyProcess(doc, tmp_path_factory.mktemp("proxy")) as proxy:
         yield proxy

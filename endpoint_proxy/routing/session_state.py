@@ -36,6 +36,9 @@ class SessionState:
     sql_prepared: dict[str, str] = field(default_factory=dict)
     parse_messages: dict[str, bytes] = field(default_factory=dict)  # statement name -> raw Parse
     pinned_by: str | None = None
+    # Bumped when SET values or prepared statements are wiped (RESET ALL, DISCARD ALL,
+    # DEALLOCATE ALL): a backend that saw an older version must be rebuilt from scratch.
+    version: int = 0
 
     @property
     def replayable(self) -> bool:
@@ -63,6 +66,7 @@ class SessionState:
         elif head == "reset":
             if words[1:2] == ["all"]:
                 self.set_statements.clear()
+                self.version += 1
             else:
                 self.set_statements.append(sql.strip())
         elif head == "discard":
@@ -70,12 +74,15 @@ class SessionState:
                 self.set_statements.clear()
                 self.sql_prepared.clear()
                 self.parse_messages.clear()
+                self.version += 1
         elif head == "prepare" and len(words) > 1 and words[1] != "transaction":
             self.sql_prepared[words[1]] = sql.strip()
         elif head == "deallocate":
             target = words[2] if words[1:2] == ["prepare"] and len(words) > 2 else (words[1] if len(words) > 1 else "")
             if target == "all":
                 self.sql_prepared.clear()
+                self.parse_messages.clear()
+                self.version += 1
             else:
                 self.sql_prepared.pop(target, None)
         elif head in ("listen",):

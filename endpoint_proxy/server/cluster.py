@@ -12,7 +12,9 @@ import trio
 from ..config import ClusterConfig, EndpointConfig, UserConfig
 from ..protocol.pg.auth import ScramSecret, make_scram_secret
 from ..routing.endpoints import Route, route
+from ..routing.pg_classify import FunctionPolicy
 from ..topology.state import ClusterTopology, ProbeResult, TopologyEvent
+from .metrics import ClusterMetrics, ProxyMetrics
 from .pg_backend import BackendError, ProbeConnection
 
 log = structlog.get_logger("endpoint_proxy.cluster")
@@ -27,6 +29,15 @@ select pg_is_in_recovery(),
        coalesce(extract(epoch from now() - pg_last_xact_replay_timestamp()), 0),
        case when pg_is_in_recovery() then null
             else ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int end
+"""
+
+
+# User functions that may write: volatile ones outside the system schemas.
+VOLATILE_FUNCTIONS_SQL = r"""
+select coalesce(string_agg(distinct lower(p.proname), E'\x1f'), '')
+from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+where p.provolatile = 'v' and n.nspname not in ('pg_catalog', 'information_schema')
+  and n.nspname not like 'pg\_toast%'
 """
 
 
@@ -45,8 +56,9 @@ def parse_probe_row(row: tuple[str | None, ...]) -> ProbeResult:
 
 
 class ClusterRuntime:
-    def __init__(self, config: ClusterConfig) -> None:
+    def __init__(self, config: ClusterConfig, metrics: ClusterMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics if metrics is not None else ProxyMetrics().cluster(config.name)
         self.topology = ClusterTopology(tuple(i.name for i in config.instances),
                                         max_replica_lag_ms=config.max_replica_lag_ms)
         self.connections: Counter[str] = Counter()  # open session backends per instance
@@ -57,6 +69,10 @@ class ClusterRuntime:
         self._unknown_user_secret = make_scram_secret(secrets.token_urlsafe(24))
         self.weights = {i.name: i.weight for i in config.instances}
         self._rotation = 0
+        # Per database: the user functions that may write (volatile, from the writer's catalog).
+        self._functions: dict[str, tuple[FunctionPolicy, float]] = {}
+        self._functions_loading: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
 
     # --- credentials --------------------------------------------------------------------------
 
@@ -102,6 +118,51 @@ class ClusterRuntime:
                 decision = self.route(endpoint)
         return decision
 
+    def function_policy(self, database: str) -> FunctionPolicy:
+        """The classifier's function knowledge for a database: config lists plus the writer's
+        volatile user functions (refreshed in the background every function_refresh_ms)."""
+        entry = self._functions.get(database)
+        now = trio.current_time()
+        refresh_s = self.config.function_refresh_ms / 1000
+        if entry is None or (refresh_s and now - entry[1] > refresh_s):
+            if database not in self._functions_loading and self._nursery is not None:
+                self._functions_loading[database] = trio.Event()
+                self._nursery.start_soon(self._load_functions, database)
+        if entry is None:
+            return FunctionPolicy(frozenset(self.config.read_functions), frozenset(self.config.write_functions))
+        return entry[0]
+
+    async def ensure_functions(self, database: str, timeout_s: float = 2.0) -> None:
+        """Wait (bounded) for the first catalog read of a database."""
+        self.function_policy(database)
+        loading = self._functions_loading.get(database)
+        if loading is not None and database not in self._functions:
+            with trio.move_on_after(timeout_s):
+                await loading.wait()
+
+    async def _load_functions(self, database: str) -> None:
+        writer = self.topology.writer
+        volatile: frozenset[str] = frozenset()
+        try:
+            if writer is not None:
+                inst = self.config.instance_named(writer)
+                user, password = self.monitor_credentials()
+                with trio.fail_after(5):
+                    conn = await ProbeConnection.open(writer, inst.address, user=user, password=password,
+                                                      database=database, tls_mode=self.config.backend_tls)
+                    try:
+                        rows = await conn.query(VOLATILE_FUNCTIONS_SQL)
+                    finally:
+                        await conn.aclose()
+                volatile = frozenset(n for n in (rows[0][0] or "").split("\x1f") if n)
+        except (OSError, BackendError, trio.TooSlowError, IndexError) as e:
+            log.info("function_catalog_failed", cluster=self.config.name, database=database, error=str(e))
+        finally:
+            policy = FunctionPolicy(frozenset(self.config.read_functions),
+                                    frozenset(self.config.write_functions) | volatile)
+            self._functions[database] = (policy, trio.current_time())
+            self._functions_loading.pop(database).set()
+
     def request_probe(self, name: str | None = None) -> None:
         """Probe one instance (or all) now instead of at the next interval."""
         for n, ev in self._probe_now.items():
@@ -111,6 +172,7 @@ class ClusterRuntime:
     def backend_failed(self, name: str, error: str) -> None:
         """A session could not reach an instance: stop routing there and probe it at once."""
         log.info("backend_failed", cluster=self.config.name, instance=name, error=error)
+        self.metrics.error("backend_failed")
         self._apply(self.topology.mark_suspect(name, trio.current_time(), error))
         self.request_probe(name)
 
@@ -119,6 +181,8 @@ class ClusterRuntime:
     def _apply(self, events: list[TopologyEvent]) -> None:
         for ev in events:
             log.info(ev.kind, cluster=self.config.name, instance=ev.instance, detail=ev.detail)
+        if events:
+            self.metrics.topology_changed(events, trio.current_time())
         # Every probe result wakes waiters: a route may now exist, or a wait may give up.
         self._changed.set()
         self._changed = trio.Event()
@@ -138,6 +202,7 @@ class ClusterRuntime:
             return conn
         except (OSError, BackendError, trio.TooSlowError, IndexError, ValueError) as e:
             reason = "probe timed out" if isinstance(e, trio.TooSlowError) else str(e) or type(e).__name__
+            self.metrics.error("probe_failed")
             self._apply(self.topology.probe_failed(name, trio.current_time(), reason))
             if conn is not None:
                 with trio.CancelScope(shield=True):
@@ -161,6 +226,7 @@ class ClusterRuntime:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Probe every instance once, then keep monitoring; reports started after the first round."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             first = [self._changed]
             for inst in self.config.instances:
                 nursery.start_soon(self.monitor_instance, inst.name)

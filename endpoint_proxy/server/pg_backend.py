@@ -41,6 +41,13 @@ class BackendConnection:
     status: str = "I"
     address: Address | None = None
     in_recovery: bool = False  # the instance was a replica when this connection was made
+    # What of the session's state this backend already has (see SessionState):
+    statements: set[str] = field(default_factory=set)  # named prepared statements (protocol level)
+    sql_prepared: set[str] = field(default_factory=set)  # SQL-level PREPARE names
+    sets_applied: int = 0
+    set_version: int = 0
+    pending: list[bytes] = field(default_factory=list)  # frontend messages to send before its next use
+    lsn_reached: int = 0  # session consistency: WAL position this replica is known to have replayed
 
 
 async def _read_message(conn: Conn, reader: FrameReader, buf: bytearray) -> tuple[int, bytes]:

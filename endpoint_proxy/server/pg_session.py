@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import socket
 import ssl
@@ -25,6 +26,7 @@ from ..protocol.pg.startup import (
     parse_startup_packet,
 )
 from ..routing.endpoints import members
+from ..routing.pg_classify import FunctionPolicy, Route, classify
 from ..routing.session_state import SessionState, ends_transaction, is_rollback
 from .net import Conn, RawConn, start_tls_server
 from .pg_backend import BackendConnection, BackendError, open_backend
@@ -130,6 +132,20 @@ class PgSession:
         self._att: _Attachment | None = None
         self._mode: _Mode | None = None
         self._checked_generation = -1
+        # Read/write splitting (readwrite endpoints): the backend in use serves ``_role``;
+        # the other one waits, idle, in ``_parked``.
+        self._readwrite = ctx.endpoint.kind == "readwrite"
+        self._role = "writer" if self._readwrite else "main"
+        self._role_endpoints = {
+            "writer": dataclasses.replace(ctx.endpoint, kind="writer"),
+            "reader": dataclasses.replace(ctx.endpoint, kind="reader"),
+        }
+        self._parked: dict[str, BackendConnection] = {}
+        self._partial_request = False
+        self._stmt_roles: dict[str, str] = {}  # prepared statement name -> role of its query
+        self._sql_prepared_routes: dict[str, Route] = {}
+        self._functions = FunctionPolicy()
+        self._wrote = False  # session consistency: a write since the last verified read
         # The request in flight (since the session was last idle): what a retry needs.
         self.inflight = 0  # ReadyForQuery messages still owed to the client
         self.request_buf = bytearray()
@@ -185,6 +201,10 @@ class PgSession:
             elif att is None and self.backend is not None:
                 self.ctx.cluster.connections[self.backend.instance] -= 1
                 await self.backend.conn.aclose()
+            for parked in self._parked.values():
+                self.ctx.cluster.connections[parked.instance] -= 1
+                await parked.conn.aclose()
+            self._parked.clear()
             self.backend = None
             await self.client.aclose()
 
@@ -279,17 +299,24 @@ class PgSession:
 
     # --- the backend --------------------------------------------------------------------------
 
-    async def _open_routed_backend(self, timeout_s: float) -> BackendConnection:
+    def _role_endpoint(self, role: str) -> EndpointConfig:
+        """The routing rule of a role: the endpoint's own, or for readwrite its writer/reader halves."""
+        if role == "main":
+            return self.ctx.endpoint
+        return self._role_endpoints[role]
+
+    async def _open_routed_backend(self, timeout_s: float, role: str | None = None) -> BackendConnection:
         """Route and connect. Raises _NoRoute when nothing qualified in time, _ServerRefused
         when the server itself said no (its ErrorResponse is in the exception)."""
         ctx = self.ctx
         cluster = ctx.cluster
         user = self.user
+        endpoint = self._role_endpoint(role or self._role)
         attempts: dict[str, int] = {}
         deadline = trio.current_time() + timeout_s
         while True:
             remaining = max(0.0, deadline - trio.current_time())
-            decision = await cluster.wait_for_route(ctx.endpoint, remaining)
+            decision = await cluster.wait_for_route(endpoint, remaining)
             name = decision.instance
             if name is None or attempts.get(name, 0) >= 2:
                 reason = decision.reason or "no instance is available"
@@ -304,6 +331,7 @@ class PgSession:
                         tls_mode=cluster.config.backend_tls)
                 backend.address = address
                 backend.in_recovery = bool(cluster.topology.instances[name].in_recovery)
+                backend.set_version = self.state.version
                 return backend
             except BackendError as e:
                 cluster.connections[name] -= 1
@@ -331,6 +359,8 @@ class PgSession:
         except _ServerRefused as e:
             raise _Fatal(e.sqlstate, str(e), raw=e.raw) from None
         self.backend = backend
+        if self._readwrite:
+            await ctx.cluster.ensure_functions(params["database"])
         self.client_params = dict(backend.parameters)
         self.client_pid = backend.process_id
         secret = ctx.cancels.issue(backend.process_id, self._cancel_target(backend))
@@ -347,36 +377,66 @@ class PgSession:
         return CancelTarget(backend.address, backend.process_id, backend.secret_key)
 
     async def _replay(self, backend: BackendConnection) -> None:
-        """Rebuild the session's state on a fresh backend: SET/PREPARE statements, then the
-        named prepared statements (each with its own Sync, so one failure spoils no other)."""
-        sqls = self.state.replay_sql()
-        parses = list(self.state.parse_messages.values())
-        if not sqls and not parses:
-            return
+        """Bring a backend up to the session's state: what it lacks of the SET/PREPARE statements
+        and of the named prepared statements (each Parse with its own Sync, so one failure
+        spoils no other), after any Close it owes. A fresh backend gets everything."""
+        state = self.state
+        sqls: list[str] = []
+        if backend.set_version != state.version:
+            sqls.append("DISCARD ALL")
+            backend.statements.clear()
+            backend.sql_prepared.clear()
+            backend.sets_applied = 0
+            backend.pending.clear()
+        sqls += state.set_statements[backend.sets_applied:]
+        sqls += [text for name, text in state.sql_prepared.items() if name not in backend.sql_prepared]
+        parses = [raw for name, raw in state.parse_messages.items() if name not in backend.statements]
         sync = m.Sync().encode()
-        await backend.conn.send_all(b"".join(m.Query(q).encode() for q in sqls) + b"".join(p + sync for p in parses))
-        expected = len(sqls) + len(parses)
+        pending = b"".join(backend.pending)
+        if not sqls and not parses and not pending:
+            return
+        batch = (pending + sync if pending else b"") + b"".join(m.Query(q).encode() for q in sqls)
+        batch += b"".join(p + sync for p in parses)
+        await self._exchange(backend, batch, (1 if pending else 0) + len(sqls) + len(parses))
+        backend.pending.clear()
+        backend.sets_applied = len(state.set_statements)
+        backend.set_version = state.version
+        backend.sql_prepared.update(state.sql_prepared)
+        backend.statements.update(state.parse_messages)
+
+    async def _exchange(self, backend: BackendConnection, batch: bytes, expected_ready: int,
+                        collect: list[tuple[str | None, ...]] | None = None) -> None:
+        """Send our own requests to an idle backend that no pump is reading, and consume the
+        answers up to ``expected_ready`` ReadyForQuery messages; errors are logged, rows kept
+        in ``collect`` when given."""
+        await backend.conn.send_all(batch)
         reader = FrameReader()
         buf = bytearray(65536)
-        while expected:
+        while expected_ready:
             msg = reader.next_message()
             if msg is None:
                 n = await backend.conn.recv_into(buf)
                 if n == 0:
-                    raise ConnectionResetError("backend closed during replay")
+                    raise ConnectionResetError("the server closed the connection")
                 reader.feed(memoryview(buf)[:n])
                 continue
             type_, payload = msg
             if type_ == ord("Z"):
-                expected -= 1
+                expected_ready -= 1
                 backend.status = chr(payload[0])
             elif type_ == ord("S"):
                 ps = m.decode_backend(type_, payload)
                 assert isinstance(ps, m.ParameterStatus)
                 backend.parameters[ps.name] = ps.value
+            elif type_ == ord("D") and collect is not None:
+                row = m.decode_backend(type_, payload)
+                assert isinstance(row, m.DataRow)
+                collect.append(tuple(v.decode() if v is not None else None for v in row.values))
             elif type_ == ord("E"):
                 err = m.decode_backend(type_, payload)
                 assert isinstance(err, m.ErrorResponse)
+                if _is_fatal(payload):
+                    raise ConnectionResetError(err.message)
                 self.log.info("session_replay_error", sqlstate=err.sqlstate, error=err.message)
 
     # --- the relay ----------------------------------------------------------------------------
@@ -424,15 +484,17 @@ class PgSession:
         if self._nursery is not None and not att.backend.conn.closed:
             self._nursery.start_soon(att.backend.conn.aclose)
 
-    def _placement_ok(self, name: str) -> bool:
+    def _placement_ok(self, name: str, role: str | None = None) -> bool:
         cluster = self.ctx.cluster
-        eligible = members(self.ctx.endpoint, cluster.topology)
+        endpoint = self._role_endpoint(role or self._role)
+        eligible = members(endpoint, cluster.topology)
         if name in eligible:
             return True
-        return not eligible and cluster.route(self.ctx.endpoint).instance == name
+        return not eligible and cluster.route(endpoint).instance == name
 
     async def _client_loop(self, leftover: bytes) -> None:
-        scanner = MessageScanner(b"QPCSFX", max_length=self.ctx.max_message_bytes)
+        wanted = b"QPCSFXB" if self._readwrite else b"QPCSFX"
+        scanner = MessageScanner(wanted, max_length=self.ctx.max_message_bytes)
         buf = bytearray(RELAY_BUFFER)
         view = memoryview(buf)
         client = self.client
@@ -471,6 +533,17 @@ class PgSession:
                     self.log.info("session_moving", instance=self.backend.instance, reason="left the endpoint")
                     await self._detach(att, terminate=True)
                     att = self._att = None
+        starts_request = self.inflight == 0 and not self._partial_request
+        if (self._readwrite and starts_request and msgs and not terminate
+                and (self.backend is None or self.backend.status == "I")):
+            role = self._decide(msgs)
+            if role is not None and role != self._role:
+                if not await self._switch(role):
+                    await self._emulate(msgs)
+                    return True
+                att = self._att
+            if self._role == "writer":
+                self._wrote = True
         if att is None or self.backend is None:
             if terminate:
                 return False
@@ -479,7 +552,7 @@ class PgSession:
                 return True
             att = self._att
             assert att is not None
-        starts_request = self.inflight == 0
+        backend = att.backend
         for type_, payload in msgs:
             if type_ in _REQUEST_ENDS:
                 self.inflight += 1
@@ -487,9 +560,27 @@ class PgSession:
                 self.state.on_query(_text(payload))
             elif type_ == _P:
                 name = payload[: payload.find(b"\0")].decode("utf-8", "surrogateescape")
-                self.state.on_parse(name, bytes((_P,)) + (len(payload) + 4).to_bytes(4, "big") + payload)
+                raw = bytes((_P,)) + (len(payload) + 4).to_bytes(4, "big") + payload
+                self.state.on_parse(name, raw)
+                if name:
+                    backend.statements.add(name)
             elif type_ == _C and payload[:1] == b"S":
-                self.state.on_close_statement(payload[1:-1].decode("utf-8", "surrogateescape"))
+                name = payload[1:-1].decode("utf-8", "surrogateescape")
+                self.state.on_close_statement(name)
+                backend.statements.discard(name)
+                for other in self._parked.values():
+                    if name in other.statements:
+                        other.statements.discard(name)
+                        other.pending.append(m.Close("S", name).encode())
+        if msgs:
+            self._partial_request = msgs[-1][0] not in _REQUEST_ENDS
+        if self.state.version != backend.set_version:
+            # RESET ALL / DISCARD ALL / DEALLOCATE ALL run here; idle backends elsewhere
+            # are rebuilt when next used.
+            backend.set_version = self.state.version
+            backend.statements = set(self.state.parse_messages)
+            backend.sql_prepared = set(self.state.sql_prepared)
+        backend.sets_applied = len(self.state.set_statements)
         if starts_request:
             self.request_buf.clear()
             self.request_retryable = True
@@ -507,6 +598,125 @@ class PgSession:
             # The server pump sees the loss too and deals with what is in flight.
             await att.done.wait()
         return not terminate
+
+    def _decide(self, msgs: list[tuple[int, bytes]]) -> str | None:
+        """readwrite: the role the request starting with ``msgs`` goes to (None: where it is)."""
+        if self.state.pinned_by is not None:
+            return "writer"
+        self._functions = self.ctx.cluster.function_policy(self.backend_params.get("database", ""))
+        decided: str | None = None
+        for type_, payload in msgs:
+            if type_ == _Q:
+                c = classify(_text(payload), self._functions, self._sql_prepared_routes,
+                             standard_conforming_strings=self.client_params.get(
+                                 "standard_conforming_strings", "on") == "on")
+                if c.session_state == "prepare" and c.prepared_name:
+                    self._sql_prepared_routes[c.prepared_name] = c.route
+                role = "reader" if c.route is Route.READ and c.transaction != "begin" else "writer"
+                if c.route is Route.READ and c.reason.startswith(("transaction", "empty")) and c.hint is None:
+                    role = ""  # COMMIT, ROLLBACK, an empty query: wherever the session is
+            elif type_ == _P:
+                name, _, rest = payload.partition(b"\0")
+                query = rest[: rest.find(b"\0")].decode("utf-8", "surrogateescape")
+                c = classify(query, self._functions, self._sql_prepared_routes)
+                role = "reader" if c.route is Route.READ and c.transaction != "begin" else "writer"
+                self._stmt_roles[name.decode("utf-8", "surrogateescape")] = role
+            elif type_ == _B:
+                _portal, _, rest = payload.partition(b"\0")
+                statement = rest[: rest.find(b"\0")].decode("utf-8", "surrogateescape")
+                role = self._stmt_roles.get(statement, "writer")
+            else:
+                continue
+            if role == "writer":
+                return "writer"
+            decided = decided or role or None
+        return decided
+
+    async def _park(self, att: _Attachment) -> None:
+        """Stop pumping an idle backend but keep it open for the session's next switch back."""
+        att.closing = True
+        att.scope.cancel()
+        await att.done.wait()
+        att.released = True  # the connection now belongs to _parked
+        self._parked[self._role] = att.backend
+        self.backend = None
+        self._att = None
+
+    async def _switch(self, role: str) -> bool:
+        """readwrite: make ``role``'s backend the active one (opening it if needed)."""
+        old_role = self._role
+        if self._att is not None:
+            await self._park(self._att)
+        self._role = role
+        if role == "reader" and self.ctx.endpoint.consistency == "session" and self._wrote:
+            if not await self._reader_caught_up():
+                self._role = old_role
+                role = old_role
+        backend = self._parked.pop(role, None)
+        if backend is not None:
+            if self._placement_ok(backend.instance, role):
+                try:
+                    await self._replay(backend)
+                    self._activate(backend)
+                    return True
+                except (OSError, BackendError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+                    self.ctx.cluster.backend_failed(backend.instance, "idle session backend lost")
+            self.ctx.cluster.connections[backend.instance] -= 1
+            if self._nursery is not None:
+                self._nursery.start_soon(backend.conn.aclose)
+        return await self._reattach()
+
+    def _activate(self, backend: BackendConnection) -> None:
+        if self.cancel_key is not None:
+            self.ctx.cancels.retarget(*self.cancel_key, self._cancel_target(backend))
+        self._start_attachment(backend)
+        self._checked_generation = self.ctx.cluster.topology.generation
+
+    async def _reader_caught_up(self) -> bool:
+        """Session consistency: does a replica have everything this session wrote? Asks the
+        writer backend for its WAL position, then the replica backend for its replay position,
+        waiting up to the endpoint's session_wait_ms. False sends the read to the writer."""
+        writer = self._parked.get("writer")
+        if writer is None:
+            return True  # no writer connection (failover): nothing of ours to wait for
+        rows: list[tuple[str | None, ...]] = []
+        try:
+            await self._exchange(writer, m.Query("select pg_current_wal_insert_lsn() - '0/0'").encode(), 1, rows)
+        except (OSError, BackendError):
+            return True
+        target = int(float(rows[0][0] or 0)) if rows else 0
+        reader = self._parked.get("reader")
+        if reader is None or not self._placement_ok(reader.instance, "reader"):
+            if reader is not None:
+                self._parked.pop("reader")
+                self.ctx.cluster.connections[reader.instance] -= 1
+                if self._nursery is not None:
+                    self._nursery.start_soon(reader.conn.aclose)
+            try:
+                reader = await self._open_routed_backend(0.0, "reader")
+            except (_NoRoute, _ServerRefused):
+                return False
+            self._parked["reader"] = reader
+        if reader.in_recovery is False:
+            self._wrote = False
+            return True  # the "reader" is the writer itself (fallback)
+        deadline = trio.current_time() + self.ctx.endpoint.session_wait_ms / 1000
+        while True:
+            if reader.lsn_reached >= target:
+                self._wrote = False
+                return True
+            rows = []
+            try:
+                await self._exchange(reader, m.Query("select pg_last_wal_replay_lsn() - '0/0'").encode(), 1, rows)
+            except (OSError, BackendError):
+                return False
+            reader.lsn_reached = int(float(rows[0][0] or 0)) if rows and rows[0][0] else 0
+            if reader.lsn_reached >= target:
+                continue
+            if trio.current_time() >= deadline:
+                self.log.debug("session_read_on_writer", lsn=target, replayed=reader.lsn_reached)
+                return False
+            await trio.sleep(0.002)
 
     async def _reattach(self) -> bool:
         """Find a backend for the session's next request and rebuild its state there."""
@@ -531,10 +741,7 @@ class PgSession:
         self.client_params.update(backend.parameters)
         if changed:
             await self.client.send_all(changed)
-        if self.cancel_key is not None:
-            self.ctx.cancels.retarget(*self.cancel_key, self._cancel_target(backend))
-        self._start_attachment(backend)
-        self._checked_generation = self.ctx.cluster.topology.generation
+        self._activate(backend)
         self.log.info("session_reattached", instance=backend.instance, pid=backend.process_id)
         return True
 
@@ -703,7 +910,7 @@ class PgSession:
 _TX_LOST = ("the server connection was lost during the transaction; its outcome is unknown. "
             "Roll back to continue")
 _RETRY_BUFFER_LIMIT = 1 << 20
-_Q, _P, _C, _S, _F, _X, _Z, _E = (ord(c) for c in "QPCSFXZE")
+_Q, _P, _C, _S, _F, _X, _Z, _E, _B = (ord(c) for c in "QPCSFXZEB")
 _REQUEST_ENDS = frozenset((_Q, _S, _F))
 
 
