@@ -23,6 +23,10 @@ class Conn:
 
     closed: bool = False
 
+    def peer_closed(self) -> bool:
+        """Without waiting: has the peer closed or reset an idle connection? (False when unsure.)"""
+        return False
+
     async def recv_into(self, buf: bytearray | memoryview) -> int:
         raise NotImplementedError
 
@@ -63,6 +67,14 @@ class RawConn(Conn):
                 await trio.lowlevel.wait_readable(sock)
             except InterruptedError:
                 continue
+
+    def peer_closed(self) -> bool:
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     async def recv_into_after_wait(self, buf: bytearray | memoryview) -> int:
         """Like recv_into, but wait for readiness first: for when the peer surely has not

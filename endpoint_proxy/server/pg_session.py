@@ -654,7 +654,9 @@ class PgSession:
                 role = old_role
         backend = self._parked.pop(role, None)
         if backend is not None:
-            if self._placement_ok(backend.instance, role):
+            if backend.conn.peer_closed():
+                self.ctx.cluster.backend_failed(backend.instance, "idle session backend lost")
+            elif self._placement_ok(backend.instance, role):
                 try:
                     await self._replay(backend)
                     self._activate(backend)

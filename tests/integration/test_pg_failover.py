@@ -56,6 +56,13 @@ def test_kill_primary_then_promote(cluster: PostgresCluster, proxy: ProxyProcess
             stmt = await conn.prepare("select $1::int * 10, current_setting('myapp.tag')")
             assert await stmt.fetchrow(i) == (i * 10, f"tag-{i}")
             sessions.append((conn, stmt))
+        # readwrite sessions: one left on its writer backend, one on its reader backend.
+        rw_on_writer = await _connect(proxy, cluster, "rw")
+        rw_on_reader = await _connect(proxy, cluster, "rw")
+        for conn in (rw_on_writer, rw_on_reader):
+            await conn.execute("set myapp.tag = 'rw'")
+            await conn.execute("insert into t values (100 + $1, 'rw') on conflict do nothing", id(conn) % 1000)
+        assert await rw_on_reader.fetchval("select pg_is_in_recovery()") is True
         in_tx = await _connect(proxy, cluster, "writer")
         tx = in_tx.transaction()
         await tx.start()
@@ -102,6 +109,12 @@ def test_kill_primary_then_promote(cluster: PostgresCluster, proxy: ProxyProcess
             assert await conn.fetchval("select inet_server_port()") == new_port
             assert await conn.fetchval("select pg_is_in_recovery()") is False
         await sessions[1][0].execute("insert into t values (2, 'after')")
+
+        for conn in (rw_on_writer, rw_on_reader):
+            assert await conn.fetchval("insert into t values (500 + $1, 'after') returning inet_server_port()",
+                                       id(conn) % 1000) == new_port
+            assert await conn.fetchval("select current_setting('myapp.tag')") == "rw"
+            await conn.close()
 
         # The open transaction learns its outcome is unknown, and goes on after ROLLBACK.
         with pytest.raises(asyncpg.PostgresError) as info:
