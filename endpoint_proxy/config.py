@@ -13,6 +13,7 @@ CUSTOM_ROLES = ("reader", "any")
 TLS_MODES = ("off", "optional", "required")
 BACKEND_TLS_MODES = ("off", "prefer", "require")
 CLIENT_AUTH_METHODS = ("scram-sha-256", "md5", "password")
+MYSQL_CLIENT_AUTH_METHODS = ("mysql_native_password", "caching_sha2_password")
 CONSISTENCY_MODES = ("eventual", "session")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -118,6 +119,7 @@ class ClusterConfig:
     read_functions: tuple[str, ...] = ()
     write_functions: tuple[str, ...] = ()
     function_refresh_ms: int = 30_000
+    allow_local_infile: bool = False  # mysql: let clients use LOAD DATA LOCAL INFILE
 
     def user(self, name: str) -> UserConfig | None:
         for u in self.users:
@@ -232,11 +234,11 @@ def _names(values: list[Any], path: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _parse_user(t: _Table) -> UserConfig:
+def _parse_user(t: _Table, methods: tuple[str, ...]) -> UserConfig:
     user = UserConfig(
         name=t.string("name"),
         password=t.get("password", str),
-        auth=t.string("auth", None, CLIENT_AUTH_METHODS),
+        auth=t.string("auth", None, methods),
     )
     t.check_unknown()
     return user
@@ -308,9 +310,10 @@ def _parse_cluster(t: _Table) -> ClusterConfig:
     if not instances:
         raise ConfigError(t.sub("instances"), "a cluster needs at least one instance")
     names = {i.name for i in instances}
+    auth_methods = MYSQL_CLIENT_AUTH_METHODS if protocol == "mysql" else CLIENT_AUTH_METHODS
     users: list[UserConfig] = []
     for i, raw in enumerate(t.array("users")):
-        user = _parse_user(_Table(raw, f"{t.sub('users')}[{i}]"))
+        user = _parse_user(_Table(raw, f"{t.sub('users')}[{i}]"), auth_methods)
         if any(o.name == user.name for o in users):
             raise ConfigError(f"{t.sub('users')}[{i}].name", f"duplicate user {user.name!r}")
         users.append(user)
@@ -337,7 +340,8 @@ def _parse_cluster(t: _Table) -> ClusterConfig:
         failover_timeout_ms=t.integer("failover_timeout_ms", 30_000, minimum=0),
         reader_fallback_to_writer=t.boolean("reader_fallback_to_writer", True),
         backend_tls=t.string("backend_tls", "off", BACKEND_TLS_MODES),
-        client_auth=t.string("client_auth", "scram-sha-256", CLIENT_AUTH_METHODS),
+        client_auth=t.string("client_auth", auth_methods[0], auth_methods),
+        allow_local_infile=t.boolean("allow_local_infile", False),
         read_functions=tuple(n.lower() for n in _names(t.array("read_functions"), t.sub("read_functions"))),
         write_functions=tuple(n.lower() for n in _names(t.array("write_functions"), t.sub("write_functions"))),
         function_refresh_ms=t.integer("function_refresh_ms", 30_000, minimum=0),

@@ -10,6 +10,8 @@ if [ -z "$pg_bin" ] || [ ! -x "$pg_bin/postgres" ] || [ ! -x "$pg_bin/pg_basebac
 fi
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 command -v pgbench >/dev/null 2>&1 || [ -x "${pg_bin:-/nonexistent}/pgbench" ] || need_apt+=(postgresql-contrib)
+# Headless Chromium renders the admin status page in the integration tests.
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "bootstrap: missing ${need_apt[*]}; install them (as root: apt-get install ${need_apt[*]})" >&2

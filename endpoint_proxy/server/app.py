@@ -6,6 +6,7 @@ import itertools
 import os
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import structlog
@@ -13,7 +14,9 @@ import trio
 
 from ..config import Address, ClusterConfig, Config, EndpointConfig
 from ..protocol.pg.startup import CancelRequest, encode_cancel_request, parse_startup_packet
+from .admin import AdminServer
 from .cluster import ClusterRuntime
+from .metrics import EndpointMetrics, ProxyMetrics
 from .net import RawConn
 from .pg_backend import send_cancel
 from .pg_session import CancelRegistry, PgSession, SessionContext
@@ -58,7 +61,11 @@ class Proxy:
         self.workers = workers
         self.runtime_dir = runtime_dir
         self.tls_context = make_server_tls_context(config)
-        self.clusters = {c.name: ClusterRuntime(c) for c in config.clusters}
+        self.metrics = ProxyMetrics()
+        self.clusters = {c.name: ClusterRuntime(c, self.metrics.cluster(c.name)) for c in config.clusters}
+        self.metrics.watch(lambda: self.clusters.values())
+        # Called by POST /reload on the admin server; None answers 404 there.
+        self.reload_hook: Callable[[], Awaitable[object]] | None = None
         self.cancels = CancelRegistry(worker_index)
         self.bound: dict[str, Address] = {}  # endpoint name -> actual listening address
         self._ids = itertools.count(1)
@@ -66,7 +73,11 @@ class Proxy:
 
     async def run(self, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
         listeners: list[tuple[socket.socket, ClusterRuntime, EndpointConfig]] = []
+        admin_sock: socket.socket | None = None
         try:
+            if self.config.admin.listen is not None and self.worker_index == 0:
+                admin_sock = open_listener(self.config.admin.listen, reuse_port=False)
+                self.bound["admin"] = Address(*admin_sock.getsockname()[:2])
             for cluster in self.clusters.values():
                 if cluster.config.protocol != "postgresql":
                     raise NotImplementedError(
@@ -80,6 +91,9 @@ class Proxy:
                     listeners.append((sock, cluster, ep))
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if admin_sock is not None:
+                    await nursery.start(AdminServer(self, reload=self.reload_hook).serve, admin_sock)
+                    log.info("admin_listening", address=str(self.bound["admin"]))
                 for cluster in self.clusters.values():
                     await nursery.start(cluster.run)
                 if self.workers > 1 and self.runtime_dir:
@@ -93,6 +107,8 @@ class Proxy:
         finally:
             for sock, _, _ in listeners:
                 sock.close()
+            if admin_sock is not None:
+                admin_sock.close()
 
     def _context(self, cluster: ClusterRuntime, ep: EndpointConfig) -> SessionContext:
         srv = self.config.server
@@ -107,6 +123,7 @@ class Proxy:
 
     async def _accept_loop(self, sock: socket.socket, cluster: ClusterRuntime, ep: EndpointConfig) -> None:
         ctx = self._context(cluster, ep)
+        counts = cluster.metrics.endpoint(ep.name)
         async with trio.open_nursery() as sessions:
             while True:
                 try:
@@ -120,7 +137,15 @@ class Proxy:
                     await trio.sleep(0.1)
                     continue
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sessions.start_soon(PgSession(ctx, conn, next(self._ids)).run)
+                sessions.start_soon(self._session, PgSession(ctx, conn, next(self._ids)), counts)
+
+    @staticmethod
+    async def _session(session: PgSession, counts: EndpointMetrics) -> None:
+        counts.client_connected()
+        try:
+            await session.run()
+        finally:
+            counts.client_disconnected()
 
     # --- cancels ------------------------------------------------------------------------------
 

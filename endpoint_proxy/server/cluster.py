@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 from collections import Counter
@@ -105,12 +106,16 @@ class ClusterRuntime:
                      fallback_to_writer=self.config.reader_fallback_to_writer,
                      weights=self.weights, rotation=self._rotation)
 
-    async def wait_for_route(self, endpoint: EndpointConfig, timeout_s: float) -> Route:
-        """Route now; if nothing qualifies, ask for fresh probes and wait up to ``timeout_s``."""
+    async def wait_for_route(self, endpoint: EndpointConfig, timeout_s: float, *, held: bool = False) -> Route:
+        """Route now; if nothing qualifies, ask for fresh probes and wait up to ``timeout_s``.
+
+        ``held``: the caller is a statement (not a new connection); while it waits for a
+        writer it shows in the held-statement metrics."""
         decision = self.route(endpoint)
         if decision.instance is not None:
             return decision
-        with trio.move_on_after(timeout_s):
+        hold = self.metrics.holding() if held and decision.needs_writer else contextlib.nullcontext()
+        with hold, trio.move_on_after(timeout_s):
             while decision.instance is None:
                 changed = self._changed
                 self.request_probe()

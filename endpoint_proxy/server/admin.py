@@ -1,0 +1,428 @@
+"""The admin HTTP server: /metrics, /healthz, /readyz, /topology, /reload and the status page.
+
+HTTP/1.1 with one request per connection: the server reads one bounded request, answers
+with ``Connection: close`` and closes. Requests are parsed by ``RequestReader``, which does
+no I/O (bytes in, a ``Request`` or an ``HttpError`` out), so the parser is tested on its own.
+Each connection has its own task and deadline: a slow client holds only its own slot.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+import trio
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from ..config import Address
+from ..routing.endpoints import members
+from .admin_page import STATUS_PAGE
+from .cluster import ClusterRuntime
+from .metrics import ProxyMetrics
+
+log = structlog.get_logger("endpoint_proxy.admin")
+
+MAX_HEAD_BYTES = 8192
+MAX_HEADERS = 64
+MAX_BODY_BYTES = 64 * 1024
+REQUEST_TIMEOUT_S = 10.0
+SEND_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 64
+
+REASONS = {
+    200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+    413: "Content Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
+}
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VERSION = re.compile(r"HTTP/(\d)\.(\d)")
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters other than HT
+
+
+# --- parsing (no I/O) ------------------------------------------------------------------------
+
+
+class HttpError(Exception):
+    """The request cannot be served; ``status`` is the response to send before closing."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    method: str
+    target: str
+    version: str
+    headers: tuple[tuple[str, str], ...]  # names lower-cased, in order
+
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+    def header(self, name: str) -> str | None:
+        """The first value of a header (``name`` lower-case)."""
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+
+@dataclass(frozen=True)
+class Request:
+    head: RequestHead
+    body: bytes
+
+    @property
+    def method(self) -> str:
+        return self.head.method
+
+    @property
+    def path(self) -> str:
+        return self.head.path
+
+
+def parse_request_head(head: bytes) -> RequestHead:
+    """Parse a request line and header fields (the bytes before the empty line).
+
+    Lines end in CRLF or a bare LF. Raises HttpError: 400 for anything malformed, 505 for an
+    HTTP version other than 1.x, 431 for too many header fields.
+    """
+    text = head.decode("latin-1")
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    parts = lines[0].split(" ")
+    if len(parts) != 3:
+        raise HttpError(400, "malformed request line")
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method):
+        raise HttpError(400, "malformed method")
+    if not target.startswith("/") or any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in target):
+        raise HttpError(400, "malformed request target")
+    v = _VERSION.fullmatch(version)
+    if v is None:
+        raise HttpError(400, "malformed HTTP version")
+    if v.group(1) != "1":
+        raise HttpError(505, f"{version} is not supported")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise HttpError(431, "too many header fields")
+    headers: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        if line[:1] in (" ", "\t"):
+            raise HttpError(400, "folded header lines are not allowed")
+        name, sep, value = line.partition(":")
+        if not sep or not _TOKEN.fullmatch(name):
+            raise HttpError(400, "malformed header field")
+        value = value.strip(" \t")
+        if _CTL.search(value):
+            raise HttpError(400, "control character in a header value")
+        headers.append((name.lower(), value))
+    return RequestHead(method, target, version, tuple(headers))
+
+
+def content_length(head: RequestHead, max_body: int) -> int:
+    if head.header("transfer-encoding") is not None:
+        raise HttpError(501, "transfer codings are not supported; send Content-Length")
+    values = {v for k, v in head.headers if k == "content-length"}
+    if not values:
+        return 0
+    if len(values) > 1:
+        raise HttpError(400, "conflicting Content-Length headers")
+    value = values.pop()
+    if not value.isdigit() or not value.isascii():
+        raise HttpError(400, "malformed Content-Length")
+    if len(value) > 12 or int(value) > max_body:
+        raise HttpError(413, f"the body is limited to {max_body} bytes")
+    return int(value)
+
+
+class RequestReader:
+    """Accumulates bytes until one whole request is there; bounded in head and body size."""
+
+    def __init__(self, max_head: int = MAX_HEAD_BYTES, max_body: int = MAX_BODY_BYTES) -> None:
+        self.max_head = max_head
+        self.max_body = max_body
+        self._buf = bytearray()
+        self._scanned = 0  # the head's end is not before this offset
+        self._head: RequestHead | None = None
+        self._body_length = 0
+
+    def _head_end(self) -> tuple[int, int] | None:
+        """(end of the head, start of the body) once the empty line is in the buffer."""
+        start = max(0, self._scanned - 2)
+        found = [(i, i + len(sep)) for sep in (b"\n\r\n", b"\n\n")
+                 if (i := self._buf.find(sep, start)) >= 0]
+        self._scanned = len(self._buf)
+        return min(found) if found else None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Request | None:
+        """Add bytes; returns the request once complete (later bytes are ignored)."""
+        self._buf += data
+        if self._head is None:
+            end = self._head_end()
+            if end is None:
+                if len(self._buf) > self.max_head:
+                    raise HttpError(431, f"the request head is limited to {self.max_head} bytes")
+                return None
+            head_end, body_start = end
+            if head_end > self.max_head:
+                raise HttpError(431, f"the request head is limited to {self.max_head} bytes")
+            self._head = parse_request_head(bytes(self._buf[:head_end]))
+            self._body_length = content_length(self._head, self.max_body)
+            del self._buf[:body_start]
+        if len(self._buf) < self._body_length:
+            return None
+        return Request(self._head, bytes(self._buf[: self._body_length]))
+
+
+# --- responses --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def encode(self, *, include_body: bool = True) -> bytes:
+        lines = [f"HTTP/1.1 {self.status} {REASONS.get(self.status, 'Unknown')}",
+                 f"Content-Type: {self.content_type}",
+                 f"Content-Length: {len(self.body)}",
+                 "Connection: close",
+                 "Cache-Control: no-store",
+                 "X-Content-Type-Options: nosniff",
+                 *(f"{k}: {v}" for k, v in self.headers)]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return head + self.body if include_body else head
+
+
+def json_response(status: int, doc: Any) -> Response:
+    return Response(status, (json.dumps(doc, indent=1) + "\n").encode(), "application/json")
+
+
+def error_response(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    return Response(status, (json.dumps({"error": message}) + "\n").encode(), "application/json", headers)
+
+
+# --- what the server shows ----------------------------------------------------------------------
+
+
+class AdminSource(Protocol):
+    """What the admin server reads from the proxy, at each request (a reload may swap clusters)."""
+
+    @property
+    def clusters(self) -> Mapping[str, ClusterRuntime]: ...
+
+    @property
+    def bound(self) -> Mapping[str, Address]: ...
+
+    @property
+    def metrics(self) -> ProxyMetrics: ...
+
+
+def cluster_status(cluster: ClusterRuntime, now: float) -> str:
+    """available: a writer is known; failing-over: the writer was lost less than
+    failover_timeout_ms ago; no-writer: none is known (at startup, or for longer)."""
+    if cluster.topology.writer is not None:
+        return "available"
+    lost_at = cluster.metrics.writer_lost_at
+    if lost_at is not None and now - lost_at < cluster.config.failover_timeout_ms / 1000:
+        return "failing-over"
+    return "no-writer"
+
+
+def topology_document(source: AdminSource, now: float) -> dict[str, Any]:
+    """The /topology JSON: per cluster its writer, instances and endpoints with current members."""
+    clusters = []
+    for cluster in source.clusters.values():
+        cfg = cluster.config
+        topo = cluster.topology
+        lost_at = cluster.metrics.writer_lost_at
+        instances = []
+        for inst in cfg.instances:
+            st = topo.instances[inst.name]
+            instances.append({
+                "name": inst.name,
+                "address": str(inst.address),
+                "role": topo.role(inst.name).value,
+                "health": st.health.value,
+                "is_writer": inst.name == topo.writer,
+                "lag_bytes": st.lag_bytes,
+                "lag_ms": None if st.lag_ms is None else round(st.lag_ms, 1),
+                "timeline": st.timeline,
+                "fenced": st.fenced,
+                "last_error": st.last_error,
+                "last_probe_age_ms": None if st.last_probe_at is None else round((now - st.last_probe_at) * 1000),
+                "connections": max(0, cluster.connections.get(inst.name, 0)),
+                "weight": inst.weight,
+            })
+        endpoints = []
+        for ep in cfg.endpoints:
+            listen = source.bound.get(f"{cfg.name}/{ep.name}", ep.listen)
+            doc: dict[str, Any] = {"name": ep.name, "kind": ep.kind, "listen": str(listen),
+                                   "members": members(ep, topo)}
+            if ep.kind == "custom":
+                doc["role"] = ep.role
+                doc["static_members"] = list(ep.members) if ep.members is not None else None
+                doc["excluded"] = list(ep.excluded) if ep.excluded is not None else None
+            elif ep.kind == "instance":
+                doc["instance"] = ep.instance
+            endpoints.append(doc)
+        clusters.append({
+            "name": cfg.name,
+            "protocol": cfg.protocol,
+            "status": cluster_status(cluster, now),
+            "writer": topo.writer,
+            "writer_lost_ms": None if lost_at is None else round((now - lost_at) * 1000),
+            "max_replica_lag_ms": cfg.max_replica_lag_ms,
+            "instances": instances,
+            "endpoints": endpoints,
+        })
+    return {"clusters": clusters}
+
+
+def readiness(source: AdminSource) -> tuple[bool, list[str]]:
+    missing = [name for name, c in source.clusters.items() if c.topology.writer is None]
+    return not missing, missing
+
+
+# --- the server -------------------------------------------------------------------------------
+
+
+ReloadCallback = Callable[[], Awaitable[object]]
+
+
+class AdminServer:
+    def __init__(self, source: AdminSource, *, reload: ReloadCallback | None = None) -> None:
+        self.source = source
+        self.reload = reload
+        self.active = 0
+
+    # Routes: path -> method -> handler. HEAD is served wherever GET is.
+    def _routes(self) -> dict[str, dict[str, Callable[[Request], Awaitable[Response]]]]:
+        routes: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {
+            "/": {"GET": self._page},
+            "/metrics": {"GET": self._metrics},
+            "/healthz": {"GET": self._healthz},
+            "/readyz": {"GET": self._readyz},
+            "/topology": {"GET": self._topology},
+        }
+        if self.reload is not None:
+            routes["/reload"] = {"POST": self._reload}
+        return routes
+
+    async def respond(self, request: Request) -> Response:
+        methods = self._routes().get(request.path)
+        if methods is None:
+            return error_response(404, f"no such resource: {request.path}")
+        method = "GET" if request.method == "HEAD" and "GET" in methods else request.method
+        handler = methods.get(method)
+        if handler is None:
+            allowed = sorted({*methods, *(["HEAD"] if "GET" in methods else [])})
+            return error_response(405, f"{request.method} is not allowed here",
+                                  (("Allow", ", ".join(allowed)),))
+        return await handler(request)
+
+    async def _page(self, request: Request) -> Response:
+        return Response(200, STATUS_PAGE.encode(), "text/html; charset=utf-8", (
+            ("Content-Security-Policy",
+             "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"),
+        ))
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(200, generate_latest(self.source.metrics.registry), CONTENT_TYPE_PLAIN_0_0_4)
+
+    async def _healthz(self, request: Request) -> Response:
+        return Response(200, b"ok\n")
+
+    async def _readyz(self, request: Request) -> Response:
+        ready, missing = readiness(self.source)
+        if ready:
+            return json_response(200, {"ready": True})
+        return json_response(503, {"ready": False, "clusters_without_writer": missing})
+
+    async def _topology(self, request: Request) -> Response:
+        return json_response(200, topology_document(self.source, trio.current_time()))
+
+    async def _reload(self, request: Request) -> Response:
+        assert self.reload is not None
+        try:
+            await self.reload()
+        except Exception as e:  # the callback's own errors (a bad config) go back to the caller
+            log.warning("admin_reload_failed", error=str(e))
+            return json_response(400, {"ok": False, "error": str(e) or type(e).__name__})
+        return json_response(200, {"ok": True})
+
+    # --- connections --------------------------------------------------------------------------
+
+    async def serve(self, sock: socket.socket,
+                    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve on a bound, listening socket until cancelled."""
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        await trio.serve_listeners(self.handle, [listener], task_status=task_status)
+
+    async def handle(self, stream: trio.abc.HalfCloseableStream) -> None:
+        """One connection: read one request, answer, close. Never raises (it would stop the proxy)."""
+        try:
+            if self.active >= MAX_CONNECTIONS:
+                with trio.move_on_after(1):
+                    await self._send_and_linger(stream, error_response(503, "too many admin connections").encode())
+                return
+            self.active += 1
+            try:
+                await self._exchange(stream)
+            finally:
+                self.active -= 1
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            log.exception("admin_request_failed")
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _exchange(self, stream: trio.abc.HalfCloseableStream) -> None:
+        reader = RequestReader()
+        request: Request | None = None
+        response: Response | None = None
+        with trio.move_on_after(REQUEST_TIMEOUT_S):
+            try:
+                while request is None:
+                    data = await stream.receive_some(16384)
+                    if not data:
+                        return  # closed before a whole request: nothing to answer
+                    request = reader.feed(data)
+            except HttpError as e:
+                response = error_response(e.status, e.message)
+        if response is None:
+            if request is None:
+                response = error_response(408, "the request took too long")
+            else:
+                try:
+                    response = await self.respond(request)
+                except Exception:
+                    log.exception("admin_request_failed", path=request.path)
+                    response = error_response(500, "internal error; see the proxy's log")
+        include_body = request is None or request.method != "HEAD"
+        with trio.move_on_after(SEND_TIMEOUT_S):
+            await self._send_and_linger(stream, response.encode(include_body=include_body))
+
+    @staticmethod
+    async def _send_and_linger(stream: trio.abc.HalfCloseableStream, data: bytes) -> None:
+        """Send the answer, then let the client read it before the close: closing with unread
+        input (a request we refused, or did not read) would reset the connection under it."""
+        await stream.send_all(data)
+        await stream.send_eof()
+        with trio.move_on_after(1):
+            drained = 0
+            while drained < 1 << 20 and (chunk := await stream.receive_some(65536)):
+                drained += len(chunk)

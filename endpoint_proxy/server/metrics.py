@@ -1,0 +1,232 @@
+"""Prometheus metrics: the registry, the counters sessions bump, and the topology read at scrape time.
+
+Rules of this file: nothing here runs per message. Sessions hold pre-labelled children
+(``EndpointMetrics``) and bump them once per connection or per routed statement. Everything
+that describes the topology (instance up, role, lag, backend connections, endpoint members)
+is not stored at all: ``TopologyCollector`` reads the live ``ClusterRuntime`` objects when
+Prometheus scrapes, so it can never drift from what the proxy routes by.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from ..routing.endpoints import members
+from ..topology.state import Role, TopologyEvent
+
+if TYPE_CHECKING:
+    from .cluster import ClusterRuntime
+
+# The *_created series double the output and nobody graphs them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+ROUTES = ("writer", "reader")
+
+# The error kinds in use, for ``ClusterMetrics.error``. Keep the set small and fixed: it is
+# a label value, and every distinct value is a time series.
+ERROR_KINDS = {
+    "probe_failed": "a monitor probe of an instance failed (connect, query or timeout)",
+    "backend_failed": "a session could not reach its instance, or lost its connection to it",
+    "no_route": "a connection or statement found no eligible instance within failover_timeout_ms",
+    "server_refused": "the server itself refused a session's login (its error went to the client)",
+    "transaction_lost": "a transaction's server died under it (08007 to the client)",
+    "client_protocol": "a client broke the wire protocol",
+    "auth_failed": "a client failed authentication",
+    "startup_timeout": "a client did not finish startup in time",
+}
+
+FAILOVER_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+ROLES = tuple(r.value for r in Role)
+
+
+class EndpointMetrics:
+    """Children of the per-endpoint metrics, labelled once; what a session bumps."""
+
+    __slots__ = ("connections", "accepted", "writer_statements", "reader_statements", "pinned")
+
+    def __init__(self, metrics: ProxyMetrics, cluster: str, endpoint: str) -> None:
+        self.connections = metrics.client_connections.labels(cluster, endpoint)
+        self.accepted = metrics.client_connections_accepted.labels(cluster, endpoint)
+        self.writer_statements = metrics.statements.labels(cluster, endpoint, "writer")
+        self.reader_statements = metrics.statements.labels(cluster, endpoint, "reader")
+        self.pinned = metrics.pinned_sessions.labels(cluster, endpoint)
+
+    def client_connected(self) -> None:
+        self.connections.inc()
+        self.accepted.inc()
+
+    def client_disconnected(self) -> None:
+        self.connections.dec()
+
+    def statement(self, route: str) -> None:
+        """One statement (or transaction) routed: ``route`` is "writer" or "reader"."""
+        (self.writer_statements if route == "writer" else self.reader_statements).inc()
+
+    def session_pinned(self) -> None:
+        """A session became tied to its server (state that cannot be replayed elsewhere)."""
+        self.pinned.inc()
+
+    def session_unpinned(self) -> None:
+        self.pinned.dec()
+
+
+class ClusterMetrics:
+    """A cluster's counters, and when it lost its writer (for the failover histogram and status)."""
+
+    def __init__(self, metrics: ProxyMetrics, name: str) -> None:
+        self.name = name
+        self._metrics = metrics
+        self._endpoints: dict[str, EndpointMetrics] = {}
+        self._held = metrics.held_statements.labels(name)
+        self._held_total = metrics.statements_held.labels(name)
+        self._writer_changes = metrics.writer_changes.labels(name)
+        self._failover = metrics.failover_duration.labels(name)
+        self.writer: str | None = None  # the writer as of the last topology event
+        self.last_writer: str | None = None  # the last writer ever known
+        self.writer_lost_at: float | None = None  # trio time the writer was lost, while none is known
+
+    def endpoint(self, name: str) -> EndpointMetrics:
+        em = self._endpoints.get(name)
+        if em is None:
+            em = self._endpoints[name] = EndpointMetrics(self._metrics, self.name, name)
+        return em
+
+    def error(self, kind: str) -> None:
+        """Count one error; ``kind`` is one of ERROR_KINDS."""
+        self._metrics.errors.labels(self.name, kind).inc()
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Around a statement that waits for a writer: counted, and in the gauge while it waits."""
+        self._held_total.inc()
+        self._held.inc()
+        try:
+            yield
+        finally:
+            self._held.dec()
+
+    def topology_changed(self, events: Iterable[TopologyEvent], now: float) -> None:
+        """Feed the topology's events (``now`` in trio time): writer changes and failover time.
+
+        The failover duration runs from the moment no writer is known to the moment one is
+        known again. A writer change counts only a writer different from the last one known:
+        the first writer found at startup, and an old primary coming back, are not changes.
+        """
+        for ev in events:
+            if ev.kind != "writer_changed":
+                continue
+            new = ev.instance
+            if new is None:
+                if self.writer is not None:
+                    self.writer_lost_at = now
+                self.writer = None
+                continue
+            if self.writer_lost_at is not None:
+                self._failover.observe(max(0.0, now - self.writer_lost_at))
+                self.writer_lost_at = None
+            if self.last_writer is not None and new != self.last_writer:
+                self._writer_changes.inc()
+            self.writer = self.last_writer = new
+
+
+class TopologyCollector:
+    """Instance and endpoint gauges computed at scrape time from the live clusters."""
+
+    def __init__(self, clusters: Callable[[], Iterable[ClusterRuntime]]) -> None:
+        self.clusters = clusters
+
+    @staticmethod
+    def _families() -> dict[str, GaugeMetricFamily]:
+        def g(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=labels)
+
+        ci = ["cluster", "instance"]
+        return {
+            "up": g("endpoint_proxy_instance_up", "1 when the last probe of the instance succeeded", ci),
+            "role": g("endpoint_proxy_instance_role",
+                      "1 for the instance's current role (writer, reader, fenced, unknown), 0 for the others",
+                      [*ci, "role"]),
+            "lag_bytes": g("endpoint_proxy_instance_lag_bytes",
+                           "WAL the replica has not replayed yet, in bytes (0 on the writer)", ci),
+            "lag_seconds": g("endpoint_proxy_instance_lag_seconds",
+                             "how far the replica's replay is behind the writer, in seconds (0 on the writer)", ci),
+            "backends": g("endpoint_proxy_backend_connections",
+                          "session connections from the proxy to the instance", ci),
+            "writer_known": g("endpoint_proxy_cluster_writer_known",
+                              "1 when the cluster has a known writer", ["cluster"]),
+            "members": g("endpoint_proxy_endpoint_members",
+                         "instances the endpoint may route to right now", ["cluster", "endpoint"]),
+        }
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families().values())
+
+    def collect(self) -> Iterable[Metric]:
+        fam = self._families()
+        for cluster in self.clusters():
+            c = cluster.config.name
+            topo = cluster.topology
+            fam["writer_known"].add_metric([c], 0 if topo.writer is None else 1)
+            for name in topo.instance_names:
+                st = topo.instances[name]
+                fam["up"].add_metric([c, name], 1 if st.up else 0)
+                role = topo.role(name).value
+                for r in ROLES:
+                    fam["role"].add_metric([c, name, r], 1 if r == role else 0)
+                if st.lag_bytes is not None:
+                    fam["lag_bytes"].add_metric([c, name], st.lag_bytes)
+                if st.lag_ms is not None:
+                    fam["lag_seconds"].add_metric([c, name], st.lag_ms / 1000)
+                fam["backends"].add_metric([c, name], max(0, cluster.connections.get(name, 0)))
+            for ep in cluster.config.endpoints:
+                fam["members"].add_metric([c, ep.name], len(members(ep, topo)))
+        return list(fam.values())
+
+
+class ProxyMetrics:
+    """One process's metrics: a registry of its own (never the global one) and the metric objects."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        ce = ["cluster", "endpoint"]
+        self.client_connections = Gauge(
+            "endpoint_proxy_client_connections", "client connections open now, per endpoint", ce, registry=r)
+        self.client_connections_accepted = Counter(
+            "endpoint_proxy_client_connections_accepted", "client connections accepted, per endpoint", ce,
+            registry=r)
+        self.statements = Counter(
+            "endpoint_proxy_statements", "statements (or transactions) routed, per endpoint and route",
+            [*ce, "route"], registry=r)
+        self.errors = Counter("endpoint_proxy_errors", "errors, by kind", ["cluster", "kind"], registry=r)
+        self.writer_changes = Counter(
+            "endpoint_proxy_writer_changes", "times the cluster's writer became a different instance",
+            ["cluster"], registry=r)
+        self.failover_duration = Histogram(
+            "endpoint_proxy_failover_duration_seconds", "from the writer lost to a writer known again",
+            ["cluster"], buckets=FAILOVER_BUCKETS, registry=r)
+        self.held_statements = Gauge(
+            "endpoint_proxy_held_statements", "statements waiting for a writer now", ["cluster"], registry=r)
+        self.statements_held = Counter(
+            "endpoint_proxy_statements_held", "statements that had to wait for a writer", ["cluster"], registry=r)
+        self.pinned_sessions = Gauge(
+            "endpoint_proxy_pinned_sessions", "sessions tied to their server by state that cannot be replayed",
+            ce, registry=r)
+        self._clusters: dict[str, ClusterMetrics] = {}
+        self._topology = TopologyCollector(lambda: ())
+        r.register(self._topology)
+
+    def cluster(self, name: str) -> ClusterMetrics:
+        cm = self._clusters.get(name)
+        if cm is None:
+            cm = self._clusters[name] = ClusterMetrics(self, name)
+        return cm
+
+    def watch(self, clusters: Callable[[], Iterable[ClusterRuntime]]) -> None:
+        """Where the topology gauges come from; called at every scrape."""
+        self._topology.clusters = clusters

@@ -1,0 +1,100 @@
+"""deploy/: the config validates, the compose file and the Kubernetes sidecar agree with it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+
+
+def config() -> dict[str, Any]:
+    with open(DEPLOY / "config.toml", "rb") as f:
+        return tomllib.load(f)
+
+
+def admin_port() -> int:
+    return int(config()["admin"]["listen"].rsplit(":", 1)[1])
+
+
+def test_config_passes_endpoint_proxy_check() -> None:
+    out = subprocess.run([sys.executable, "-m", "endpoint_proxy", "check", "--config", str(DEPLOY / "config.toml")],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "OK" in out.stdout
+
+
+def test_compose_runs_a_primary_two_replicas_and_the_proxy() -> None:
+    doc = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = doc["services"]
+    cfg = config()
+    instances = cfg["clusters"][0]["instances"]
+    # Every instance of the config is a compose service on PostgreSQL's port.
+    assert {i["host"] for i in instances} == {"pg-primary", "pg-replica1", "pg-replica2"}
+    assert all(i["port"] == 5432 for i in instances)
+    for name in ("pg-primary", "pg-replica1", "pg-replica2"):
+        assert services[name]["image"] == "postgres:15"
+    for name in ("pg-replica1", "pg-replica2"):
+        script = "\n".join(services[name]["command"])
+        assert "pg_basebackup" in script and "--host=pg-primary" in script and "--write-recovery-conf" in script
+        assert services[name]["depends_on"]["pg-primary"]["condition"] == "service_healthy"
+    proxy = services["proxy"]
+    assert proxy["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert "./config.toml:/etc/endpoint-proxy/config.toml:ro" in proxy["volumes"]
+    published = {int(p.rsplit(":", 1)[1]) for p in proxy["ports"]}
+    listen_ports = {int(ep["listen"].rsplit(":", 1)[1]) for ep in cfg["clusters"][0]["endpoints"]}
+    assert published == listen_ports | {admin_port()}
+    init = services["pg-primary"]["volumes"][0].split(":")[0]
+    assert (DEPLOY / init).resolve().is_file()
+
+
+def container_port(container: dict[str, Any], port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    for p in container["ports"]:
+        if p["name"] == port:
+            return int(p["containerPort"])
+    raise KeyError(port)
+
+
+def test_k8s_sidecar_probes_and_config() -> None:
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "k8s-sidecar.yaml").read_text()) if d]
+    by_kind = {d["kind"]: d for d in docs}
+    configmap = by_kind["ConfigMap"]
+    assert configmap["data"]["config.toml"] == (DEPLOY / "config.toml").read_text()
+    pod = by_kind["Deployment"]["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert "app" in containers
+    proxy = containers["endpoint-proxy"]
+    ready = proxy["readinessProbe"]["httpGet"]
+    live = proxy["livenessProbe"]["httpGet"]
+    assert ready["path"] == "/readyz"
+    assert live["path"] == "/healthz"
+    assert container_port(proxy, ready["port"]) == admin_port()
+    assert container_port(proxy, live["port"]) == admin_port()
+    mount = next(m for m in proxy["volumeMounts"] if m["mountPath"] == "/etc/endpoint-proxy")
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    assert proxy["securityContext"]["runAsNonRoot"] is True
+    # The app reaches the proxy inside the pod, on one of the config's endpoint ports.
+    env = {e["name"]: e["value"] for e in containers["app"]["env"]}
+    ports = {int(ep["listen"].rsplit(":", 1)[1]) for ep in config()["clusters"][0]["endpoints"]}
+    assert env["PGHOST"] == "127.0.0.1" and int(env["PGPORT"]) in ports
+
+
+def test_dockerfile() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    assert lines[0] == "FROM python:3.11-slim"
+    user = next(line for line in lines if line.startswith("USER "))
+    assert "root" not in user and user.split()[1].split(":")[0] not in ("0", "")
+    assert any(line.startswith("RUN pip install .") for line in lines)
+    assert f"http://127.0.0.1:{admin_port()}/healthz" in text and "urllib.request" in text
+    assert 'ENTRYPOINT ["endpoint-proxy", "run", "--config", "/etc/endpoint-proxy/config.toml"]' in lines
+    assert (DEPLOY / "endpoint-proxy.service").is_file()
