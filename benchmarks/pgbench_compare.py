@@ -17,68 +17,51 @@ See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
-import os
-import platform
-import pwd
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_RESULTS = REPO / "benchmarks" / "RESULTS.md"
+import _common  # benchmarks/_common.py (this script's directory is on sys.path)
+from _common import (
+    APP_DB,
+    APP_USER,
+    DEFAULT_RESULTS,
+    LOOPBACK,
+    READY_TIMEOUT,
+    REPO,
+    BenchError,
+    ProxyEndpoint,
+    Service,
+    append_results,
+    find_binary,
+    first_line,
+    free_port,
+    log,
+    machine_info,
+    machine_line,
+    proxy_config,
+    server_version,
+    tail,
+    terminate_as_interrupt,
+    version_number,
+)
+
 ALL_TARGETS = ("direct", "proxy", "pgbouncer", "haproxy")
-
-APP_USER = "app"
-APP_PASSWORD = "app-secret"
-APP_DB = "app"
-MONITOR_USER = "monitor"
-MONITOR_PASSWORD = "monitor"
-
-LOOPBACK = "127.0.0.1"
-READY_TIMEOUT = 20.0  # seconds a started target gets to accept a real login
-STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
 TPS_RE = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.MULTILINE)
 LAT_RE = re.compile(r"^latency average = ([0-9.]+) ms", re.MULTILINE)
 
 
-class BenchError(RuntimeError):
-    """A step of the benchmark failed; the message says which and why."""
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------
-# Helpers: ports, binaries, processes
-# --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A port the OS considers free on the loopback interface right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def find_binary(name: str, candidates: Sequence[str] = ()) -> str | None:
-    for cand in candidates:
-        if os.access(cand, os.X_OK):
-            return cand
-    return shutil.which(name)
+def pg_env() -> dict[str, str]:
+    return _common.pg_env("pgbench_compare")
 
 
 def find_pgbench(explicit: str | None) -> str:
@@ -88,103 +71,6 @@ def find_pgbench(explicit: str | None) -> str:
     if found is None:
         raise BenchError("pgbench not found (install postgresql-contrib or pass --pgbench)")
     return found
-
-
-def first_line(cmd: Sequence[str]) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    text = (out.stdout or out.stderr).strip()
-    return text.splitlines()[0] if text else "?"
-
-
-def version_number(text: str) -> str:
-    """The first dotted version number in ``text`` (``"?"`` if none)."""
-    m = re.search(r"\d+\.\d+(?:\.\d+)?(?:[-+~][\w.+~-]*)?", text)
-    return m.group(0) if m else "?"
-
-
-def pg_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        PGPASSWORD=APP_PASSWORD,
-        PGUSER=APP_USER,
-        PGDATABASE=APP_DB,
-        PGCONNECT_TIMEOUT="5",
-        PGSSLMODE="disable",
-        PGAPPNAME="pgbench_compare",
-    )
-    return env
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        content = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return f"(no log at {path})"
-    return "\n".join(content[-lines:]) or "(empty log)"
-
-
-@dataclass
-class Service:
-    """A subprocess started by this script, in its own process group."""
-
-    name: str
-    port: int
-    proc: subprocess.Popen[bytes]
-    logfile: Path
-    version: str = "?"
-
-    def check_alive(self) -> None:
-        code = self.proc.poll()
-        if code is not None:
-            raise BenchError(f"{self.name} exited with status {code}; log {self.logfile}:\n" + tail(self.logfile))
-
-    def stop(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        pgid = self.proc.pid  # start_new_session=True: the group id is our child's pid
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=STOP_TIMEOUT)
-
-
-def spawn(
-    name: str,
-    port: int,
-    cmd: Sequence[str],
-    logfile: Path,
-    *,
-    cwd: Path | None = None,
-    user: str | None = None,
-    env: dict[str, str] | None = None,
-) -> Service:
-    log(f"starting {name} on {LOOPBACK}:{port}: {' '.join(cmd)}")
-    kwargs: dict[str, Any] = {}
-    if user is not None:
-        pw = pwd.getpwnam(user)
-        kwargs.update(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
-        env = dict(env if env is not None else os.environ)
-        env.update(HOME=pw.pw_dir, USER=user, LOGNAME=user)
-    with open(logfile, "ab") as out:
-        proc = subprocess.Popen(
-            list(cmd),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env=env,
-            start_new_session=True,
-            **kwargs,
-        )
-    return Service(name=name, port=port, proc=proc, logfile=logfile)
 
 
 # --------------------------------------------------------------------------
@@ -276,207 +162,25 @@ class Backend:
     instances: list[tuple[str, str, int]]  # (name, host, port), primary first
 
 
-def proxy_config(backend: Backend, port: int, workers: int) -> str:
-    lines = [
-        "[server]",
-        f"workers = {workers}",
-        "",
-        "[logging]",
-        'format = "console"',
-        'level = "warning"',
-        "",
-        "[[clusters]]",
-        'name = "bench"',
-        'protocol = "postgresql"',
-        "",
-        "[clusters.monitor]",
-        f'user = "{MONITOR_USER}"',
-        f'password = "{MONITOR_PASSWORD}"',
-        "",
-        "[[clusters.users]]",
-        f'name = "{APP_USER}"',
-        f'password = "{APP_PASSWORD}"',
-        "",
-    ]
-    for name, host, iport in backend.instances:
-        lines += [
-            "[[clusters.instances]]",
-            f'name = "{name}"',
-            f'host = "{host}"',
-            f"port = {iport}",
-            "",
-        ]
-    lines += [
-        "[[clusters.endpoints]]",
-        'name = "writer"',
-        f'listen = "{LOOPBACK}:{port}"',
-        'kind = "writer"',
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def start_proxy(tmp: Path, backend: Backend, workers: int) -> Service:
     port = free_port()
-    cfg = tmp / "endpoint-proxy.toml"
-    cfg.write_text(proxy_config(backend, port, workers))
-    cfg.chmod(0o600)
-    exe = REPO / ".venv" / "bin" / "endpoint-proxy"
-    venv_python = REPO / ".venv" / "bin" / "python"
-    python = str(venv_python) if os.access(venv_python, os.X_OK) else sys.executable
-    if os.access(exe, os.X_OK):
-        cmd = [str(exe)]
-    elif (REPO / "endpoint_proxy" / "__main__.py").exists():
-        cmd = [python, "-m", "endpoint_proxy"]
-    else:  # not installed as a package: call the console script's entry point
-        cmd = [python, "-c", "import sys; from endpoint_proxy.cli import main; sys.exit(main())"]
-    cmd += ["run", "--config", str(cfg)]
-    svc = spawn("endpoint_proxy", port, cmd, tmp / "endpoint-proxy.log", cwd=REPO)
-    svc.version = git_revision()
-    return svc
+    text = proxy_config(backend.instances, [ProxyEndpoint("writer", port, "writer")], workers=workers)
+    return _common.start_proxy(tmp, text, port)
 
 
 def start_pgbouncer(tmp: Path, backend: Backend, pool_size: int) -> Service:
-    binary = find_binary("pgbouncer", ["/usr/sbin/pgbouncer"])
-    if binary is None:
-        raise BenchError("pgbouncer not found: run benchmarks/setup.sh")
-    port = free_port()
-    d = tmp / "pgbouncer"
-    d.mkdir()
-    (d / "userlist.txt").write_text(f'"{APP_USER}" "{APP_PASSWORD}"\n')
-    (d / "pgbouncer.ini").write_text(
-        "\n".join(
-            [
-                "[databases]",
-                f"{APP_DB} = host={backend.host} port={backend.port} dbname={APP_DB}",
-                "",
-                "[pgbouncer]",
-                f"listen_addr = {LOOPBACK}",
-                f"listen_port = {port}",
-                "unix_socket_dir =",
-                "auth_type = scram-sha-256",
-                f"auth_file = {d / 'userlist.txt'}",
-                "pool_mode = transaction",
-                f"default_pool_size = {pool_size}",
-                f"max_db_connections = {pool_size}",
-                "max_client_conn = 500",
-                "ignore_startup_parameters = extra_float_digits",
-                f"logfile = {d / 'pgbouncer.log'}",
-                f"pidfile = {d / 'pgbouncer.pid'}",
-                "log_connections = 0",
-                "log_disconnections = 0",
-                "",
-            ]
-        )
+    return _common.start_pgbouncer(
+        tmp, {APP_DB: (backend.host, backend.port)}, pool_mode="transaction", pool_size=pool_size
     )
-    user: str | None = None
-    if os.geteuid() == 0:
-        # PgBouncer refuses to run as root: run it as postgres, owning its dir.
-        user = "postgres"
-        pw = pwd.getpwnam(user)
-        tmp.chmod(0o711)  # traversable, not listable
-        for p in [d, *d.iterdir()]:
-            os.chown(p, pw.pw_uid, pw.pw_gid)
-    (d / "userlist.txt").chmod(0o600)
-    svc = spawn("pgbouncer", port, [binary, str(d / "pgbouncer.ini")], d / "stdout.log", user=user)
-    svc.version = version_number(first_line([binary, "--version"]))
-    return svc
 
 
 def start_haproxy(tmp: Path, backend: Backend) -> Service:
-    binary = find_binary("haproxy", ["/usr/sbin/haproxy"])
-    if binary is None:
-        raise BenchError("haproxy not found: run benchmarks/setup.sh")
-    port = free_port()
-    cfg = tmp / "haproxy.cfg"
-    cfg.write_text(
-        "\n".join(
-            [
-                "global",
-                "    maxconn 1000",
-                "",
-                "defaults",
-                "    mode tcp",
-                "    timeout connect 5s",
-                "    timeout client 1h",
-                "    timeout server 1h",
-                "",
-                "frontend pg_front",
-                f"    bind {LOOPBACK}:{port}",
-                "    default_backend pg_primary",
-                "",
-                "backend pg_primary",
-                f"    server primary {backend.host}:{backend.port} maxconn 1000",
-                "",
-            ]
-        )
-    )
-    check = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=10, check=False)
-    if check.returncode != 0:
-        raise BenchError(f"haproxy rejected its config:\n{check.stdout}{check.stderr}")
-    svc = spawn("haproxy", port, [binary, "-db", "-f", str(cfg)], tmp / "haproxy.log")
-    svc.version = version_number(first_line([binary, "-v"]))
-    return svc
+    return _common.start_haproxy(tmp, {"pg": (backend.host, backend.port)})
 
 
 # --------------------------------------------------------------------------
 # Machine description, git, results
 # --------------------------------------------------------------------------
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "(no git)"
-    return rev + ("+dirty" if dirty else "")
-
-
-def machine_info() -> dict[str, str]:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram = "?"
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-                break
-    try:
-        ncpu = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        ncpu = os.cpu_count() or 0
-    return {
-        "nproc": str(ncpu),
-        "cpu": cpu,
-        "ram": ram,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-    }
-
-
-def server_version(port: int) -> str:
-    psql = find_binary("psql")
-    if psql is None:
-        return "?"
-    try:
-        out = subprocess.run(
-            [psql, "-h", LOOPBACK, "-p", str(port), "-Atc", "SHOW server_version"],
-            env=pg_env(), capture_output=True, text=True, timeout=10, check=False,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return "?"
-    return version_number(out.stdout)
 
 
 @dataclass
@@ -556,8 +260,7 @@ def results_section(res: Results, args: argparse.Namespace, machine: dict[str, s
     lines = [
         f"## {now} — pgbench -S, c={clients}",
         "",
-        f"- Machine: nproc {machine['nproc']}, CPU {machine['cpu']}, RAM {machine['ram']}, "
-        f"kernel {machine['kernel']}, Python {machine['python']}",
+        f"- Machine: {machine_line(machine)}",
         f"- Versions: {vers}",
         f"- Parameters: `pgbench -S -n -c C -j min(C,2) -T {args.duration}`, scale {args.scale}, "
         f"repeat {args.repeat} (median shown), warm-up {args.warmup} s, "
@@ -573,20 +276,6 @@ def results_section(res: Results, args: argparse.Namespace, machine: dict[str, s
     if args.repeat > 1:
         lines += ["- tps of each repetition:", *render_raw(res), ""]
     return "\n".join(lines) + "\n"
-
-
-def append_results(path: Path, section: str) -> None:
-    if not path.exists() or path.stat().st_size == 0:
-        header = (
-            "# Benchmark results\n\n"
-            "Appended by `benchmarks/pgbench_compare.py --write-results`. The machine is "
-            "shared: absolute numbers drift between runs; ratios within one run hold.\n\n"
-        )
-        path.write_text(header + section)
-        return
-    with path.open("a") as f:
-        existing = path.read_text()
-        f.write(("" if existing.endswith("\n\n") else "\n") + section)
 
 
 # --------------------------------------------------------------------------
@@ -628,21 +317,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.duration < 1 or args.repeat < 1 or not args.clients or min(args.clients) < 1:
         p.error("--duration, --repeat and --clients must be positive")
     return args
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into KeyboardInterrupt so cleanup runs."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def cluster_backend(cluster: Any) -> Backend:

@@ -38,6 +38,8 @@ ERROR_KINDS = {
     "client_protocol": "a client broke the wire protocol",
     "auth_failed": "a client failed authentication",
     "startup_timeout": "a client did not finish startup in time",
+    "statement_lost": "a statement's server died while it ran outside a transaction (outcome unknown)",
+    "session_fatal": "a session ended with a FATAL error other than authentication",
 }
 
 FAILOVER_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)

@@ -128,6 +128,8 @@ class PgSession:
         self.client_params: dict[str, str] = {}
         self.client_pid = 0
         self.state = SessionState()
+        self.metrics = ctx.cluster.metrics.endpoint(ctx.endpoint.name)
+        self._pinned_counted = False
         self._nursery: trio.Nursery | None = None
         self._att: _Attachment | None = None
         self._mode: _Mode | None = None
@@ -170,11 +172,14 @@ class PgSession:
             await self._attach(startup)
             await self._relay(leftover)
         except _Fatal as e:
+            self.ctx.cluster.metrics.error("auth_failed" if e.sqlstate.startswith("28") else "session_fatal")
             await self._send_quietly(e.raw or fatal_bytes(e.sqlstate, str(e)))
         except FrameError as e:
             # An impossible length: close at once, allocate nothing, say nothing more.
+            self.ctx.cluster.metrics.error("client_protocol")
             self.log.info("client_protocol_error", error=e.message)
         except ProtocolError as e:
+            self.ctx.cluster.metrics.error("client_protocol")
             self.log.info("client_protocol_error", error=e.message, sqlstate=e.sqlstate)
             await self._send_quietly(fatal_bytes(e.sqlstate, e.message))
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
@@ -190,6 +195,8 @@ class PgSession:
                 pass
 
     async def _close(self) -> None:
+        if self._pinned_counted:
+            self.metrics.session_unpinned()
         with trio.CancelScope(shield=True):
             if self.cancel_key is not None:
                 self.ctx.cancels.withdraw(*self.cancel_key)
@@ -582,6 +589,10 @@ class PgSession:
             backend.sql_prepared = set(self.state.sql_prepared)
         backend.sets_applied = len(self.state.set_statements)
         if starts_request:
+            self.metrics.statement("reader" if backend.in_recovery else "writer")
+            if not self._pinned_counted and self.state.pinned_by is not None:
+                self._pinned_counted = True
+                self.metrics.session_pinned()
             self.request_buf.clear()
             self.request_retryable = True
             self.request_forwarded = False
@@ -727,9 +738,11 @@ class PgSession:
                                   "cannot be moved to another server")
         timeout = self.ctx.cluster.config.failover_timeout_ms / 1000
         try:
-            backend = await self._open_routed_backend(timeout)
+            with self.ctx.cluster.metrics.holding():
+                backend = await self._open_routed_backend(timeout)
             await self._replay(backend)
         except _NoRoute as e:
+            self.ctx.cluster.metrics.error("no_route")
             self._mode = _Mode("error", "57P03", f"{e} (waited {timeout * 1000:.0f} ms)", "I")
             return False
         except _ServerRefused as e:
@@ -902,6 +915,7 @@ class PgSession:
                                           "its outcome is unknown")
         out = b"".join(m.error_response("ERROR", "08007", message) + m.ReadyForQuery(status).encode()
                        for _ in range(self.inflight))
+        self.ctx.cluster.metrics.error("transaction_lost" if in_tx else "statement_lost")
         self.inflight = 0
         if in_tx:
             self._mode = _Mode("failed_tx", "08007", _TX_LOST, "E", reported=True)
