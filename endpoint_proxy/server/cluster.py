@@ -6,16 +6,22 @@ import contextlib
 import math
 import secrets
 from collections import Counter
+from typing import Any
 
 import structlog
 import trio
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..config import ClusterConfig, EndpointConfig, UserConfig
+from ..protocol.errors import ProtocolError
+from ..protocol.mysql.auth import caching_sha2_digest, native_password_hash
 from ..protocol.pg.auth import ScramSecret, make_scram_secret
 from ..routing.endpoints import Route, route
 from ..routing.pg_classify import FunctionPolicy
 from ..topology.state import ClusterTopology, ProbeResult, TopologyEvent
 from .metrics import ClusterMetrics, ProxyMetrics
+from .my_backend import MyBackendError, MyProbeConnection
+from .my_probe import probe_mariadb
 from .pg_backend import BackendError, ProbeConnection
 
 log = structlog.get_logger("endpoint_proxy.cluster")
@@ -74,6 +80,13 @@ class ClusterRuntime:
         self._functions: dict[str, tuple[FunctionPolicy, float]] = {}
         self._functions_loading: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
+        # MySQL: password verifiers per user (native SHA1(SHA1()), caching_sha2 SHA256(SHA256())),
+        # the RSA key for caching_sha2's full path without TLS, the server version to announce,
+        # and the live sessions by connection id (for KILL).
+        self._mysql_secrets: dict[str, tuple[bytes, bytes]] = {}
+        self._rsa_key: rsa.RSAPrivateKey | None = None
+        self.mysql_server_version: str | None = None
+        self.mysql_sessions: dict[int, Any] = {}
 
     # --- credentials --------------------------------------------------------------------------
 
@@ -88,8 +101,32 @@ class ClusterRuntime:
         return secret
 
     def prepare_secrets(self) -> None:
+        if self.config.protocol == "mysql":
+            for user in self.config.users:
+                self.mysql_secrets(user)
+            if self.config.client_auth == "caching_sha2_password" or any(
+                    u.auth == "caching_sha2_password" for u in self.config.users):
+                self.rsa_key()
+            return
         for user in self.config.users:
             self.scram_secret(user)
+
+    def mysql_secrets(self, user: UserConfig | None) -> tuple[bytes, bytes]:
+        """(native password hash, caching_sha2 digest) of a user; an unknown user gets
+        random ones, so its exchange looks like any other and fails with 1045."""
+        if user is None:
+            junk = secrets.token_bytes(32)
+            return native_password_hash(junk), caching_sha2_digest(junk)
+        entry = self._mysql_secrets.get(user.name)
+        if entry is None:
+            entry = (native_password_hash(user.password), caching_sha2_digest(user.password))
+            self._mysql_secrets[user.name] = entry
+        return entry
+
+    def rsa_key(self) -> rsa.RSAPrivateKey:
+        if self._rsa_key is None:
+            self._rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return self._rsa_key
 
     def monitor_credentials(self) -> tuple[str, str | None]:
         if self.config.monitor is not None:
@@ -192,20 +229,32 @@ class ClusterRuntime:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def probe_once(self, name: str, conn: ProbeConnection | None) -> ProbeConnection | None:
+    async def probe_once(self, name: str, conn: Any) -> Any:
+        """One probe over the instance's persistent monitor connection (opened when needed);
+        returns the connection to keep, or None after a failure."""
         inst = self.config.instance_named(name)
         timeout = max(1.0, 4 * self.config.health_check_interval_ms / 1000)
         user, password = self.monitor_credentials()
+        mysql = self.config.protocol == "mysql"
         try:
             with trio.fail_after(timeout):
-                if conn is None:
-                    conn = await ProbeConnection.open(name, inst.address, user=user, password=password,
-                                                      tls_mode=self.config.backend_tls)
-                rows = await conn.query(PG_PROBE_SQL)
-            result = parse_probe_row(rows[0])
+                if mysql:
+                    if conn is None:
+                        conn = await MyProbeConnection.open(name, inst.address, user=user, password=password,
+                                                            tls_mode=self.config.backend_tls)
+                    result = await probe_mariadb(conn)
+                    if self.mysql_server_version is None or not result.in_recovery:
+                        self.mysql_server_version = conn.backend.server_version
+                else:
+                    if conn is None:
+                        conn = await ProbeConnection.open(name, inst.address, user=user, password=password,
+                                                          tls_mode=self.config.backend_tls)
+                    rows = await conn.query(PG_PROBE_SQL)
+                    result = parse_probe_row(rows[0])
             self._apply(self.topology.probe_succeeded(name, trio.current_time(), result=result))
             return conn
-        except (OSError, BackendError, trio.TooSlowError, IndexError, ValueError) as e:
+        except (OSError, BackendError, MyBackendError, ProtocolError, trio.TooSlowError, IndexError,
+                ValueError) as e:
             reason = "probe timed out" if isinstance(e, trio.TooSlowError) else str(e) or type(e).__name__
             self.metrics.error("probe_failed")
             self._apply(self.topology.probe_failed(name, trio.current_time(), reason))
@@ -216,7 +265,7 @@ class ClusterRuntime:
 
     async def monitor_instance(self, name: str) -> None:
         interval = self.config.health_check_interval_ms / 1000
-        conn: ProbeConnection | None = None
+        conn: Any = None
         try:
             while True:
                 self._probe_now[name] = trio.Event()

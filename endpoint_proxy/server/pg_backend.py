@@ -95,7 +95,11 @@ async def _negotiate_tls(raw: RawConn, address: Address, mode: str,
             ctx = ssl.create_default_context()
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-        return await start_tls_client(raw, ctx, address.host)
+        try:
+            return await start_tls_client(raw, ctx, address.host)
+        except BaseException:
+            raw.sock.close()  # the stream never took it over
+            raise
     if n == 1 and answer[0] == ord("N") and mode == "prefer":
         return raw
     raise BackendError(f"server {address} does not offer TLS (backend_tls = \"{mode}\")")
