@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Install the comparison targets for benchmarks/pgbench_compare.py (PgBouncer,
-# HAProxy) and make sure the Debian packages' own services are not running:
-# the benchmark starts its own instances on free loopback ports.
+# Install the comparison targets for benchmarks/pgbench_compare.py and
+# benchmarks/failover_compare.py (PgBouncer, HAProxy) and make sure the Debian
+# packages' own services are not running: the benchmarks start their own
+# instances on free loopback ports.
 #
 # Idempotent: installs only what is missing, runs `apt-get update` only when
 # an install is needed. Needs root (or sudo) for the install step.

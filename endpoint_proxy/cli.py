@@ -128,6 +128,7 @@ def _demo(args: argparse.Namespace) -> int:
         reader_port = _free_port() if not args.port else args.port + 1
         doc = {
             "logging": {"format": "console", "level": "info"},
+            "admin": {"listen": f"127.0.0.1:{_free_port()}"},
             "clusters": [{
                 "name": "demo",
                 "protocol": "postgresql",
@@ -138,6 +139,7 @@ def _demo(args: argparse.Namespace) -> int:
                 "endpoints": [
                     {"name": "writer", "listen": f"127.0.0.1:{writer_port}", "kind": "writer"},
                     {"name": "reader", "listen": f"127.0.0.1:{reader_port}", "kind": "reader"},
+                    {"name": "readwrite", "listen": f"127.0.0.1:{_free_port()}", "kind": "readwrite"},
                 ],
             }],
         }
@@ -151,12 +153,12 @@ def _demo(args: argparse.Namespace) -> int:
                 role = "primary" if i.name == cluster.primary_name else "replica"
                 print(f"  {i.name}: 127.0.0.1:{i.port} ({role})")
             print("\nConnect through the proxy (Ctrl-C stops everything):")
-            for name in ("writer", "reader"):
+            for name in ("writer", "reader", "readwrite"):
                 addr = bound[name]
                 port = addr.rsplit(":", 1)[1]
-                print(f"  {name:6}  PGPASSWORD={pw} psql -h 127.0.0.1 -p {port} -U {cluster.app_user} "
+                print(f"  {name:9}  PGPASSWORD={pw} psql -h 127.0.0.1 -p {port} -U {cluster.app_user} "
                       f"{cluster.database} -c 'select inet_server_port(), pg_is_in_recovery()'")
-            print(flush=True)
+            print(f"\nStatus page and metrics: http://{bound['admin']}/  (/topology, /metrics)", flush=True)
             if args.exit_after_ready:
                 raise KeyboardInterrupt
 

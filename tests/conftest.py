@@ -6,8 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from endpoint_proxy.localcluster.mariadb import MariaDBCluster
 from endpoint_proxy.localcluster.postgresql import PostgresCluster
-from tests.fixtures.proxy import ProxyProcess, pg_proxy_config
+from tests.fixtures.proxy import ProxyProcess, my_proxy_config, pg_proxy_config
 
 
 @pytest.fixture(scope="session")
@@ -29,4 +30,22 @@ def pg_proxy(pg_cluster: PostgresCluster, tmp_path_factory: pytest.TempPathFacto
                             "as 'insert into bumps values (1) returning n'", user=pg_cluster.app_user)
     doc = pg_proxy_config(pg_cluster)
     with ProxyProcess(doc, tmp_path_factory.mktemp("proxy")) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="session")
+def my_cluster() -> Iterator[MariaDBCluster]:
+    """A MariaDB primary and two GTID replicas; tests must not disturb it."""
+    with MariaDBCluster(replicas=2, extra_conf={"max_allowed_packet": "64M"}) as cluster:
+        primary = cluster.primary_name
+        cluster.sql(primary, "CREATE USER 'sha2user'@'%' IDENTIFIED BY 'sha2-secret'")
+        cluster.sql(primary, f"GRANT ALL ON {cluster.database}.* TO 'sha2user'@'%'")
+        cluster.sql(primary, "CREATE TABLE items (id INT PRIMARY KEY, v VARCHAR(64))", database=cluster.database)
+        cluster.wait_caught_up(*[i.name for i in cluster.instances if i.name != primary])
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def my_proxy(my_cluster: MariaDBCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    with ProxyProcess(my_proxy_config(my_cluster), tmp_path_factory.mktemp("myproxy")) as proxy:
         yield proxy

@@ -17,6 +17,7 @@ from ..protocol.pg.startup import CancelRequest, encode_cancel_request, parse_st
 from .admin import AdminServer
 from .cluster import ClusterRuntime
 from .metrics import EndpointMetrics, ProxyMetrics
+from .my_session import MySession
 from .net import RawConn
 from .pg_backend import send_cancel
 from .pg_session import CancelRegistry, PgSession, SessionContext
@@ -79,9 +80,6 @@ class Proxy:
                 admin_sock = open_listener(self.config.admin.listen, reuse_port=False)
                 self.bound["admin"] = Address(*admin_sock.getsockname()[:2])
             for cluster in self.clusters.values():
-                if cluster.config.protocol != "postgresql":
-                    raise NotImplementedError(
-                        f"cluster {cluster.config.name}: protocol {cluster.config.protocol} is not supported yet")
                 await trio.to_thread.run_sync(cluster.prepare_secrets)
                 for ep in cluster.config.endpoints:
                     sock = open_listener(ep.listen, reuse_port=self.workers > 1)
@@ -137,13 +135,18 @@ class Proxy:
                     await trio.sleep(0.1)
                     continue
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sessions.start_soon(self._session, PgSession(ctx, conn, next(self._ids)), counts)
+                session_class = MySession if cluster.config.protocol == "mysql" else PgSession
+                sessions.start_soon(self._session, session_class(ctx, conn, next(self._ids)), counts)
 
     @staticmethod
-    async def _session(session: PgSession, counts: EndpointMetrics) -> None:
+    async def _session(session: PgSession | MySession, counts: EndpointMetrics) -> None:
         counts.client_connected()
         try:
             await session.run()
+        except Exception:
+            # A bug in one session must never take the listener (and every other session) down.
+            log.exception("session_crashed", endpoint=session.ctx.endpoint.name)
+            session.ctx.cluster.metrics.error("session_crashed")
         finally:
             counts.client_disconnected()
 

@@ -40,6 +40,7 @@ ERROR_KINDS = {
     "startup_timeout": "a client did not finish startup in time",
     "statement_lost": "a statement's server died while it ran outside a transaction (outcome unknown)",
     "session_fatal": "a session ended with a FATAL error other than authentication",
+    "session_crashed": "a session ended on an unexpected internal error (logged with its traceback)",
 }
 
 FAILOVER_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -33,9 +35,10 @@ def test_demo_prints_working_psql_commands_and_cleans_up() -> None:
     t = threading.Thread(target=reader, daemon=True)
     t.start()
     try:
-        wait_until(lambda: any(" reader " in ln and "psql" in ln for ln in lines), 60, "the demo to be ready")
-        commands = {m.group(1): m.group(2) for ln in lines if (m := re.match(r"\s+(writer|reader)\s+(.*psql.*)$", ln))}
-        assert set(commands) == {"writer", "reader"}
+        wait_until(lambda: any("Status page" in ln for ln in lines), 60, "the demo to be ready")
+        commands = {m.group(1): m.group(2) for ln in lines
+                    if (m := re.match(r"\s+(writer|reader|readwrite)\s+(.*psql.*)$", ln))}
+        assert set(commands) == {"writer", "reader", "readwrite"}
         roles = {}
         for name, command in commands.items():
             words = shlex.split(command)
@@ -46,7 +49,11 @@ def test_demo_prints_working_psql_commands_and_cleans_up() -> None:
             out = subprocess.run([*words, "-At"], env=env, capture_output=True, text=True, timeout=30)
             assert out.returncode == 0, out.stderr
             roles[name] = out.stdout.strip().split("|")[1]
-        assert roles == {"writer": "f", "reader": "t"}
+        assert roles == {"writer": "f", "reader": "t", "readwrite": "t"}
+        url = re.search(r"(http://\S+/)", "".join(lines))
+        assert url is not None
+        with urllib.request.urlopen(url.group(1) + "topology", timeout=10) as response:
+            assert json.load(response)["clusters"][0]["writer"] == "pg0"
         tmp_dirs = re.findall(r"Cluster files: (\S+)", "".join(lines))
         assert tmp_dirs and Path(tmp_dirs[0]).is_dir()
     finally:

@@ -1,0 +1,1132 @@
+"""MySQL/MariaDB statement classification for the readwrite endpoint: read or write, transaction and session markers."""
+
+# Rules of this file (the PostgreSQL twin is pg_classify.py; Route, Classification and FunctionPolicy come from it):
+#
+# - A real lexer runs over the SQL text first: `-- ` (dash-dash and a space or control character), `#` and `/* */`
+#   comments (not nested), executable comments (`/*! ... */`, `/*!50708 ... */`, MariaDB `/*M! ... */`) whose
+#   content is code, optimizer hints (`/*+ ... */`, ignored), backtick identifiers, '...' and "..." strings
+#   (double quotes quote identifiers under ANSI_QUOTES; backslash escapes unless NO_BACKSLASH_ESCAPES), hex and
+#   bit literals, user (@a) and system (@@a) variables. The rules look at tokens only, so a keyword inside a
+#   string, a comment or a quoted identifier never counts.
+# - A versioned executable comment (`/*!NNNNN`) runs only on servers at least that new, and `/*M!` only on
+#   MariaDB. The server is unknown here, so such a query is read both ways (content as code, content skipped)
+#   and is WRITE if either reading writes.
+# - Everything that is not known to be a read is a write. When in doubt (unterminated literal or comment,
+#   unbalanced parentheses, an unknown verb, an EXECUTE of a statement the caller does not know) the answer is
+#   WRITE.
+# - Transaction control other than BEGIN (COMMIT, ROLLBACK, SAVEPOINT, ...) is READ: the caller sends it to
+#   whichever backend holds the open transaction. XA statements are WRITE.
+# - `SET TRANSACTION ...` (no GLOBAL/SESSION) sets the characteristics of the *next* transaction, so it comes
+#   before START TRANSACTION. READ ONLY is READ with transaction "set_transaction_read_only": the caller keeps
+#   it for the next BEGIN (which it may then treat as read-only, sending both where that transaction runs);
+#   in one multi-statement query the following BEGIN is turned into "begin_read_only" here. Other
+#   SET TRANSACTION statements are WRITE with no session state (they do not outlive the next transaction).
+# - Session state is reported in `session_state`. Some values pin the session to its backend (PINNING_STATES):
+#   user variables among them, because a user variable lives on the backend that set it. Reading a user
+#   variable (`SELECT @a`) is therefore WRITE too ("user_variable_read"): the variable, if the session set one,
+#   is on the writer. `SET autocommit = 0` ("autocommit_off") makes every later statement part of a
+#   transaction: the caller treats everything up to COMMIT/ROLLBACK (or `SET autocommit = 1`) as a
+#   transaction on the writer. `USE db` ("use") is READ and must be replayed on every backend.
+# - Statements about the previous statement on the same connection (LAST_INSERT_ID(), FOUND_ROWS(),
+#   ROW_COUNT(), SHOW WARNINGS, ...) are WRITE: that statement most likely ran on the writer. For the same
+#   reason `SELECT SQL_CALC_FOUND_ROWS` is WRITE, so that its FOUND_ROWS() finds it.
+# - The caller tracks the session's sql_mode: ANSI_QUOTES and NO_BACKSLASH_ESCAPES change the lexing (the
+#   latter is also a server status flag of every OK packet).
+# - Pure: no I/O, no clock, never raises (a last-resort guard turns an internal bug into a WRITE).
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+from .pg_classify import Classification, FunctionPolicy, Route
+
+__all__ = [
+    "BUILTIN_WRITE_FUNCTIONS",
+    "NAMED_LOCK_FUNCTIONS",
+    "PINNING_STATES",
+    "WRITER_SESSION_FUNCTIONS",
+    "Classification",
+    "FunctionPolicy",
+    "Route",
+    "classify",
+    "split_statements",
+]
+
+# Functions whose result belongs to the session that ran the previous statements: the writer's.
+WRITER_SESSION_FUNCTIONS: frozenset[str] = frozenset({"last_insert_id", "found_rows", "row_count"})
+
+# Named (user-level) locks are held by a session: taking or releasing one pins the session to the writer.
+NAMED_LOCK_FUNCTIONS: frozenset[str] = frozenset({"get_lock", "release_lock", "release_all_locks"})
+
+# Everything a replica cannot answer for the writer. Matched by bare name, in any schema. IS_USED_LOCK and
+# IS_FREE_LOCK inspect the writer's locks but hold none (WRITE without pinning); NEXTVAL/SETVAL/LASTVAL are
+# MariaDB sequences (LASTVAL reads this session's sequence state, which lives where NEXTVAL ran).
+BUILTIN_WRITE_FUNCTIONS: frozenset[str] = WRITER_SESSION_FUNCTIONS | NAMED_LOCK_FUNCTIONS | frozenset({
+    "is_used_lock", "is_free_lock", "nextval", "setval", "lastval",
+})
+
+# session_state values that pin the session to its backend (reported first in a multi-statement query)
+PINNING_STATES: frozenset[str] = frozenset({"temp_table", "lock_tables", "named_lock", "user_variable", "handler"})
+
+# System variables that read the previous statement's session
+_WRITER_SESSION_VARIABLES = frozenset({"identity", "last_insert_id"})
+_DIAGNOSTICS_VARIABLES = frozenset({"warning_count", "error_count"})
+_DIAGNOSTICS = "previous statement diagnostics"
+_WRITER_SESSION = "needs the writer's session"
+
+_MAX_DEPTH = 16  # EXPLAIN ANALYZE / PREPARE / SET STATEMENT nest statements; deeper is refused as WRITE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lexer
+
+# Token kinds: "w" bare word (lower-cased), "q" quoted identifier (backticks, or double quotes under ANSI_QUOTES;
+# as written, doubled quotes unescaped), "s" string literal (its source text, quotes included), "n" number or
+# hex/bit literal, "u" user variable (@name, lower-cased), "v" system variable (@@[scope.]name, lower-cased),
+# "o" any other operator (":=" is one), and the punctuation "(", ")", ",", ";", "." as their own kinds.
+_Token = tuple[str, str]
+
+_WORD_CHARS = r"0-9A-Za-z_$\u0080-\U0010FFFF"
+
+_LEX = re.compile(
+    rf"""
+    (?P<space>[ \t\n\r\x0b\x0c]+)
+  | (?P<line>--(?=[\x00-\x20\x7f]|\Z)|\#)
+  | (?P<block>/\*)
+  | (?P<close>\*/)
+  | (?P<bits>[xXbB]')
+  | (?P<quote>['"`])
+  | (?P<sysvar>@@)
+  | (?P<uservar>@)
+  | (?P<assign>:=)
+  | (?P<number>[0-9][{_WORD_CHARS}]*)
+  | (?P<word>[A-Za-z_$\u0080-\U0010FFFF][{_WORD_CHARS}]*)
+  | (?P<punct>[(),;.])
+  | (?P<other>.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+_VARIABLE_NAME = re.compile(r"[0-9A-Za-z_$.\u0080-\U0010FFFF]*")
+_VERSION = re.compile(r"[0-9]{5}(?:[0-9](?![0-9]))?")  # MySQL reads 5 digits, MariaDB also 6
+_COMMENT_MARK = re.compile(r"/\*|\*/")
+_STRING_STOP = {"'": re.compile(r"[\\']"), '"': re.compile(r'[\\"]')}
+_HINT = re.compile(r"\bendpoint\s*:\s*(writer|reader)\b", re.IGNORECASE)
+_UNESCAPE = re.compile(r"\\(.)|''|\"\"", re.DOTALL)
+_ESCAPES = {"0": "\0", "n": "\n", "r": "\r", "t": "\t", "b": "\b", "Z": "\x1a", "%": "\\%", "_": "\\_"}
+
+
+@dataclass
+class _Lexed:
+    tokens: list[_Token]  # all statements' tokens, every ';' included
+    semicolons: list[tuple[int, int, int]]  # (token index, offset, parenthesis depth) of each ';'
+    hints: list[str]
+    error: str | None
+    conditional: bool  # a versioned or MariaDB-only executable comment was seen
+
+
+@dataclass
+class _Statement:
+    tokens: list[_Token]
+    start: int  # offsets of the statement's text in the SQL, without its terminating ';'
+    end: int
+
+
+def _scan_doubled(sql: str, pos: int, quote: str) -> int:
+    """End (after the closing quote) of a literal whose only escape is a doubled quote; -1 if unterminated."""
+    while True:
+        j = sql.find(quote, pos)
+        if j < 0:
+            return -1
+        if sql.startswith(quote, j + 1):
+            pos = j + 2
+            continue
+        return j + 1
+
+
+def _scan_string(sql: str, pos: int, quote: str, no_backslash_escapes: bool) -> int:
+    """End of a '...' or "..." string literal (backslash escapes and doubled quotes); -1 if unterminated."""
+    if no_backslash_escapes:
+        return _scan_doubled(sql, pos, quote)
+    stop = _STRING_STOP[quote]
+    while True:
+        m = stop.search(sql, pos)
+        if m is None:
+            return -1
+        j = m.start()
+        if sql[j] == "\\" or sql.startswith(quote, j + 1):
+            pos = j + 2
+            continue
+        return j + 1
+
+
+def _skip_conditional(sql: str, pos: int) -> int:
+    """End of an executable comment read as a comment (the server allows one nested comment in it); -1 if
+    unterminated."""
+    depth = 1
+    while True:
+        m = _COMMENT_MARK.search(sql, pos)
+        if m is None:
+            return -1
+        pos = m.end()
+        if m.group() == "/*":
+            depth = 2
+        else:
+            depth -= 1
+            if depth == 0:
+                return pos
+
+
+def _string_value(raw: str, no_backslash_escapes: bool) -> str:
+    """The value of a string token (its source text, quotes included)."""
+    quote = raw[0]
+    body = raw[1:-1]
+    if no_backslash_escapes:
+        return body.replace(quote + quote, quote)
+
+    def unescape(m: re.Match[str]) -> str:
+        escaped = m.group(1)
+        if escaped is None:
+            return quote if m.group() == quote + quote else m.group()
+        return _ESCAPES.get(escaped, escaped)
+
+    return _UNESCAPE.sub(unescape, body)
+
+
+def _lex(sql: str, ansi_quotes: bool, no_backslash_escapes: bool, as_code: bool) -> _Lexed:
+    """Tokens, the comment hints, and the first lexical error; after an error the rest is one last token.
+
+    `as_code` says how to read versioned and MariaDB-only executable comments: their content as code, or as a
+    comment.
+    """
+    tokens: list[_Token] = []
+    semicolons: list[tuple[int, int, int]] = []
+    hints: list[str] = []
+    paren = 0
+    in_executable = 0
+    conditional = False
+    last_end = -1
+    pos = 0
+    n = len(sql)
+    error: str | None = None
+    while pos < n:
+        m = _LEX.match(sql, pos)
+        assert m is not None  # the last alternative matches any character
+        kind = m.lastgroup
+        start = pos
+        end = m.end()
+        if kind == "space":
+            pos = end
+            continue
+        if kind == "line":
+            stop = sql.find("\n", end)
+            stop = n if stop < 0 else stop
+            hints.extend(h.lower() for h in _HINT.findall(sql, end, stop))
+            pos = stop
+            continue
+        if kind == "block":
+            if sql.startswith("!", end) or sql.startswith("M!", end):
+                mariadb = sql[end] == "M"
+                j = end + (2 if mariadb else 1)
+                version = _VERSION.match(sql, j)
+                if version is not None:
+                    j = version.end()
+                if mariadb or version is not None:
+                    conditional = True
+                    if not as_code:
+                        stop = _skip_conditional(sql, j)
+                        if stop < 0:
+                            error = "unterminated comment"
+                            break
+                        pos = stop
+                        continue
+                in_executable += 1
+                pos = j
+                continue
+            stop = sql.find("*/", end)
+            if stop < 0:
+                error = "unterminated comment"
+                break
+            hints.extend(h.lower() for h in _HINT.findall(sql, end, stop))
+            pos = stop + 2
+            continue
+        tok: _Token
+        if kind == "close":
+            if in_executable:
+                in_executable -= 1
+                pos = end
+                continue
+            tok = ("o", "*")
+            end = start + 1
+        elif kind == "bits":
+            stop = sql.find("'", end)
+            if stop < 0:
+                error = "unterminated string literal"
+                break
+            tok = ("n", "")
+            end = stop + 1
+        elif kind == "quote":
+            quote = m.group()
+            if quote == "`" or (quote == '"' and ansi_quotes):
+                stop = _scan_doubled(sql, end, quote)
+                if stop < 0:
+                    error = "unterminated quoted identifier"
+                    break
+                tok = ("q", sql[end:stop - 1].replace(quote + quote, quote))
+            else:
+                stop = _scan_string(sql, end, quote, no_backslash_escapes)
+                if stop < 0:
+                    error = "unterminated string literal"
+                    break
+                tok = ("s", sql[start:stop])
+            end = stop
+        elif kind == "sysvar":
+            name = _VARIABLE_NAME.match(sql, end)
+            assert name is not None  # matches the empty string
+            tok = ("v", name.group().lower())
+            end = name.end()
+        elif kind == "uservar":
+            if last_end == start and tokens[-1][0] in ("s", "q", "w"):
+                tok = ("o", "@")  # 'user'@'host', app@localhost: not a variable
+            elif end < n and sql[end] in "'\"`":
+                quote = sql[end]
+                if quote == "`":
+                    stop = _scan_doubled(sql, end + 1, quote)
+                else:
+                    stop = _scan_string(sql, end + 1, quote, no_backslash_escapes)
+                if stop < 0:
+                    error = "unterminated quoted identifier" if quote == "`" else "unterminated string literal"
+                    break
+                tok = ("u", sql[end + 1:stop - 1].lower())
+                end = stop
+            else:
+                name = _VARIABLE_NAME.match(sql, end)
+                assert name is not None
+                tok = ("u", name.group().lower())
+                end = name.end()
+        elif kind == "word":
+            tok = ("w", m.group().lower())
+        elif kind == "number":
+            tok = ("n", m.group())
+        elif kind == "punct":
+            text = m.group()
+            if text == ";":
+                semicolons.append((len(tokens), start, paren))
+            elif text == "(":
+                paren += 1
+            elif text == ")" and paren > 0:
+                paren -= 1
+            tok = (text, text)
+        elif kind == "assign":
+            tok = ("o", ":=")
+        else:
+            tok = ("o", m.group())
+        tokens.append(tok)
+        last_end = pos = end
+    if error is None and in_executable:
+        error = "unterminated comment"
+    if error is not None:
+        tokens.append(("o", ""))  # the unterminated piece is a statement of its own, even if only a comment
+    return _Lexed(tokens, semicolons, hints, error, conditional)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statement boundaries: ';' outside parentheses and outside the BEGIN ... END body of a stored program
+
+_ROUTINES = frozenset({"procedure", "function", "trigger", "event"})
+_BODY_START_AFTER = frozenset({"begin", "then", "else", "do", "loop", "repeat", "atomic"})
+_END_KINDS = frozenset({"if", "loop", "while", "repeat", "case"})
+
+
+def _word(toks: list[_Token], i: int) -> str | None:
+    """The bare word at index i, or None (out of range, or another kind of token)."""
+    if 0 <= i < len(toks) and toks[i][0] == "w":
+        return toks[i][1]
+    return None
+
+
+def _is_compound(toks: list[_Token], start: int, stop: int) -> bool:
+    """Whether the statement starting at start may hold ';' in a body: CREATE/ALTER of a stored program, or a
+    compound statement outside one (MariaDB: BEGIN NOT ATOMIC, IF, CASE, LOOP, WHILE, REPEAT, a label)."""
+    words = [t[1] for t in toks[start:min(stop, start + 40)] if t[0] == "w"]
+    if not words:
+        return False
+    if words[0] in ("create", "alter") and any(w in _ROUTINES for w in words[1:12]):
+        return True
+    if words[0] == "begin":
+        return words[1:2] == ["not"]
+    if words[0] in ("if", "case", "loop", "while", "repeat"):
+        return True
+    return toks[start][0] in ("w", "q") and start + 1 < stop and toks[start + 1] == ("o", ":")
+
+
+def _is_call(toks: list[_Token], i: int) -> bool:
+    """Whether the '(' at i opens an argument list with several arguments: IF(a, b, c), not IF (a) THEN."""
+    depth = 0
+    for j in range(i, min(len(toks), i + 256)):
+        kind = toks[j][0]
+        if kind == "(":
+            depth += 1
+        elif kind == ")":
+            depth -= 1
+            if depth == 0:
+                return False
+        elif kind == "," and depth == 1:
+            return True
+    return False
+
+
+class _Blocks:
+    """BEGIN/CASE/IF/LOOP/WHILE/REPEAT ... END nesting of one compound statement, advanced token by token."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.pos = start
+        self.depth = 0
+        self.skip = -1  # the IF of END IF, ...
+
+    def advance(self, toks: list[_Token], stop: int) -> int:
+        depth = self.depth
+        for j in range(self.pos, stop):
+            kind, text = toks[j]
+            if kind != "w" or j == self.skip:
+                continue
+            prev = toks[j - 1] if j > self.start else None
+            if prev is not None and prev[0] == ".":  # t.end: a column
+                continue
+            if text in ("begin", "case"):
+                depth += 1
+            elif text == "end":
+                depth = max(depth - 1, 0)
+                if _word(toks, j + 1) in _END_KINDS:
+                    self.skip = j + 1
+            elif text in ("if", "loop", "while", "repeat") and (
+                    prev is None or prev[0] == ";" or prev == ("o", ":")
+                    or (prev[0] == "w" and prev[1] in _BODY_START_AFTER)):
+                nxt = toks[j + 1][0] if j + 1 < len(toks) else ""
+                if nxt == "(" and (text == "repeat" or (text == "if" and _is_call(toks, j + 1))):
+                    continue  # the functions IF(a, b, c) and REPEAT(s, n)
+                depth += 1
+        self.pos = stop
+        self.depth = depth
+        return depth
+
+
+def _split(lexed: _Lexed, n: int) -> list[_Statement]:
+    toks = lexed.tokens
+    statements: list[_Statement] = []
+    first = 0
+    start = 0
+    compound: bool | None = None
+    blocks = _Blocks(0)
+    for index, offset, paren in lexed.semicolons:
+        if paren != 0:
+            continue
+        if index > first:
+            if compound is None:
+                compound = _is_compound(toks, first, index)
+            if compound and blocks.advance(toks, index) > 0:
+                continue
+            statements.append(_Statement(toks[first:index], start, offset))
+        first = index + 1
+        start = offset + 1
+        compound = None
+        blocks = _Blocks(first)
+    if first < len(toks):
+        statements.append(_Statement(toks[first:], start, n))
+    return statements
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Classification of one statement
+
+
+@dataclass(frozen=True)
+class _Part:
+    route: Route
+    reason: str
+    transaction: str | None = None
+    session_state: str | None = None
+    prepared_name: str | None = None
+    explicit: bool = False  # a BEGIN whose mode is set (READ WRITE, XA): a SET TRANSACTION READ ONLY before it
+    # does not make it read-only
+
+
+@dataclass(frozen=True)
+class _Context:
+    functions: FunctionPolicy | None
+    prepared: Mapping[str, Route]
+    ansi_quotes: bool
+    no_backslash_escapes: bool
+
+
+_Handler = Callable[[list[_Token], int, _Context, int], _Part]  # a verb's classifier: (tokens, verb index, ...)
+
+
+def _write(reason: str, *, transaction: str | None = None, session_state: str | None = None,
+           prepared_name: str | None = None, explicit: bool = False) -> _Part:
+    return _Part(Route.WRITE, reason, transaction, session_state, prepared_name, explicit)
+
+
+def _read(reason: str, *, transaction: str | None = None, session_state: str | None = None,
+          prepared_name: str | None = None) -> _Part:
+    return _Part(Route.READ, reason, transaction, session_state, prepared_name)
+
+
+def _name(toks: list[_Token], i: int) -> str | None:
+    """A prepared statement name: MySQL compares them case-insensitively, quoted or not."""
+    if 0 <= i < len(toks) and toks[i][0] in ("w", "q"):
+        return toks[i][1].lower()
+    return None
+
+
+def _balanced(toks: list[_Token]) -> bool:
+    depth = 0
+    for kind, _ in toks:
+        if kind == "(":
+            depth += 1
+        elif kind == ")":
+            depth -= 1
+            if depth < 0:
+                return False
+    return depth == 0
+
+
+def _pick_state(states: list[str]) -> str | None:
+    """The state to report among several: a pinning one first."""
+    for state in states:
+        if state in PINNING_STATES:
+            return state
+    return states[0] if states else None
+
+
+def _call(ctx: _Context, schema: str | None, name: str, states: list[str]) -> str | None:
+    """The write reason of a call of schema.name (None for a read); records the state it sets up."""
+    if name in NAMED_LOCK_FUNCTIONS:
+        states.append("named_lock")
+    decided = ctx.functions.writes(schema, name) if ctx.functions is not None else None
+    if decided is not None:
+        return f"writing function {name}" if decided else None
+    if name in WRITER_SESSION_FUNCTIONS:
+        return _WRITER_SESSION
+    if name in NAMED_LOCK_FUNCTIONS or name in ("is_used_lock", "is_free_lock"):
+        return "named lock"
+    if name in BUILTIN_WRITE_FUNCTIONS:
+        return f"writing function {name}"
+    return None
+
+
+_DML = frozenset({"insert", "replace", "update", "delete"})
+_MAIN_VERBS = _DML | {"select", "values", "table"}
+
+
+def _query(toks: list[_Token], start: int, ctx: _Context) -> _Part:
+    """SELECT, WITH, VALUES, TABLE (possibly parenthesized): a read unless something in it writes.
+
+    One pass over the tokens: locking clauses at any depth, SELECT ... INTO, SQL_CALC_FOUND_ROWS, the statement
+    after WITH's common table expressions, sequences, calls of writing functions, user variables and the
+    system variables of the previous statement. Also used on other statements for the state they set up.
+    """
+    i = start
+    while i < len(toks) and toks[i][0] == "(":
+        i += 1
+    verb = _word(toks, i)
+    read_reason = verb if verb in ("values", "table") else "select"
+    write_reason: str | None = None
+    states: list[str] = []
+    main_found = verb != "with"
+    into_list = False
+    depth = 0
+    prev: _Token = ("", "")
+    n = len(toks)
+    for i in range(start, n):
+        tok = toks[i]
+        kind, text = tok
+        found: str | None = None
+        call = i + 1 < n and toks[i + 1][0] == "("
+        if kind == "(":
+            depth += 1
+        elif kind == ")":
+            depth -= 1
+        elif kind == "w":
+            if prev[0] == ".":  # a qualified name: t.update is a column; s.nextval a sequence (Oracle mode)
+                if text in ("nextval", "currval") and not call:
+                    found = f"sequence {text}"
+            elif (not main_found and depth == 0 and text in _MAIN_VERBS
+                    and prev[0] != "," and prev not in (("w", "with"), ("w", "recursive"))):
+                main_found = True  # the statement after WITH's list of common table expressions
+                if text in _DML:
+                    found = text
+            elif text == "for":
+                nxt = _word(toks, i + 1)
+                if nxt in ("update", "share"):
+                    found = f"for {nxt}"
+            elif text == "lock":
+                if [_word(toks, i + 1), _word(toks, i + 2), _word(toks, i + 3)] == ["in", "share", "mode"]:
+                    found = "lock in share mode"
+            elif text == "into":
+                into_list = True
+                nxt = _word(toks, i + 1)
+                found = f"select into {nxt}" if nxt in ("outfile", "dumpfile") else "select into"
+                if i + 1 < n and toks[i + 1][0] == "u":
+                    states.append("user_variable")
+            elif text == "sql_calc_found_rows":
+                found = "sql_calc_found_rows"
+            elif text in ("next", "previous") and _word(toks, i + 1) == "value" and _word(toks, i + 2) == "for":
+                found = f"{text} value for"
+        elif kind == "u":
+            if i + 1 < n and toks[i + 1] == ("o", ":="):
+                found = "user variable assignment"
+                states.append("user_variable")
+            elif not into_list:
+                found = "user variable"
+                states.append("user_variable_read")
+        elif kind == "v":
+            name = text.rsplit(".", 1)[-1]
+            if name in _WRITER_SESSION_VARIABLES:
+                found = _WRITER_SESSION
+            elif name in _DIAGNOSTICS_VARIABLES:
+                found = _DIAGNOSTICS
+        if into_list and kind not in ("u", ",") and text != "into":
+            into_list = False
+        if call and kind in ("w", "q"):
+            qualified = prev[0] == "." and i - 2 >= start and toks[i - 2][0] in ("w", "q")
+            schema = toks[i - 2][1].lower() if qualified else None
+            found = _call(ctx, schema, text.lower(), states) or found
+        if found is not None and write_reason is None:
+            write_reason = found
+        prev = tok
+    state = _pick_state(states)
+    if write_reason is not None:
+        return _write(write_reason, session_state=state)
+    return _read(read_reason, session_state=state)
+
+
+def _query_verb(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    return _query(toks, 0, ctx)
+
+
+def _dml(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    scanned = _query(toks, v, ctx)  # only for the session state of what it calls and reads
+    return _write(toks[v][1], session_state=scanned.session_state)
+
+
+def _show(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    what = _word(toks, v + 1)
+    if what in ("warnings", "errors", "profile", "profiles"):
+        return _write(_DIAGNOSTICS)
+    if what == "count" and any(t[1] in ("warnings", "errors") for t in toks[v + 2:] if t[0] == "w"):
+        return _write(_DIAGNOSTICS)  # SHOW COUNT(*) WARNINGS
+    if what in ("master", "binary", "binlog"):  # the writer's binary log, not a replica's
+        return _write(f"show {what}")
+    return _read("show")
+
+
+def _skip_format(toks: list[_Token], i: int) -> int:
+    """Index after an optional FORMAT = name."""
+    if _word(toks, i) == "format" and i + 1 < len(toks) and toks[i + 1] == ("o", "="):
+        return i + 3
+    return i
+
+
+def _explain(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    # EXPLAIN | DESCRIBE | DESC [EXTENDED | PARTITIONS | ANALYZE | FORMAT = x | INTO @var] {statement | table}
+    i = v + 1
+    analyze = into_variable = False
+    while True:
+        word = _word(toks, i)
+        if word in ("extended", "partitions", "analyze"):
+            analyze = analyze or word == "analyze"
+            i += 1
+        elif word == "format" and _skip_format(toks, i) != i:
+            i = _skip_format(toks, i)
+        elif word == "into" and i + 1 < len(toks) and toks[i + 1][0] == "u":
+            into_variable = True
+            i += 2
+        elif word == "for" and _word(toks, i + 1) == "connection":
+            return _write("explain for connection")  # a statement running on some connection of the writer
+        else:
+            break
+    if into_variable:
+        return _write("explain into", session_state="user_variable")
+    if not analyze:
+        return _read("explain")
+    part = _statement(toks[i:], ctx, depth + 1)  # EXPLAIN ANALYZE runs the statement
+    return replace(part, reason=f"explain analyze {part.reason}", transaction=None, prepared_name=None)
+
+
+def _analyze(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    # ANALYZE [NO_WRITE_TO_BINLOG | LOCAL] TABLE t (statistics: written, replicated); MariaDB: ANALYZE
+    # [FORMAT = JSON] statement runs the statement
+    i = _skip_format(toks, v + 1)
+    word = _word(toks, i)
+    if (i < len(toks) and toks[i][0] == "(") or word in ("select", "with", "values") or word in _DML:
+        part = _statement(toks[i:], ctx, depth + 1)
+        return replace(part, reason=f"analyze {part.reason}", transaction=None, prepared_name=None)
+    return _write("analyze table")
+
+
+def _use(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    if len(toks) == v + 2 and toks[v + 1][0] in ("w", "q"):
+        return _read("use", session_state="use")
+    return _write("use")
+
+
+def _transaction_modes(toks: list[_Token], start: int) -> tuple[bool, bool]:
+    """(READ ONLY, READ WRITE) among the transaction modes after start."""
+    words = [t[1] for t in toks[start:] if t[0] == "w"]
+    read_only = read_write = False
+    for a, b in zip(words, words[1:], strict=False):
+        if a == "read" and b == "only":
+            read_only = True
+        elif a == "read" and b == "write":
+            read_write = True
+    return read_only, read_write
+
+
+def _begin(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    if _word(toks, v + 1) == "not":  # MariaDB BEGIN NOT ATOMIC ... END: a compound statement
+        return _write("compound statement")
+    return _write("begin", transaction="begin")
+
+
+def _start(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    if _word(toks, v + 1) != "transaction":
+        return _write("start")  # START SLAVE, START REPLICA, START GROUP_REPLICATION
+    read_only, read_write = _transaction_modes(toks, v + 2)
+    if read_only and not read_write:
+        return _read("begin read only", transaction="begin_read_only")
+    return _write("begin", transaction="begin", explicit=read_write)
+
+
+def _ending(toks: list[_Token], v: int, marker: str) -> _Part:
+    words = [t[1] for t in toks[v + 1:] if t[0] == "w"]
+    reason = marker
+    if "chain" in words and "no" not in words[:words.index("chain")]:
+        reason = f"{marker} and chain"
+    elif "release" in words and (words.index("release") == 0 or words[words.index("release") - 1] != "no"):
+        reason = f"{marker} release"  # the server closes the connection afterwards
+    return _read(reason, transaction=marker)
+
+
+def _commit(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    return _ending(toks, v, "commit")
+
+
+def _rollback(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    if any(t == ("w", "to") for t in toks[v + 1:]):
+        return _read("rollback to savepoint", transaction="savepoint")
+    return _ending(toks, v, "rollback")
+
+
+def _savepoint(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    return _read("savepoint", transaction="savepoint")
+
+
+def _release(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    if _word(toks, v + 1) == "savepoint":
+        return _read("release savepoint", transaction="savepoint")
+    return _write("release")
+
+
+def _xa(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    action = _word(toks, v + 1) or ""
+    if action in ("start", "begin"):
+        return _write("xa start", transaction="begin", explicit=True)
+    if action in ("commit", "rollback"):
+        return _write(f"xa {action}", transaction=action)
+    return _write(f"xa {action}".strip())
+
+
+def _assignments(toks: list[_Token], start: int) -> list[tuple[int, int]]:
+    """The (start, stop) index ranges of the comma-separated items after start, at parenthesis depth 0."""
+    ranges: list[tuple[int, int]] = []
+    depth = 0
+    first = start
+    for i in range(start, len(toks)):
+        kind = toks[i][0]
+        if kind == "(":
+            depth += 1
+        elif kind == ")":
+            depth -= 1
+        elif kind == "," and depth == 0:
+            ranges.append((first, i))
+            first = i + 1
+    ranges.append((first, len(toks)))
+    return ranges
+
+
+def _autocommit(toks: list[_Token], i: int, stop: int, ctx: _Context) -> str:
+    """The state set by `autocommit = <tokens i..stop>`; a value not known to be on counts as off."""
+    if i < stop and toks[i] in (("o", "="), ("o", ":=")):
+        i += 1
+    if stop - i == 1:
+        kind, text = toks[i]
+        value = _string_value(text, ctx.no_backslash_escapes) if kind == "s" else text
+        if value.lower() in ("1", "on", "true"):
+            return "autocommit_on"
+    return "autocommit_off"
+
+
+_SCOPES = frozenset({"global", "session", "local", "persist", "persist_only"})
+_GLOBAL_SCOPES = frozenset({"global", "persist", "persist_only"})
+
+
+def _set(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    first = _word(toks, v + 1)
+    if first == "statement":  # MariaDB SET STATEMENT var = value [, ...] FOR statement
+        return _set_statement(toks, v, ctx, depth)
+    if first == "transaction":  # the next transaction only
+        read_only, read_write = _transaction_modes(toks, v + 2)
+        if read_only and not read_write:
+            return _read("set transaction read only", transaction="set_transaction_read_only")
+        return _write("set transaction")
+    if first in _SCOPES and _word(toks, v + 2) == "transaction":
+        if first in _GLOBAL_SCOPES:
+            return _write(f"set {first} transaction")
+        return _write("set session transaction", session_state="set")
+    if first == "password" or (first == "default" and _word(toks, v + 2) == "role"):
+        return _write(f"set {first}")  # account changes, not session state
+    scanned = _query(toks, v + 1, ctx)  # the values may call functions that pin the session
+    user_variable = session = False
+    autocommit: str | None = None
+    scope: str | None = None  # a GLOBAL/SESSION keyword holds for the assignments after it
+    for a, b in _assignments(toks, v + 1):
+        if _word(toks, a) in _SCOPES:
+            scope = toks[a][1]
+            a += 1
+        kind, text = toks[a] if a < b else ("", "")
+        target_scope = scope
+        if kind == "u":
+            user_variable = True
+            continue
+        if kind == "v":
+            prefix, _, name = text.rpartition(".")
+            if prefix in _SCOPES:
+                target_scope = prefix
+        elif kind in ("w", "q"):
+            name = text.lower()
+        else:
+            session = True
+            continue
+        if target_scope in _GLOBAL_SCOPES:
+            continue  # the server's setting, not the session's: nothing to replay
+        session = True
+        if name == "autocommit":
+            autocommit = _autocommit(toks, a + 1, b, ctx)
+    if scanned.session_state in PINNING_STATES:
+        state: str | None = scanned.session_state
+    elif user_variable:
+        state = "user_variable"
+    elif autocommit is not None:
+        state = autocommit
+    else:
+        state = "set" if session else None
+    return _write("set", session_state=state)
+
+
+def _set_statement(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    depth_paren = 0
+    for i in range(v + 2, len(toks)):
+        kind = toks[i][0]
+        if kind == "(":
+            depth_paren += 1
+        elif kind == ")":
+            depth_paren -= 1
+        elif toks[i] == ("w", "for") and depth_paren == 0:
+            values = _query(toks[:i], v + 2, ctx)
+            if values.route is Route.WRITE:
+                return _write(f"set statement {values.reason}", session_state=values.session_state)
+            part = _statement(toks[i + 1:], ctx, depth + 1)
+            return replace(part, reason=f"set statement {part.reason}")
+    return _write("set statement")
+
+
+def _literal_text(toks: list[_Token], i: int, ctx: _Context) -> tuple[str | None, int]:
+    """The text of a string literal at i ([_charset | N] 'a' 'b' ... [COLLATE c]) and the index after it."""
+    word = _word(toks, i)
+    if word is not None and (word.startswith("_") or word == "n") and i + 1 < len(toks) and toks[i + 1][0] == "s":
+        i += 1
+    pieces: list[str] = []
+    while i < len(toks) and toks[i][0] == "s":
+        pieces.append(_string_value(toks[i][1], ctx.no_backslash_escapes))
+        i += 1
+    if pieces and _word(toks, i) == "collate":
+        i += 2
+    return ("".join(pieces) if pieces else None), i
+
+
+def _prepare(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    name = _name(toks, v + 1)
+    if _word(toks, v + 2) != "from":
+        return _write("prepare", session_state="prepare", prepared_name=name)
+    text, end = _literal_text(toks, v + 3, ctx)
+    if text is None or end != len(toks):  # PREPARE s FROM @sql: unknown text
+        return _write("prepare from variable", session_state="prepare", prepared_name=name)
+    inner = _evaluate(text, ctx, depth + 1, use_hints=False)
+    return _Part(inner.route, f"prepare {inner.reason}", session_state="prepare", prepared_name=name)
+
+
+def _execute(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    if _word(toks, v + 1) == "immediate":  # MariaDB EXECUTE IMMEDIATE 'text' [USING ...]
+        text, end = _literal_text(toks, v + 2, ctx)
+        if text is None:
+            return _write("execute immediate")
+        args = _query(toks, end, ctx)
+        if args.route is Route.WRITE:
+            return _write(args.reason, session_state=args.session_state)
+        inner = _evaluate(text, ctx, depth + 1, use_hints=False)
+        return _Part(inner.route, f"execute immediate {inner.reason}", session_state=inner.session_state)
+    name = _name(toks, v + 1)
+    known = ctx.prepared.get(name) if name is not None else None
+    if known is None:
+        return _write("execute unknown prepared statement", prepared_name=name)
+    if known is Route.WRITE:
+        return _write("execute", prepared_name=name)
+    args = _query(toks, v + 2, ctx)  # USING @a, @b: user variables live on the writer
+    if args.route is Route.WRITE:
+        return _write(args.reason, session_state=args.session_state, prepared_name=name)
+    return _read("execute", prepared_name=name)
+
+
+def _deallocate(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    i = v + 2 if _word(toks, v + 1) == "prepare" else v + 1
+    return _write("deallocate", session_state="deallocate", prepared_name=_name(toks, i))
+
+
+def _drop(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    if _word(toks, v + 1) == "prepare":
+        return _deallocate(toks, v, ctx, depth)
+    return _write("drop")
+
+
+def _create(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    i = v + 1
+    if _word(toks, i) == "or" and _word(toks, i + 1) == "replace":
+        i += 2
+    if _word(toks, i) == "temporary":  # TABLE, or a MariaDB SEQUENCE
+        return _write("create temporary", session_state="temp_table")
+    return _write("create")
+
+
+def _lock(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    what = _word(toks, v + 1)
+    if what in ("table", "tables", "instance"):  # held by the session until UNLOCK
+        return _write(f"lock {what}", session_state="lock_tables")
+    return _write("lock")
+
+
+def _unlock(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    what = _word(toks, v + 1)
+    if what in ("table", "tables", "instance"):
+        return _write(f"unlock {what}", session_state="unlock_tables")
+    return _write("unlock")
+
+
+def _flush(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    words = [t[1] for t in toks[v + 1:] if t[0] == "w"]
+    locks = any(a == "read" and b == "lock" for a, b in zip(words, words[1:], strict=False))
+    if locks or words[-2:] == ["for", "export"]:  # FLUSH TABLES ... WITH READ LOCK | FOR EXPORT
+        return _write("flush with lock", session_state="lock_tables")
+    return _write("flush")
+
+
+def _backup(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    # MariaDB backup locks: BACKUP STAGE START ... BACKUP STAGE END, BACKUP LOCK t ... BACKUP UNLOCK
+    words = [t[1] for t in toks[v + 1:v + 3] if t[0] == "w"]
+    if words in (["stage", "end"], ["unlock"]):
+        return _write("backup", session_state="unlock_tables")
+    return _write("backup", session_state="lock_tables")
+
+
+def _handler(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    if ("w", "open") in toks[v + 2:v + 5]:  # HANDLER [db.]t OPEN: a cursor held by the session
+        return _write("handler", session_state="handler")
+    return _write("handler")
+
+
+def _call_verb(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    # CALL [db.]p(...): a write unless the FunctionPolicy declares the procedure a read
+    i = v + 1
+    schema: str | None = None
+    if i + 2 < len(toks) and toks[i][0] in ("w", "q") and toks[i + 1][0] == ".":
+        schema = toks[i][1].lower()
+        i += 2
+    args = _query(toks, i, ctx)
+    state = args.session_state
+    if state is None or state == "user_variable_read":
+        if any(t[0] == "u" for t in toks[i:]):  # CALL p(@out): an OUT parameter sets the variable
+            state = "user_variable"
+    name = toks[i][1].lower() if i < len(toks) and toks[i][0] in ("w", "q") else None
+    if name is not None and ctx.functions is not None and ctx.functions.writes(schema, name) is False:
+        if args.route is Route.WRITE:
+            return _write(args.reason, session_state=state)
+        return _read("call", session_state=state)
+    return _write("call", session_state=state)
+
+
+def _get(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    if ("w", "diagnostics") in toks[v + 1:v + 3]:  # GET [CURRENT | STACKED] DIAGNOSTICS @a = ...
+        state = "user_variable" if any(t[0] == "u" for t in toks) else None
+        return _write(_DIAGNOSTICS, session_state=state)
+    return _write("get")
+
+
+def _constant(route: Route, reason: str) -> _Handler:
+    def handler(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+        return _Part(route, reason)
+    return handler
+
+
+_VERBS: dict[str, _Handler] = {
+    "select": _query_verb, "with": _query_verb, "values": _query_verb, "table": _query_verb,
+    "show": _show, "explain": _explain, "describe": _explain, "desc": _explain, "analyze": _analyze,
+    "help": _constant(Route.READ, "help"), "use": _use,
+    "insert": _dml, "replace": _dml, "update": _dml, "delete": _dml, "load": _dml, "do": _dml,
+    "call": _call_verb, "create": _create, "drop": _drop,
+    "lock": _lock, "unlock": _unlock, "flush": _flush, "backup": _backup, "handler": _handler,
+    "prepare": _prepare, "execute": _execute, "deallocate": _deallocate,
+    "begin": _begin, "start": _start, "commit": _commit, "rollback": _rollback,
+    "savepoint": _savepoint, "release": _release, "xa": _xa,
+    "set": _set, "get": _get,
+}
+
+
+def _statement(toks: list[_Token], ctx: _Context, depth: int) -> _Part:
+    """Classify one statement's tokens."""
+    if depth > _MAX_DEPTH:
+        return _write("nested too deeply")
+    if not toks:
+        return _write("incomplete statement")
+    if not _balanced(toks):
+        return _write("unbalanced parentheses")
+    v = 0
+    while v < len(toks) and toks[v][0] == "(":
+        v += 1
+    verb = _word(toks, v)
+    if verb is None:
+        return _write("unknown")
+    if v > 0:  # (SELECT ...) UNION (SELECT ...)
+        return _query(toks, 0, ctx) if verb in ("select", "values", "table", "with") else _write(verb)
+    handler = _VERBS.get(verb)
+    if handler is None:
+        return _write(verb)  # ALTER, TRUNCATE, RENAME, GRANT, OPTIMIZE, REPAIR, KILL, CHANGE, PURGE, ...
+    return handler(toks, v, ctx, depth)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A whole query (COM_QUERY text, possibly several statements)
+
+
+def _combine(parts: list[_Part]) -> tuple[list[_Part], str | None]:
+    """The parts (a BEGIN after SET TRANSACTION READ ONLY becomes a read-only BEGIN) and the query's transaction
+    marker.
+
+    The marker says what the query leaves behind: a BEGIN not closed in the same query is reported ("begin"
+    or "begin_read_only"); a BEGIN ... COMMIT pair inside the query is self-contained and reports nothing;
+    a COMMIT/ROLLBACK that closes a transaction opened before this query is reported; SAVEPOINT and a
+    SET TRANSACTION READ ONLY still waiting for its transaction are reported only when nothing else is.
+    """
+    parts = list(parts)
+    open_idx: int | None = None
+    saw_begin = False
+    pending_read_only = False
+    closed: str | None = None
+    other: str | None = None
+    for idx, part in enumerate(parts):
+        marker = part.transaction
+        if marker in ("begin", "begin_read_only"):
+            if pending_read_only and marker == "begin" and not part.explicit:
+                parts[idx] = replace(part, route=Route.READ, reason="begin read only", transaction="begin_read_only")
+            if other == "set_transaction_read_only":
+                other = None  # used up by this transaction
+            pending_read_only = False
+            open_idx = idx
+            saw_begin = True
+        elif marker in ("commit", "rollback"):
+            if open_idx is None:
+                closed = marker
+            open_idx = None
+        elif marker == "set_transaction_read_only" and open_idx is None:
+            pending_read_only = True
+            if other is None:
+                other = marker
+        elif marker is not None and not saw_begin and other is None:
+            other = marker
+    if open_idx is not None:
+        return parts, parts[open_idx].transaction
+    return parts, closed or other
+
+
+def _verdict(sql: str, ctx: _Context, depth: int, as_code: bool, use_hints: bool) -> tuple[Classification, bool]:
+    """One reading of the query, and whether it has conditional comments (so that another reading exists)."""
+    lexed = _lex(sql, ctx.ansi_quotes, ctx.no_backslash_escapes, as_code)
+    statements = _split(lexed, len(sql))
+    count = len(statements)
+    if lexed.error is not None:
+        return Classification(Route.WRITE, lexed.error, statements=count), lexed.conditional
+    hints = lexed.hints if use_hints else []
+    hint = "writer" if "writer" in hints else ("reader" if hints else None)
+    if count == 0:
+        route = Route.READ if hint != "writer" else Route.WRITE
+        return Classification(route, "hint" if hint else "empty", hint=hint, statements=0), lexed.conditional
+    parts, transaction = _combine([_statement(s.tokens, ctx, depth) for s in statements])
+    writes = [p for p in parts if p.route is Route.WRITE]
+    route = Route.WRITE if writes else Route.READ
+    reason = (writes or parts)[0].reason
+    states = [p.session_state for p in parts if p.session_state is not None]
+    autocommit = [s for s in states if s.startswith("autocommit_")]
+    pinning = [s for s in states if s in PINNING_STATES]
+    session_state = pinning[0] if pinning else (autocommit[-1] if autocommit else _pick_state(states))
+    prepared_name = next((p.prepared_name for p in parts if p.prepared_name is not None), None)
+    if hint is not None:
+        route = Route.WRITE if hint == "writer" else Route.READ
+        reason = "hint"
+    return Classification(route, reason, hint=hint, transaction=transaction, session_state=session_state,
+                          statements=count, prepared_name=prepared_name), lexed.conditional
+
+
+def _evaluate(sql: str, ctx: _Context, depth: int, use_hints: bool) -> Classification:
+    """The query read with conditional comments as code; if that is a read, also read without them."""
+    if depth > _MAX_DEPTH:
+        return Classification(Route.WRITE, "nested too deeply")
+    verdict, conditional = _verdict(sql, ctx, depth, True, use_hints)
+    if conditional and verdict.route is Route.READ and verdict.hint is None:
+        other, _ = _verdict(sql, ctx, depth, False, use_hints)
+        if other.route is Route.WRITE:
+            return replace(other, statements=verdict.statements)
+    return verdict
+
+
+def classify(sql: str, functions: FunctionPolicy | None = None, prepared: Mapping[str, Route] | None = None, *,
+             ansi_quotes: bool = False, no_backslash_escapes: bool = False) -> Classification:
+    """Classify the text of one COM_QUERY (any number of statements) for the readwrite endpoint.
+
+    `prepared` maps SQL-level prepared statement names (lower-cased, as `Classification.prepared_name` reports
+    them) to the route their PREPARE had; EXECUTE of a name not in it is WRITE. `ansi_quotes` and
+    `no_backslash_escapes` are the session's sql_mode flags. A name in `functions.read_functions` also makes a
+    CALL of that procedure a read.
+
+    Hints in comments (`/* endpoint: writer */`, `-- endpoint: reader`, `# endpoint: writer`) anywhere in the
+    query decide the route of the whole query; a writer hint wins over a reader hint. A query that does not lex
+    (unterminated literal or comment) is WRITE and ignores hints. For per-statement detail (several SET
+    statements to replay, say) classify each of `split_statements(sql)`.
+    """
+    try:
+        ctx = _Context(functions, prepared if prepared is not None else {}, ansi_quotes, no_backslash_escapes)
+        return _evaluate(sql, ctx, 0, use_hints=True)
+    except Exception:  # a bug here must not break a session: send the query to the writer
+        return Classification(Route.WRITE, "classifier error")
+
+
+def split_statements(sql: str, *, ansi_quotes: bool = False, no_backslash_escapes: bool = False) -> list[str]:
+    """The statements of a COM_QUERY, split on ';' by the lexer; empty statements are dropped.
+
+    A ';' inside parentheses or inside the BEGIN ... END body of a stored program (CREATE PROCEDURE, FUNCTION,
+    TRIGGER, EVENT; MariaDB's compound statements) does not split. Executable comments count as code. Each
+    statement keeps its comments and loses its terminating ';' and surrounding whitespace. When the text does
+    not lex, the unterminated rest is the last statement.
+    """
+    lexed = _lex(sql, ansi_quotes, no_backslash_escapes, True)
+    return [sql[s.start:s.end].strip() for s in _split(lexed, len(sql))]
