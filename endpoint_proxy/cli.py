@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -31,26 +32,49 @@ def _check(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: Config, worker_index: int, workers: int, runtime_dir: str | None,
-                 on_ready: Callable[[dict[str, str]], None] | None = None) -> None:
+                 on_ready: Callable[[dict[str, str]], None] | None = None,
+                 config_path: str | Path | None = None) -> None:
+    """Run one proxy until a signal: SIGHUP reloads the config file; SIGTERM or SIGINT drains
+    (running statements and transactions finish, up to shutdown_timeout_ms); a second one
+    closes at once."""
     from .server.app import Proxy
 
     async with trio.open_nursery() as nursery:
-        proxy = Proxy(config, worker_index=worker_index, workers=workers, runtime_dir=runtime_dir)
+        proxy = Proxy(config, worker_index=worker_index, workers=workers, runtime_dir=runtime_dir,
+                      config_path=config_path)
         await nursery.start(proxy.run)
         if on_ready is not None:
             on_ready({k: str(v) for k, v in proxy.bound.items()})
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _ in signals:
-                nursery.cancel_scope.cancel()
-                break
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    if config_path is not None:
+                        nursery.start_soon(_reload_quietly, proxy)
+                    continue
+                if proxy.draining:
+                    nursery.cancel_scope.cancel()  # the second signal: at once
+                    break
+                nursery.start_soon(_drain_then_stop, proxy, nursery.cancel_scope)
 
 
-def _worker_main(config: Config, index: int, workers: int, runtime_dir: str) -> None:
+async def _drain_then_stop(proxy: Any, scope: trio.CancelScope) -> None:
+    await proxy.shutdown(proxy.config.server.shutdown_timeout_ms / 1000)
+    scope.cancel()
+
+
+async def _reload_quietly(proxy: Any) -> None:
+    try:
+        await proxy.reload_from_file()
+    except (ConfigError, OSError):
+        pass  # logged by the proxy as config_reload_failed; the old configuration stays
+
+
+def _worker_main(config: Config, index: int, workers: int, runtime_dir: str, config_path: str) -> None:
     from .server.logs import configure_logging
 
     configure_logging(config.logging, worker=index)
     try:
-        trio.run(_serve, config, index, workers, runtime_dir)
+        trio.run(_serve, config, index, workers, runtime_dir, None, config_path)
     except KeyboardInterrupt:
         pass
 
@@ -67,17 +91,17 @@ def _run(args: argparse.Namespace) -> int:
     if workers == 1:
         configure_logging(config.logging)
         try:
-            trio.run(_serve, config, 0, 1, None)
+            trio.run(_serve, config, 0, 1, None, None, str(args.config))
         except KeyboardInterrupt:
             pass
         except OSError as e:
             print(f"endpoint-proxy: {e}", file=sys.stderr)
             return 1
         return 0
-    return _run_workers(config, workers)
+    return _run_workers(config, workers, str(args.config))
 
 
-def _run_workers(config: Config, workers: int) -> int:
+def _run_workers(config: Config, workers: int, config_path: str) -> int:
     """Fork worker processes that share each endpoint's port through SO_REUSEPORT."""
     for c in config.clusters:
         for ep in c.endpoints:
@@ -87,7 +111,7 @@ def _run_workers(config: Config, workers: int) -> int:
                 return 2
     runtime_dir = tempfile.mkdtemp(prefix="endpoint-proxy-")
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_worker_main, args=(config, i, workers, runtime_dir), daemon=False)
+    procs = [ctx.Process(target=_worker_main, args=(config, i, workers, runtime_dir, config_path), daemon=False)
              for i in range(workers)]
     for p in procs:
         p.start()
@@ -99,6 +123,7 @@ def _run_workers(config: Config, workers: int) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)
     try:
         code = 0
         for p in procs:

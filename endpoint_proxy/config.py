@@ -40,6 +40,8 @@ class Address:
 @dataclass(frozen=True)
 class AdminConfig:
     listen: Address | None = None
+    # Who may log in to the admin console (any PostgreSQL endpoint, database "endpoint_proxy").
+    users: tuple[UserConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class ServerConfig:
     max_message_bytes: int = 0x3FFFFFFF
     max_startup_bytes: int = 10_000
     connect_timeout_ms: int = 5_000
+    shutdown_timeout_ms: int = 30_000
 
 
 @dataclass(frozen=True)
@@ -355,7 +358,16 @@ def parse_config(data: dict[str, Any]) -> Config:
     top = _Table(data, "")
     admin_t = top.table("admin")
     admin_listen = admin_t.string("listen", None)
-    admin = AdminConfig(parse_address(admin_listen, "admin.listen") if admin_listen else None)
+    admin_users: list[UserConfig] = []
+    for i, raw in enumerate(admin_t.array("users")):
+        user_t = _Table(raw, f"admin.users[{i}]")
+        user = UserConfig(name=user_t.string("name"), password=user_t.string("password"))
+        user_t.check_unknown()
+        if any(o.name == user.name for o in admin_users):
+            raise ConfigError(f"admin.users[{i}].name", f"duplicate user {user.name!r}")
+        admin_users.append(user)
+    admin = AdminConfig(parse_address(admin_listen, "admin.listen") if admin_listen else None,
+                        users=tuple(admin_users))
     admin_t.check_unknown()
     log_t = top.table("logging")
     logging_cfg = LoggingConfig(
@@ -380,6 +392,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         max_message_bytes=srv_t.integer("max_message_bytes", 0x3FFFFFFF, minimum=1024, maximum=0x3FFFFFFF),
         max_startup_bytes=srv_t.integer("max_startup_bytes", 10_000, minimum=64, maximum=1 << 20),
         connect_timeout_ms=srv_t.integer("connect_timeout_ms", 5_000, minimum=1),
+        shutdown_timeout_ms=srv_t.integer("shutdown_timeout_ms", 30_000, minimum=0),
     )
     srv_t.check_unknown()
     clusters: list[ClusterConfig] = []

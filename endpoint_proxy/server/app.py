@@ -12,7 +12,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from ..config import Address, ClusterConfig, Config, EndpointConfig
+from ..config import Address, ClusterConfig, Config, ConfigError, EndpointConfig, load_config
 from ..protocol.pg.startup import CancelRequest, encode_cancel_request, parse_startup_packet
 from .admin import AdminServer
 from .cluster import ClusterRuntime
@@ -52,12 +52,35 @@ def open_listener(address: Address, *, reuse_port: bool) -> socket.socket:
     return sock
 
 
+class _Listener:
+    """One endpoint's listening socket, its session context and its accept loop."""
+
+    def __init__(self, cluster: ClusterRuntime, ctx: SessionContext, sock: socket.socket) -> None:
+        self.cluster = cluster
+        self.ctx = ctx
+        self.sock = sock
+        self.scope = trio.CancelScope()
+
+    @property
+    def endpoint(self) -> EndpointConfig:
+        return self.ctx.endpoint
+
+    def close(self) -> None:
+        self.scope.cancel()
+        try:
+            trio.lowlevel.notify_closing(self.sock)
+        except (ValueError, OSError, RuntimeError):
+            pass
+        self.sock.close()
+
+
 class Proxy:
     """One worker process's proxy. ``workers`` > 1 means siblings share the listening ports."""
 
     def __init__(self, config: Config, *, worker_index: int = 0, workers: int = 1,
-                 runtime_dir: str | None = None) -> None:
+                 runtime_dir: str | None = None, config_path: str | Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.worker_index = worker_index
         self.workers = workers
         self.runtime_dir = runtime_dir
@@ -66,14 +89,35 @@ class Proxy:
         self.clusters = {c.name: ClusterRuntime(c, self.metrics.cluster(c.name)) for c in config.clusters}
         self.metrics.watch(lambda: self.clusters.values())
         # Called by POST /reload on the admin server; None answers 404 there.
-        self.reload_hook: Callable[[], Awaitable[object]] | None = None
+        self.reload_hook: Callable[[], Awaitable[object]] | None = self.reload_from_file if config_path else None
         self.cancels = CancelRegistry(worker_index)
         self.bound: dict[str, Address] = {}  # endpoint name -> actual listening address
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
+        self._session_nursery: trio.Nursery | None = None
+        self._listeners: dict[tuple[str, str], _Listener] = {}
+        self.sessions: set[PgSession | MySession] = set()
+        self._sessions_changed = trio.Event()
+        self._reload_lock = trio.Lock()
+        self.draining = False
+
+    def _open_listener(self, cluster: ClusterRuntime, ep: EndpointConfig) -> _Listener:
+        sock = open_listener(ep.listen, reuse_port=self.workers > 1)
+        return _Listener(cluster, self._context(cluster, ep), sock)
+
+    def _register(self, listener: _Listener) -> None:
+        name = (listener.cluster.config.name, listener.endpoint.name)
+        self._listeners[name] = listener
+        host, port = listener.sock.getsockname()[:2]
+        self.bound[f"{name[0]}/{name[1]}"] = Address(host, port)
+        self.bound.setdefault(name[1], Address(host, port))
+        assert self._nursery is not None
+        self._nursery.start_soon(self._accept_loop, listener)
+        log.info("endpoint_listening", cluster=name[0], endpoint=name[1], kind=listener.endpoint.kind,
+                 address=str(self.bound[f"{name[0]}/{name[1]}"]), worker=self.worker_index)
 
     async def run(self, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners: list[tuple[socket.socket, ClusterRuntime, EndpointConfig]] = []
+        pending: list[_Listener] = []
         admin_sock: socket.socket | None = None
         try:
             if self.config.admin.listen is not None and self.worker_index == 0:
@@ -82,13 +126,10 @@ class Proxy:
             for cluster in self.clusters.values():
                 await trio.to_thread.run_sync(cluster.prepare_secrets)
                 for ep in cluster.config.endpoints:
-                    sock = open_listener(ep.listen, reuse_port=self.workers > 1)
-                    host, port = sock.getsockname()[:2]
-                    self.bound[f"{cluster.config.name}/{ep.name}"] = Address(host, port)
-                    self.bound.setdefault(ep.name, Address(host, port))
-                    listeners.append((sock, cluster, ep))
+                    pending.append(self._open_listener(cluster, ep))
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._session_nursery = await nursery.start(self._hold_sessions)
                 if admin_sock is not None:
                     await nursery.start(AdminServer(self, reload=self.reload_hook).serve, admin_sock)
                     log.info("admin_listening", address=str(self.bound["admin"]))
@@ -96,17 +137,22 @@ class Proxy:
                     await nursery.start(cluster.run)
                 if self.workers > 1 and self.runtime_dir:
                     await nursery.start(self._serve_cancel_forwarding)
-                for sock, cluster, ep in listeners:
-                    nursery.start_soon(self._accept_loop, sock, cluster, ep)
-                    log.info("endpoint_listening", cluster=cluster.config.name, endpoint=ep.name,
-                             kind=ep.kind, address=str(self.bound[f"{cluster.config.name}/{ep.name}"]),
-                             worker=self.worker_index)
+                for listener in pending:
+                    self._register(listener)
+                pending = []
                 task_status.started(self)
         finally:
-            for sock, _, _ in listeners:
-                sock.close()
+            for listener in [*pending, *self._listeners.values()]:
+                listener.sock.close()
             if admin_sock is not None:
                 admin_sock.close()
+
+    async def _hold_sessions(self, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED) -> None:
+        """Sessions live here, not under their listener: closing a listener (reload, shutdown)
+        leaves its sessions running."""
+        async with trio.open_nursery() as nursery:
+            task_status.started(nursery)
+            await trio.sleep_forever()
 
     def _context(self, cluster: ClusterRuntime, ep: EndpointConfig) -> SessionContext:
         srv = self.config.server
@@ -119,10 +165,11 @@ class Proxy:
             cancel_handler=self.handle_cancel,
         )
 
-    async def _accept_loop(self, sock: socket.socket, cluster: ClusterRuntime, ep: EndpointConfig) -> None:
-        ctx = self._context(cluster, ep)
-        counts = cluster.metrics.endpoint(ep.name)
-        async with trio.open_nursery() as sessions:
+    async def _accept_loop(self, listener: _Listener) -> None:
+        sock = listener.sock
+        cluster = listener.cluster
+        counts = cluster.metrics.endpoint(listener.endpoint.name)
+        with listener.scope:
             while True:
                 try:
                     conn, _ = sock.accept()
@@ -131,24 +178,145 @@ class Proxy:
                     continue
                 except OSError as e:
                     # EMFILE and friends: back off instead of spinning.
-                    log.warning("accept_failed", endpoint=ep.name, error=str(e))
+                    log.warning("accept_failed", endpoint=listener.endpoint.name, error=str(e))
                     await trio.sleep(0.1)
                     continue
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 session_class = MySession if cluster.config.protocol == "mysql" else PgSession
-                sessions.start_soon(self._session, session_class(ctx, conn, next(self._ids)), counts)
+                assert self._session_nursery is not None
+                self._session_nursery.start_soon(
+                    self._session, session_class(listener.ctx, conn, next(self._ids)), counts)
 
-    @staticmethod
-    async def _session(session: PgSession | MySession, counts: EndpointMetrics) -> None:
+    async def _session(self, session: PgSession | MySession, counts: EndpointMetrics) -> None:
         counts.client_connected()
+        self.sessions.add(session)
         try:
-            await session.run()
+            with session.scope:
+                await session.run()
         except Exception:
             # A bug in one session must never take the listener (and every other session) down.
             log.exception("session_crashed", endpoint=session.ctx.endpoint.name)
             session.ctx.cluster.metrics.error("session_crashed")
         finally:
+            self.sessions.discard(session)
+            self._sessions_changed.set()
+            self._sessions_changed = trio.Event()
             counts.client_disconnected()
+
+    # --- live reload --------------------------------------------------------------------------
+
+    async def reload_from_file(self) -> list[str]:
+        """SIGHUP and POST /reload: read the config file again and apply it (see reload)."""
+        assert self.config_path is not None
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("config_reload_failed", error=str(e))
+            raise
+        return await self.reload(new)
+
+    async def reload(self, new: Config) -> list[str]:
+        """Apply a new configuration without dropping sessions it does not affect.
+
+        Endpoints added get a listener, removed ones lose theirs (their sessions run on),
+        changed ones take the new rule (sessions re-check their placement at their next
+        statement). Instances, users and cluster settings change in place (see
+        ClusterRuntime.apply_config). Listen addresses are opened before anything changes,
+        so a reload that cannot bind leaves the old configuration whole. Settings of
+        [server], [tls] and [admin] need a restart; a change there is logged.
+        """
+        async with self._reload_lock:
+            try:
+                changes = await self._reload(new)
+            except Exception as e:
+                log.error("config_reload_failed", error=str(e))
+                raise
+            log.info("config_reloaded", changes=changes)
+            return changes
+
+    async def _reload(self, new: Config) -> list[str]:
+        old = self.config
+        changes: list[str] = []
+        for section in ("server", "tls", "admin"):
+            if getattr(old, section) != getattr(new, section):
+                changes.append(f"[{section}] changed: takes effect at restart")
+        new_clusters = {c.name: c for c in new.clusters}
+        # 1. Everything that can fail, before anything changes: new listeners, new secrets.
+        opened: dict[tuple[str, str], socket.socket] = {}
+        try:
+            for cname, cc in new_clusters.items():
+                for ep in cc.endpoints:
+                    key = (cname, ep.name)
+                    current = self._listeners.get(key)
+                    if current is None or current.endpoint.listen != ep.listen:
+                        if current is not None and current.endpoint.listen.port == ep.listen.port:
+                            current.close()  # same port, new host: free it first
+                            self._listeners.pop(key)
+                        opened[key] = open_listener(ep.listen, reuse_port=self.workers > 1)
+        except OSError as e:
+            for sock in opened.values():
+                sock.close()
+            raise OSError(e.errno, f"cannot listen: {e.strerror or e}") from None
+        added_runtimes = {name: ClusterRuntime(cc, self.metrics.cluster(name))
+                          for name, cc in new_clusters.items() if name not in self.clusters}
+        for rt in added_runtimes.values():
+            await trio.to_thread.run_sync(rt.prepare_secrets)
+        # 2. Apply.
+        assert self._nursery is not None
+        for name in list(self.clusters):
+            if name not in new_clusters:
+                for key in [k for k in self._listeners if k[0] == name]:
+                    self._listeners.pop(key).close()
+                del self.clusters[name]  # its sessions drain; its monitors stop with them
+                changes.append(f"cluster {name} removed")
+        for name, rt in added_runtimes.items():
+            self.clusters[name] = rt
+            await self._nursery.start(rt.run)
+            changes.append(f"cluster {name} added")
+        for name, cc in new_clusters.items():
+            rt = self.clusters[name]
+            if name not in added_runtimes:
+                if rt.config.protocol != cc.protocol:
+                    changes.append(f"cluster {name}: protocol change takes effect at restart")
+                changes += [f"cluster {name}: {c}" for c in rt.apply_config(cc)]
+            new_eps = {ep.name: ep for ep in cc.endpoints}
+            for key in [k for k in self._listeners if k[0] == name and k[1] not in new_eps]:
+                self._listeners.pop(key).close()
+                changes.append(f"endpoint {key[1]} removed")
+            for ep in cc.endpoints:
+                key = (name, ep.name)
+                new_sock = opened.pop(key, None)
+                if new_sock is not None:
+                    old_listener = self._listeners.pop(key, None)
+                    if old_listener is not None:
+                        old_listener.close()
+                    self._register(_Listener(rt, self._context(rt, ep), new_sock))
+                    changes.append(f"endpoint {ep.name} {'moved' if old_listener else 'added'}")
+                elif self._listeners[key].endpoint != ep:
+                    self._listeners[key].ctx.endpoint = ep
+                    changes.append(f"endpoint {ep.name} changed")
+        self.config = new
+        return changes
+
+    # --- graceful shutdown --------------------------------------------------------------------
+
+    async def shutdown(self, timeout_s: float) -> None:
+        """Stop accepting; let running statements and open transactions finish (up to
+        ``timeout_s``), closing each session as it becomes idle; then close what is left."""
+        self.draining = True
+        for listener in list(self._listeners.values()):
+            listener.close()
+        log.info("shutdown_started", sessions=len(self.sessions), timeout_ms=int(timeout_s * 1000))
+        for session in list(self.sessions):
+            session.drain()
+        with trio.move_on_after(timeout_s):
+            while self.sessions:
+                changed = self._sessions_changed
+                await changed.wait()
+        if self.sessions:
+            log.info("shutdown_forced", sessions=len(self.sessions))
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
 
     # --- cancels ------------------------------------------------------------------------------
 

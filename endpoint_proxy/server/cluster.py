@@ -80,6 +80,7 @@ class ClusterRuntime:
         self._functions: dict[str, tuple[FunctionPolicy, float]] = {}
         self._functions_loading: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
+        self._monitor_scopes: dict[str, trio.CancelScope] = {}
         # MySQL: password verifiers per user (native SHA1(SHA1()), caching_sha2 SHA256(SHA256())),
         # the RSA key for caching_sha2's full path without TLS, the server version to announce,
         # and the live sessions by connection id (for KILL).
@@ -264,18 +265,65 @@ class ClusterRuntime:
             return None
 
     async def monitor_instance(self, name: str) -> None:
-        interval = self.config.health_check_interval_ms / 1000
         conn: Any = None
+        scope = self._monitor_scopes[name] = trio.CancelScope()
         try:
-            while True:
-                self._probe_now[name] = trio.Event()
-                conn = await self.probe_once(name, conn)
-                with trio.move_on_after(interval):
-                    await self._probe_now[name].wait()
+            with scope:
+                while True:
+                    self._probe_now[name] = trio.Event()
+                    conn = await self.probe_once(name, conn)
+                    with trio.move_on_after(self.config.health_check_interval_ms / 1000):
+                        await self._probe_now[name].wait()
         finally:
+            if self._monitor_scopes.get(name) is scope:
+                del self._monitor_scopes[name]
             if conn is not None:
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
+
+    def apply_config(self, new: ClusterConfig) -> list[str]:
+        """Live reload: take a changed configuration of this cluster. Instances added start
+        being monitored; removed ones (or ones whose address changed) leave the topology, so
+        their sessions move at their next statement; changed passwords take effect for new
+        logins. Returns a description of what changed, for the log."""
+        old = self.config
+        changes: list[str] = []
+        old_addr = {i.name: (i.host, i.port) for i in old.instances}
+        new_addr = {i.name: (i.host, i.port) for i in new.instances}
+        gone = [n for n in old_addr if new_addr.get(n) != old_addr[n]]
+        added = [n for n in new_addr if old_addr.get(n) != new_addr[n]]
+        self.config = new
+        for name in gone:
+            scope = self._monitor_scopes.pop(name, None)
+            if scope is not None:
+                scope.cancel()
+            self._probe_now.pop(name, None)
+            changes.append(f"instance {name} removed" if name not in new_addr else f"instance {name} moved")
+        self.topology.set_instances(tuple(i.name for i in new.instances))
+        self.topology.max_replica_lag_ms = new.max_replica_lag_ms
+        for name in added:
+            self._probe_now[name] = trio.Event()
+            if self._nursery is not None:
+                self._nursery.start_soon(self.monitor_instance, name)
+            if name not in gone:
+                changes.append(f"instance {name} added")
+        self.weights = {i.name: i.weight for i in new.instances}
+        old_users = {u.name: u for u in old.users}
+        for user in new.users:
+            if old_users.get(user.name) != user:
+                self._scram.pop(user.name, None)
+                self._mysql_secrets.pop(user.name, None)
+                changes.append(f"user {user.name} {'changed' if user.name in old_users else 'added'}")
+        for name in old_users.keys() - {u.name for u in new.users}:
+            self._scram.pop(name, None)
+            self._mysql_secrets.pop(name, None)
+            changes.append(f"user {name} removed")
+        self._functions.clear()
+        # Endpoint rules may have changed too: make every session re-check its placement.
+        self.topology.generation += 1
+        self._changed.set()
+        self._changed = trio.Event()
+        return changes
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Probe every instance once, then keep monitoring; reports started after the first round."""

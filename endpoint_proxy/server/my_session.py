@@ -139,9 +139,21 @@ class MySession:
         self.parked: dict[str, _Backend] = {}
         self.failed_tx = False
         self.wrote = False
+        self.scope = trio.CancelScope()  # the proxy runs the session inside it
+        self.draining = False
+        self._busy = False
         self._checked_generation = -1
 
     # --- lifecycle ----------------------------------------------------------------------------
+
+    def idle(self) -> bool:
+        return not self._busy and not self.failed_tx and not self._in_transaction()
+
+    def drain(self) -> None:
+        """Graceful shutdown: close now if idle, else when the command or transaction ends."""
+        self.draining = True
+        if self.active is not None and self.idle():
+            self.scope.cancel()
 
     async def run(self) -> None:
         self.ctx.cluster.mysql_sessions[self.connection_id] = self
@@ -431,7 +443,13 @@ class MySession:
             if command == c.COM_QUIT:
                 return
             self._err_seq = seq + 1
-            await self._command(command, payload)
+            self._busy = True
+            try:
+                await self._command(command, payload)
+            finally:
+                self._busy = False
+            if self.draining and self.idle():
+                return
 
     def _in_transaction(self) -> bool:
         be = self.active

@@ -128,6 +128,8 @@ class PgSession:
         self.client_params: dict[str, str] = {}
         self.client_pid = 0
         self.state = SessionState()
+        self.scope = trio.CancelScope()  # the proxy runs the session inside it
+        self.draining = False
         self.metrics = ctx.cluster.metrics.endpoint(ctx.endpoint.name)
         self._pinned_counted = False
         self._nursery: trio.Nursery | None = None
@@ -154,6 +156,18 @@ class PgSession:
         self.request_retryable = False
         self.request_forwarded = False
         self.request_status = "I"
+
+    def idle(self) -> bool:
+        """No request in flight and no transaction open: closing now loses nothing."""
+        backend = self.backend
+        return (self.inflight == 0 and not self._partial_request and self._mode is None
+                and (backend is None or backend.status == "I"))
+
+    def drain(self) -> None:
+        """Graceful shutdown: close now if idle, else as soon as the session becomes idle."""
+        self.draining = True
+        if self._att is not None and self.idle():
+            self.scope.cancel()
 
     @property
     def cluster_config(self) -> ClusterConfig:
@@ -528,6 +542,9 @@ class PgSession:
 
     async def _client_chunk(self, chunk: memoryview, msgs: list[tuple[int, bytes]]) -> bool:
         """Handle one chunk of client bytes; False ends the session."""
+        if self.draining and self.idle():
+            await self._send_quietly(fatal_bytes("57P01", "terminating connection due to administrator command"))
+            return False
         if self._mode is not None and not await self._emulate(msgs):
             return True
         terminate = any(t == _X for t, _ in msgs)
@@ -871,6 +888,8 @@ class PgSession:
                     if lost:
                         break
                     idle = ready and scanner.at_boundary
+                    if idle and self.draining and self.idle():
+                        self.scope.cancel()  # the transaction or statement finished: close now
             if lost and not att.closing:
                 await self._backend_lost(att)
         finally:

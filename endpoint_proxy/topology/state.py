@@ -120,11 +120,25 @@ class ClusterTopology:
 
     # --- inputs -----------------------------------------------------------------------------
 
+    def set_instances(self, names: tuple[str, ...]) -> list[TopologyEvent]:
+        """Configuration changed: instances not named any more leave (and lose the writer role)."""
+        before = self._routing_view()
+        for name in set(self.instances) - set(names):
+            del self.instances[name]
+        self.instance_names = names
+        for name in names:
+            self.instances.setdefault(name, InstanceStatus(name))
+        events = self._elect()
+        self._bump_if_changed(before)
+        return events
+
     def probe_succeeded(self, name: str, now: float, *, in_recovery: bool | None = None,
                         timeline: int | None = None, result: ProbeResult | None = None) -> list[TopologyEvent]:
         if result is None:
             assert in_recovery is not None
             result = ProbeResult(in_recovery=in_recovery, timeline=timeline)
+        if name not in self.instances:
+            return []  # removed by a reload while its probe was under way
         before = self._routing_view()
         st = self.instances[name]
         events: list[TopologyEvent] = []
@@ -149,6 +163,8 @@ class ClusterTopology:
         return events
 
     def probe_failed(self, name: str, now: float, error: str) -> list[TopologyEvent]:
+        if name not in self.instances:
+            return []
         before = self._routing_view()
         st = self.instances[name]
         events: list[TopologyEvent] = []
@@ -163,8 +179,8 @@ class ClusterTopology:
 
     def mark_suspect(self, name: str, now: float, error: str) -> list[TopologyEvent]:
         """A session failed to reach the instance: stop routing to it until a probe answers."""
-        st = self.instances[name]
-        if st.health is not Health.UP:
+        st = self.instances.get(name)
+        if st is None or st.health is not Health.UP:
             return []
         before = self._routing_view()
         st.health = Health.SUSPECT

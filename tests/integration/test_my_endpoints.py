@@ -252,7 +252,7 @@ def test_session_consistency_reads_its_writes(my_proxy: ProxyProcess, my_cluster
 def _sysbench(my_proxy: ProxyProcess, my_cluster: MariaDBCluster, *args: str) -> subprocess.CompletedProcess[str]:
     base = ["sysbench", "--db-driver=mysql", "--mysql-host=127.0.0.1", f"--mysql-port={my_proxy.port('rw')}",
             f"--mysql-user={my_cluster.app_user}", f"--mysql-password={my_cluster.app_password}",
-            f"--mysql-db={my_cluster.database}", "--tables=2", "--table-size=1000"]
+            f"--mysql-db={my_cluster.database}", "--tables=2", "--table-size=10000"]
     return subprocess.run([*base, *args], capture_output=True, text=True, timeout=180)
 
 
@@ -261,10 +261,13 @@ def test_sysbench_oltp_read_write_with_server_side_prepared_statements(
     prepared = _sysbench(my_proxy, my_cluster, "oltp_read_write", "prepare")
     assert prepared.returncode == 0, prepared.stdout + prepared.stderr
     try:
+        # Only deadlocks (1213) may be retried: oltp_read_write's own contention produces a few
+        # against the server directly too. Any other error aborts the run (non-zero exit).
         out = _sysbench(my_proxy, my_cluster, "oltp_read_write", "--db-ps-mode=auto", "--threads=4",
-                        "--events=400", "--time=0", "run")
+                        "--events=400", "--time=0", "--mysql-ignore-errors=1213", "run")
         assert out.returncode == 0, out.stdout + out.stderr
-        assert "ignored errors:                      0" in out.stdout, out.stdout
+        assert "FATAL" not in out.stdout + out.stderr
         assert "reconnects:                          0" in out.stdout, out.stdout
+        assert "transactions:                        400" in out.stdout, out.stdout
     finally:
         _sysbench(my_proxy, my_cluster, "oltp_read_write", "cleanup")

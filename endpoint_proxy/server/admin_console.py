@@ -1,0 +1,483 @@
+"""The admin console: PgBouncer-style commands over the PostgreSQL protocol.
+
+A PostgreSQL client that connects to any PostgreSQL endpoint with the database name
+``endpoint_proxy`` (``CONSOLE_DATABASE``) is not routed to a server: the session hands it to
+``serve_pg_console`` right after its StartupMessage, which authenticates it with
+SCRAM-SHA-256 against ``[[admin.users]]`` and then answers simple-protocol queries itself::
+
+    psql -h 127.0.0.1 -p 6432 -U admin endpoint_proxy -c 'SHOW INSTANCES'
+
+Commands (case-insensitive, an optional trailing ``;``, several in one query string run in
+order and stop at the first error): ``SHOW CLUSTERS``, ``SHOW INSTANCES``, ``SHOW ENDPOINTS``,
+``SHOW SESSIONS``, ``SHOW HELP`` and ``RELOAD``. Every result column is text (type oid 25);
+unknown values are NULL. Anything else is an ERROR (42601, or 0A000 for an unsupported
+``SHOW``) and the session goes on. Extended-protocol messages get one ERROR ("the admin
+console speaks the simple query protocol only") and are skipped up to Sync, as a server
+skips them after an error. The topology comes from the same functions as the admin HTTP
+server's ``/topology``, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+import ssl
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import structlog
+import trio
+
+from .. import __version__
+from ..config import UserConfig
+from ..protocol.errors import AuthenticationError, FrameError, ProtocolError
+from ..protocol.pg import messages as m
+from ..protocol.pg.auth import ScramSecret, ScramServerAuth, make_scram_secret
+from ..protocol.pg.framing import FrameReader
+from ..protocol.pg.startup import StartupMessage
+from .admin import AdminSource, topology_document
+from .net import Conn
+
+log = structlog.get_logger("endpoint_proxy.console")
+
+CONSOLE_DATABASE: Final = "endpoint_proxy"
+
+# After login the console accepts messages up to this size (a query is a few bytes).
+CONSOLE_MAX_MESSAGE_BYTES: Final = 1 << 20
+TEXT_OID: Final = 25
+SIMPLE_PROTOCOL_ONLY: Final = "the admin console speaks the simple query protocol only"
+
+# psql and drivers look at these after AuthenticationOk. server_version is a plausible
+# PostgreSQL version (libpq parses the leading number) naming the proxy after it.
+SERVER_VERSION: Final = f"14.0 (endpoint_proxy {__version__} admin console)"
+_PARAMETERS: Final = (
+    ("server_version", SERVER_VERSION),
+    ("server_encoding", "UTF8"),
+    ("client_encoding", "UTF8"),
+    ("DateStyle", "ISO, MDY"),
+    ("IntervalStyle", "postgres"),
+    ("TimeZone", "UTC"),
+    ("integer_datetimes", "on"),
+    ("standard_conforming_strings", "on"),
+    ("is_superuser", "off"),
+)
+
+_NETWORK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)
+
+
+# --- what the console needs from the proxy -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """One client session, as SHOW SESSIONS lists it."""
+
+    cluster: str
+    endpoint: str
+    id: int
+    user: str | None  # None before the client has logged in
+    database: str | None
+    instance: str | None  # the instance of its current backend, None while it has none
+    state: str  # see ``session_state``
+    client: str | None = None  # "host:port" of the client, when known
+
+
+def session_state(*, logged_in: bool, busy: bool, transaction: str) -> str:
+    """The ``state`` column, in pg_stat_activity's words: ``startup`` before login, ``active``
+    while a request is in flight, else by the transaction status of the last ReadyForQuery
+    (``I``/``T``/``E``): ``idle``, ``idle in transaction``, ``idle in transaction (aborted)``."""
+    if not logged_in:
+        return "startup"
+    if busy:
+        return "active"
+    return {"T": "idle in transaction", "E": "idle in transaction (aborted)"}.get(transaction, "idle")
+
+
+class ConsoleState(AdminSource, Protocol):
+    """What the console reads from the proxy, at each command (a reload may swap clusters).
+
+    From ``AdminSource``: ``clusters``, ``bound`` (listening addresses, for SHOW ENDPOINTS)
+    and ``metrics`` (cluster status); the proxy already offers them to the admin HTTP server.
+    """
+
+    @property
+    def admin_users(self) -> Mapping[str, ScramSecret]:
+        """The SCRAM verifiers of ``[[admin.users]]`` by name, read at each login (an
+        ``AdminUsers`` keeps them cached across reloads)."""
+        ...
+
+    def sessions(self) -> Iterable[SessionInfo]:
+        """The client sessions open now (the console's own may be left out)."""
+        ...
+
+    async def reload(self) -> object:
+        """Re-read the configuration. Raises (ConfigError or any Exception, with a message)
+        when it fails; a returned list of strings (what changed) is sent as NOTICEs."""
+        ...
+
+
+class AdminUsers(Mapping[str, ScramSecret]):
+    """``[[admin.users]]`` as SCRAM verifiers, each derived once per password (PBKDF2 is slow
+    on purpose: call ``prepare`` in a thread; a lookup derives a missing one on the spot)."""
+
+    def __init__(self, users: Iterable[UserConfig] = (), previous: AdminUsers | None = None) -> None:
+        self._passwords = {u.name: u.password for u in users}
+        self._secrets: dict[str, ScramSecret] = {}
+        if previous is not None:
+            for name, password in self._passwords.items():
+                if previous._passwords.get(name) == password and name in previous._secrets:
+                    self._secrets[name] = previous._secrets[name]
+
+    def updated(self, users: Iterable[UserConfig]) -> AdminUsers:
+        """The users of a new configuration, keeping the verifiers of unchanged passwords."""
+        return AdminUsers(users, previous=self)
+
+    def prepare(self) -> None:
+        for name in self._passwords:
+            self[name]
+
+    def __getitem__(self, name: str) -> ScramSecret:
+        secret = self._secrets.get(name)
+        if secret is None:
+            secret = make_scram_secret(self._passwords[name])  # KeyError for a stranger
+            self._secrets[name] = secret
+        return secret
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._passwords)
+
+    def __len__(self) -> int:
+        return len(self._passwords)
+
+
+@functools.cache
+def _decoy_secret() -> ScramSecret:
+    """A verifier nobody knows the password of: unknown users go through the same exchange."""
+    return make_scram_secret(secrets.token_urlsafe(24))
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+class ConsoleError(Exception):
+    """A command failed: an ErrorResponse (severity ERROR); the session goes on."""
+
+    def __init__(self, sqlstate: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+        self.hint = hint
+
+    def encode(self) -> bytes:
+        if self.hint:
+            return m.error_response("ERROR", self.sqlstate, self.message, hint=self.hint)
+        return m.error_response("ERROR", self.sqlstate, self.message)
+
+
+Value = str | int | float | bool | None
+
+
+@dataclass(frozen=True)
+class Result:
+    """A command's answer: rows of text columns (when ``columns``), notices, the command tag."""
+
+    tag: str
+    columns: tuple[str, ...] = ()
+    rows: tuple[tuple[Value, ...], ...] = ()
+    notices: tuple[str, ...] = ()
+
+    def encode(self) -> bytes:
+        out = [m.notice_response("NOTICE", "00000", n) for n in self.notices]
+        if self.columns:
+            out.append(m.RowDescription(tuple(m.Field(c, type_oid=TEXT_OID) for c in self.columns)).encode())
+            out.extend(m.DataRow(tuple(_text(v) for v in row)).encode() for row in self.rows)
+        out.append(m.CommandComplete(self.tag).encode())
+        return b"".join(out)
+
+
+def _text(value: Value) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return b"true" if value else b"false"
+    return str(value).encode("utf-8", "surrogateescape")
+
+
+def _show(columns: Sequence[str], rows: Iterable[Sequence[Value]]) -> Result:
+    return Result("SHOW", tuple(columns), tuple(tuple(r) for r in rows))
+
+
+# --- the commands (reading the state, no I/O) -----------------------------------------------------
+
+
+def _topology(state: ConsoleState) -> list[dict[str, Any]]:
+    clusters: list[dict[str, Any]] = topology_document(state, trio.current_time())["clusters"]
+    return clusters
+
+
+def show_clusters(state: ConsoleState) -> Result:
+    return _show(("name", "protocol", "status", "writer", "instances", "endpoints"),
+                 ((c["name"], c["protocol"], c["status"], c["writer"], len(c["instances"]), len(c["endpoints"]))
+                  for c in _topology(state)))
+
+
+def show_instances(state: ConsoleState) -> Result:
+    return _show(("cluster", "name", "address", "role", "health", "lag_bytes", "lag_ms", "timeline", "fenced",
+                  "connections", "last_error"),
+                 ((c["name"], i["name"], i["address"], i["role"], i["health"], i["lag_bytes"], i["lag_ms"],
+                   i["timeline"], i["fenced"], i["connections"], i["last_error"])
+                  for c in _topology(state) for i in c["instances"]))
+
+
+def show_endpoints(state: ConsoleState) -> Result:
+    rows: list[tuple[Value, ...]] = []
+    for c in _topology(state):
+        runtime = state.clusters.get(c["name"])
+        configs = {ep.name: ep for ep in runtime.config.endpoints} if runtime is not None else {}
+        for e in c["endpoints"]:
+            ep = configs.get(e["name"])
+            rows.append((c["name"], e["name"], e["kind"], e["listen"], ",".join(e["members"]),
+                         ep.tls if ep is not None else None,
+                         ep.consistency if ep is not None and ep.kind == "readwrite" else None))
+    return _show(("cluster", "name", "kind", "listen", "members", "tls", "consistency"), rows)
+
+
+def show_sessions(state: ConsoleState) -> Result:
+    sessions = sorted(state.sessions(), key=lambda s: (s.cluster, s.id))
+    return _show(("cluster", "endpoint", "id", "user", "database", "instance", "state", "client"),
+                 ((s.cluster, s.endpoint, s.id, s.user, s.database, s.instance, s.state, s.client)
+                  for s in sessions))
+
+
+HELP: Final = (
+    ("SHOW CLUSTERS", "each cluster: protocol, status, writer, number of instances and endpoints"),
+    ("SHOW INSTANCES", "each instance: address, role, health, replication lag, timeline, connections"),
+    ("SHOW ENDPOINTS", "each endpoint: kind, listening address, the instances it routes to now"),
+    ("SHOW SESSIONS", "each client session: endpoint, user, database, instance, state"),
+    ("SHOW HELP", "this list"),
+    ("RELOAD", "re-read the configuration file"),
+)
+
+
+def show_help(state: ConsoleState) -> Result:
+    return _show(("command", "description"), HELP)
+
+
+SHOW_COMMANDS: Final[dict[str, Callable[[ConsoleState], Result]]] = {
+    "CLUSTERS": show_clusters,
+    "INSTANCES": show_instances,
+    "ENDPOINTS": show_endpoints,
+    "SESSIONS": show_sessions,
+    "HELP": show_help,
+}
+
+_HINT = "SHOW HELP lists the commands."
+
+
+def split_commands(sql: str) -> list[str]:
+    """The commands of a query string: split at ';', whitespace collapsed, empty ones dropped."""
+    return [" ".join(part.split()) for part in sql.split(";") if part.strip()]
+
+
+async def run_command(state: ConsoleState, command: str) -> Result:
+    """One command (already split and collapsed); raises ConsoleError."""
+    words = command.upper().split(" ")
+    if words[0] == "SHOW":
+        if len(words) == 1:
+            raise ConsoleError("42601", "SHOW needs a topic", _HINT)
+        show = SHOW_COMMANDS.get(words[1]) if len(words) == 2 else None
+        if show is None:
+            raise ConsoleError("0A000", f"unsupported admin console command: {command}", _HINT)
+        return show(state)
+    if words == ["RELOAD"]:
+        return await _reload(state)
+    raise ConsoleError("42601", f"unrecognized admin console command: {command}", _HINT)
+
+
+async def _reload(state: ConsoleState) -> Result:
+    try:
+        outcome = await state.reload()
+    except NotImplementedError as e:
+        raise ConsoleError("0A000", str(e) or "this proxy cannot reload its configuration") from None
+    except Exception as e:  # a bad configuration, a port that cannot be bound, ...
+        raise ConsoleError("F0000", f"reload failed: {e or type(e).__name__}") from None
+    notices: tuple[str, ...] = ()
+    if isinstance(outcome, list | tuple) and all(isinstance(x, str) for x in outcome):
+        notices = tuple(outcome)
+    return Result("RELOAD", notices=notices)
+
+
+# --- the connection ------------------------------------------------------------------------------
+
+
+def _show_type(type_: int) -> str:
+    return repr(chr(type_)) if 32 <= type_ < 127 else str(type_)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _Conversation:
+    def __init__(self, client: Conn, reader: FrameReader, buf: bytearray, state: ConsoleState,
+                 user: str) -> None:
+        self.client = client
+        self.reader = reader
+        self.buf = buf
+        self.state = state
+        self.user = user
+        self.log = log.bind(user=user)
+        self.skipping = False  # after an extended-protocol message: skip up to Sync
+
+    async def read(self) -> None:
+        n = await self.client.recv_into(self.buf)
+        if n == 0:
+            raise _ClientGone
+        self.reader.feed(memoryview(self.buf)[:n])
+
+    async def next_message(self) -> tuple[int, bytes]:
+        while True:
+            msg = self.reader.next_message()
+            if msg is not None:
+                return msg
+            await self.read()
+
+    async def run(self) -> None:
+        while True:
+            type_, payload = await self.next_message()
+            reply = await self.handle(type_, payload)
+            if reply is None:
+                return
+            if reply:
+                await self.client.send_all(reply)
+
+    async def handle(self, type_: int, payload: bytes) -> bytes | None:
+        """The answer to one message; None ends the session."""
+        ready = m.ReadyForQuery("I").encode()
+        t = chr(type_)
+        if t == "X":
+            return None
+        if t == "S":
+            self.skipping = False
+            return ready
+        if t in "PBDEC":
+            if self.skipping:
+                return b""
+            self.skipping = True
+            return m.error_response("ERROR", "0A000", SIMPLE_PROTOCOL_ONLY)
+        if t == "F":  # FunctionCall: its own round trip, answered like a query
+            return m.error_response("ERROR", "0A000", SIMPLE_PROTOCOL_ONLY) + ready
+        if t in "Hdcf":  # Flush; stray COPY messages, which a server ignores too
+            return b""
+        if t == "Q":
+            if self.skipping:
+                return b""
+            return await self.query(m.Query.decode(payload).sql) + ready
+        raise ProtocolError(f"invalid frontend message type {_show_type(type_)}")
+
+    async def query(self, sql: str) -> bytes:
+        commands = split_commands(sql)
+        if not commands:
+            return m.EmptyQueryResponse().encode()
+        out: list[bytes] = []
+        for command in commands:
+            # SHOW is what monitoring scripts poll: log it only at debug; RELOAD always.
+            if command.upper() == "RELOAD":
+                self.log.info("console_reload")
+            else:
+                self.log.debug("console_command", command=command)
+            try:
+                out.append((await run_command(self.state, command)).encode())
+            except ConsoleError as e:
+                out.append(e.encode())
+                break
+            except Exception:
+                self.log.exception("console_command_failed", command=command)
+                out.append(m.error_response("ERROR", "XX000", "internal error; see the proxy's log"))
+                break
+        return b"".join(out)
+
+
+async def _authenticate(client: Conn, startup: StartupMessage, reader: FrameReader, buf: bytearray,
+                        state: ConsoleState) -> bool:
+    """SCRAM-SHA-256 against the admin user's verifier; an unknown user gets a decoy verifier
+    and the same 28P01 as a wrong password. False (after a FATAL) when the login failed."""
+    user = startup.user
+    try:
+        secret: ScramSecret | None = state.admin_users.get(user)
+    except ValueError:  # a password SCRAM cannot use (SASLprep): nobody logs in with it
+        log.warning("console_user_unusable", user=user)
+        secret = None
+    auth = ScramServerAuth(user, secret if secret is not None else _decoy_secret())
+    await client.send_all(auth.start())
+    while True:
+        type_ = reader.peek_type()
+        if type_ is not None and type_ != ord("p"):
+            raise ProtocolError(f"expected a password response, got message type {_show_type(type_)}")
+        msg = reader.next_message()
+        if msg is None:
+            n = await client.recv_into(buf)
+            if n == 0:
+                raise _ClientGone
+            reader.feed(memoryview(buf)[:n])
+            continue
+        try:
+            reply, done = auth.step(msg[1])
+        except AuthenticationError as e:
+            log.info("console_auth_failed", user=user)
+            await client.send_all(m.error_response("FATAL", e.sqlstate, e.message))
+            return False
+        if done and secret is None:  # cannot happen (nobody knows the decoy's password)
+            await client.send_all(m.error_response("FATAL", "28P01",
+                                                   f'password authentication failed for user "{user}"'))
+            return False
+        await client.send_all(reply)
+        if done:
+            return True
+
+
+def _welcome(startup: StartupMessage) -> bytes:
+    """After AuthenticationOk: parameters, keys (random: a cancel finds nothing), ready."""
+    params = [*_PARAMETERS,
+              ("application_name", startup.parameters.get("application_name", "")),
+              ("session_authorization", startup.user)]
+    return b"".join([*(m.ParameterStatus(k, v).encode() for k, v in params),
+                     m.BackendKeyData(secrets.randbits(31), secrets.randbits(32)).encode(),
+                     m.ReadyForQuery("I").encode()])
+
+
+async def serve_pg_console(client: Conn, startup: StartupMessage, reader: FrameReader, buf: bytearray,
+                           state: ConsoleState, *, auth_timeout_s: float = 10.0) -> None:
+    """Serve one admin console connection whose StartupMessage has just been read.
+
+    Authenticates the user (within ``auth_timeout_s``: pass the endpoint's startup timeout;
+    the console session itself then has no deadline), answers commands until the client
+    sends Terminate or leaves, and closes ``client``. ``reader`` may hold bytes the client
+    sent after the StartupMessage; ``buf`` is a receive buffer. Raises nothing for anything
+    the client does: a malformed message gets a FATAL, a vanished client is just gone.
+    """
+    logged_in = False
+    try:
+        with trio.move_on_after(auth_timeout_s):
+            logged_in = await _authenticate(client, startup, reader, buf, state)
+        if not logged_in:
+            return
+        log.info("console_login", user=startup.user)
+        await client.send_all(_welcome(startup))
+        reader.max_length = max(reader.max_length, CONSOLE_MAX_MESSAGE_BYTES)
+        await _Conversation(client, reader, buf, state, startup.user).run()
+    except FrameError as e:
+        log.info("console_protocol_error", error=e.message)
+    except ProtocolError as e:
+        log.info("console_protocol_error", error=e.message)
+        with trio.move_on_after(1):
+            try:
+                await client.send_all(m.error_response("FATAL", e.sqlstate, e.message))
+            except _NETWORK_ERRORS:
+                pass
+    except (_ClientGone, *_NETWORK_ERRORS):
+        pass
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.aclose()
