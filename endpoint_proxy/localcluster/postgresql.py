@@ -8,15 +8,16 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
+
+from ._proc import _alive, _free_ports, _port_accepts, _signal, _wait_until
 
 __all__ = [
     "PgCommandError",
@@ -104,20 +105,6 @@ class PgInstance:
         return pid if comm.startswith("postgres") else None
 
 
-def _proc_state(pid: int) -> str | None:
-    """The process state letter from /proc/PID/stat, None if there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = stat[stat.rfind(")") + 2 :].split()
-    return rest[0] if rest else None
-
-
-def _alive(pid: int) -> bool:
-    return _proc_state(pid) not in (None, "Z", "X")
-
-
 def _child_pids(ppid: int) -> list[int]:
     children: list[int] = []
     for entry in os.scandir("/proc"):
@@ -133,39 +120,6 @@ def _child_pids(ppid: int) -> list[int]:
     return children
 
 
-def _signal(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _free_ports(count: int) -> list[int]:
-    """Ports the OS considers free on the loopback address (all held open until all are chosen,
-    so they are distinct)."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _port_accepts(port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=timeout):
-            return True
-    except ConnectionRefusedError:
-        return False
-    except OSError:
-        # Timed out or otherwise unreachable: something is still bound there.
-        return True
-
-
 def _conf_value(value: str) -> str:
     """Quote a postgresql.conf value unless the caller already quoted it."""
     if value.startswith("'"):
@@ -179,21 +133,6 @@ def _sql_literal(value: str) -> str:
 
 def _sql_ident(value: str) -> str:
     return '"' + value.replace('"', '""') + '"'
-
-
-def _wait_until(
-    predicate: Callable[[], bool],
-    timeout: float,
-    describe: Callable[[], str],
-    interval: float = 0.05,
-) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return
-        if time.monotonic() >= deadline:
-            raise TimeoutError(describe())
-        time.sleep(interval)
 
 
 class PostgresCluster:
