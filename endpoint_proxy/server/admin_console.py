@@ -134,8 +134,14 @@ class AdminUsers(Mapping[str, ScramSecret]):
         return AdminUsers(users, previous=self)
 
     def prepare(self) -> None:
+        """Derive every verifier now (and the decoy for unknown users). A password SCRAM
+        cannot use (SASLprep refuses it) is skipped here; nobody can log in with it."""
+        _decoy_secret()
         for name in self._passwords:
-            self[name]
+            try:
+                self[name]
+            except ValueError:
+                log.warning("console_user_unusable", user=name)
 
     def __getitem__(self, name: str) -> ScramSecret:
         secret = self._secrets.get(name)

@@ -15,6 +15,7 @@ import trio
 from ..config import Address, ClusterConfig, Config, ConfigError, EndpointConfig, load_config
 from ..protocol.pg.startup import CancelRequest, encode_cancel_request, parse_startup_packet
 from .admin import AdminServer
+from .admin_console import AdminUsers, SessionInfo
 from .cluster import ClusterRuntime
 from .metrics import EndpointMetrics, ProxyMetrics
 from .my_session import MySession
@@ -74,6 +75,35 @@ class _Listener:
         self.sock.close()
 
 
+class ProxyConsole:
+    """The proxy as the admin console sees it (``admin_console.ConsoleState``)."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.admin_users = AdminUsers(proxy.config.admin.users)
+
+    @property
+    def clusters(self) -> dict[str, ClusterRuntime]:
+        return self.proxy.clusters
+
+    @property
+    def bound(self) -> dict[str, Address]:
+        return self.proxy.bound
+
+    @property
+    def metrics(self) -> ProxyMetrics:
+        return self.proxy.metrics
+
+    def sessions(self) -> list[SessionInfo]:
+        infos = (s.session_info() for s in list(self.proxy.sessions) if isinstance(s, PgSession))
+        return [i for i in infos if i is not None]
+
+    async def reload(self) -> object:
+        if self.proxy.reload_hook is None:
+            raise NotImplementedError("the proxy was started without a configuration file to re-read")
+        return await self.proxy.reload_hook()
+
+
 class Proxy:
     """One worker process's proxy. ``workers`` > 1 means siblings share the listening ports."""
 
@@ -100,6 +130,7 @@ class Proxy:
         self._sessions_changed = trio.Event()
         self._reload_lock = trio.Lock()
         self.draining = False
+        self.console = ProxyConsole(self)
 
     def _open_listener(self, cluster: ClusterRuntime, ep: EndpointConfig) -> _Listener:
         sock = open_listener(ep.listen, reuse_port=self.workers > 1)
@@ -123,6 +154,7 @@ class Proxy:
             if self.config.admin.listen is not None and self.worker_index == 0:
                 admin_sock = open_listener(self.config.admin.listen, reuse_port=False)
                 self.bound["admin"] = Address(*admin_sock.getsockname()[:2])
+            await trio.to_thread.run_sync(self.console.admin_users.prepare)
             for cluster in self.clusters.values():
                 await trio.to_thread.run_sync(cluster.prepare_secrets)
                 for ep in cluster.config.endpoints:
@@ -163,6 +195,7 @@ class Proxy:
             max_message_bytes=srv.max_message_bytes,
             connect_timeout_s=srv.connect_timeout_ms / 1000,
             cancel_handler=self.handle_cancel,
+            console=self.console,
         )
 
     async def _accept_loop(self, listener: _Listener) -> None:
@@ -237,9 +270,15 @@ class Proxy:
     async def _reload(self, new: Config) -> list[str]:
         old = self.config
         changes: list[str] = []
-        for section in ("server", "tls", "admin"):
+        for section in ("server", "tls"):
             if getattr(old, section) != getattr(new, section):
                 changes.append(f"[{section}] changed: takes effect at restart")
+        if old.admin.listen != new.admin.listen:
+            changes.append("[admin] listen changed: takes effect at restart")
+        admin_users = None
+        if old.admin.users != new.admin.users:
+            admin_users = self.console.admin_users.updated(new.admin.users)
+            await trio.to_thread.run_sync(admin_users.prepare)
         new_clusters = {c.name: c for c in new.clusters}
         # 1. Everything that can fail, before anything changes: new listeners, new secrets.
         opened: dict[tuple[str, str], socket.socket] = {}
@@ -295,6 +334,9 @@ class Proxy:
                 elif self._listeners[key].endpoint != ep:
                     self._listeners[key].ctx.endpoint = ep
                     changes.append(f"endpoint {ep.name} changed")
+        if admin_users is not None:
+            self.console.admin_users = admin_users
+            changes.append("admin users changed")
         self.config = new
         return changes
 

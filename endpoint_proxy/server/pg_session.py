@@ -28,6 +28,7 @@ from ..protocol.pg.startup import (
 from ..routing.endpoints import members
 from ..routing.pg_classify import FunctionPolicy, Route, classify
 from ..routing.session_state import SessionState, ends_transaction, is_rollback
+from .admin_console import CONSOLE_DATABASE, ConsoleState, SessionInfo, serve_pg_console, session_state
 from .net import Conn, RawConn, start_tls_server
 from .pg_backend import BackendConnection, BackendError, open_backend
 
@@ -90,7 +91,8 @@ class SessionContext:
                  tls_context: ssl.SSLContext | None, cancels: CancelRegistry,
                  startup_timeout_s: float, max_startup_bytes: int, max_message_bytes: int,
                  connect_timeout_s: float,
-                 cancel_handler: Callable[[CancelRequest], object] | None = None) -> None:
+                 cancel_handler: Callable[[CancelRequest], object] | None = None,
+                 console: ConsoleState | None = None) -> None:
         self.cluster = cluster
         self.endpoint = endpoint
         self.tls_context = tls_context
@@ -100,6 +102,7 @@ class SessionContext:
         self.max_message_bytes = max_message_bytes
         self.connect_timeout_s = connect_timeout_s
         self.cancel_handler = cancel_handler
+        self.console = console
 
 
 class _Fatal(Exception):
@@ -119,6 +122,13 @@ class PgSession:
     def __init__(self, ctx: SessionContext, sock: socket.socket, session_id: int) -> None:
         self.ctx = ctx
         self.client: Conn = RawConn(sock)
+        try:
+            host, port = sock.getpeername()[:2]
+            self.peer: str | None = str(Address(host, port))
+        except OSError:
+            self.peer = None
+        # (startup, reader, buf) of a client that asked for the admin console database.
+        self._console: tuple[StartupMessage, FrameReader, bytearray] | None = None
         self.session_id = session_id
         self.log = log.bind(conn=session_id, endpoint=ctx.endpoint.name)
         self.backend: BackendConnection | None = None
@@ -166,8 +176,22 @@ class PgSession:
     def drain(self) -> None:
         """Graceful shutdown: close now if idle, else as soon as the session becomes idle."""
         self.draining = True
-        if self._att is not None and self.idle():
+        if (self._att is not None and self.idle()) or self._console is not None:
             self.scope.cancel()
+
+    def session_info(self) -> SessionInfo | None:
+        """This session for the admin console's SHOW SESSIONS (None for a console session)."""
+        if self._console is not None:
+            return None
+        user = getattr(self, "user", None)
+        backend = self.backend
+        return SessionInfo(
+            cluster=self.ctx.cluster.config.name, endpoint=self.ctx.endpoint.name, id=self.session_id,
+            user=user.name if user is not None else None, database=self.backend_params.get("database"),
+            instance=backend.instance if backend is not None else None,
+            state=session_state(logged_in=user is not None, busy=self.inflight > 0,
+                                transaction=backend.status if backend is not None else "I"),
+            client=self.peer)
 
     @property
     def cluster_config(self) -> ClusterConfig:
@@ -181,6 +205,12 @@ class PgSession:
                 result = await self._startup()
                 if result is not None:
                     startup, leftover = result
+            if self._console is not None and self.ctx.console is not None:
+                # Outside the startup deadline: the console applies it to its login only.
+                console_startup, reader, buf = self._console
+                await serve_pg_console(self.client, console_startup, reader, buf, self.ctx.console,
+                                       auth_timeout_s=self.ctx.startup_timeout_s)
+                return
             if startup is None:
                 return
             await self._attach(startup)
@@ -276,6 +306,9 @@ class PgSession:
             if packet.minor > 0 or packet.protocol_options:
                 npv = m.NegotiateProtocolVersion(0, tuple(packet.protocol_options))
                 await self.client.send_all(npv.encode())
+            if packet.database == CONSOLE_DATABASE and ctx.console is not None:
+                self._console = (packet, reader, buf)  # served by run(), outside the startup deadline
+                return None
             await self._authenticate(packet, reader, buf)
             return packet, reader.take_buffered()
 

@@ -555,3 +555,13 @@ def test_bad_admin_users_name_the_key(users: Any, path: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config({"admin": {"users": users}, "clusters": DOC["clusters"]})
     assert e.value.path == path
+
+
+async def test_a_password_scram_cannot_use_lets_nobody_in(nursery: trio.Nursery) -> None:
+    users = AdminUsers([UserConfig("bad", "a\u0007b")])
+    users.prepare()  # logs, does not raise: the proxy starts
+    state = make_state()
+    state.admin_users = users
+    c = await open_console(nursery, state, user="bad")
+    rest = await c.client.login("bad", "whatever")
+    assert [(e.severity, e.sqlstate) for e in rest if isinstance(e, m.ErrorResponse)] == [("FATAL", "28P01")]
