@@ -139,6 +139,7 @@ class MySession:
         self.parked: dict[str, _Backend] = {}
         self.failed_tx = False
         self.wrote = False
+        self.nonce = b""
         self.scope = trio.CancelScope()  # the proxy runs the session inside it
         self.draining = False
         self._busy = False
@@ -232,7 +233,7 @@ class MySession:
         offered = OFFERED | (k.CLIENT_SSL if tls_ok else 0)
         if ctx.cluster.config.allow_local_infile:
             offered |= k.CLIENT_LOCAL_FILES
-        nonce = make_nonce()
+        nonce = self.nonce = make_nonce()
         greeting = HandshakeV10(
             server_version=ctx.cluster.mysql_server_version or SERVER_VERSION,
             connection_id=self.connection_id & 0xFFFFFFFF, auth_plugin_data=nonce, capabilities=offered,
@@ -473,6 +474,11 @@ class MySession:
             if kill:
                 await self._kill(kill.group(1) or "CONNECTION", int(kill.group(2)))
                 return
+        if command == c.COM_CHANGE_USER:
+            await self._change_user(payload)
+            return
+        if command == c.COM_RESET_CONNECTION:
+            self._reset_session_state()
         if self.failed_tx:
             if sql is not None and _ROLLBACK.match(sql):
                 self.failed_tx = False
@@ -725,6 +731,73 @@ class MySession:
             return False
         except (_NoRoute, MyBackendError, _Lost, OSError, MySQLProtocolError):
             return False
+
+    def _reset_session_state(self) -> None:
+        """COM_RESET_CONNECTION / COM_CHANGE_USER: the session starts over; idle backends that
+        still carry the old state are let go."""
+        self.set_statements.clear()
+        self.statements.clear()
+        self.last_statement_id = 0
+        self.failed_tx = False
+        if self.pinned_by is not None:
+            self.pinned_by = None
+            self.metrics.session_unpinned()
+        self.unreplayable = None
+        for be in self.parked.values():
+            self._drop(be)
+        self.parked.clear()
+        if self.active is not None:
+            self.active.statements.clear()
+            self.active.sets_applied = 0
+
+    async def _change_user(self, payload: bytes) -> None:
+        """COM_CHANGE_USER: authenticate the new user here (the client answers our nonce, not a
+        server's), then start the session over on a backend logged in as that user."""
+        request = c.decode_command(payload, self.caps)
+        assert isinstance(request, c.ComChangeUser)
+        auth = self._server_auth(request.user, self.client.is_tls, self.nonce)
+        auth.start()
+        data, plugin = request.auth_response, request.auth_plugin_name
+        seq = 0
+        while True:
+            try:
+                reply, done = auth.step(data, plugin)
+            except MySQLAuthenticationError as e:
+                self._err_seq = seq + 1
+                raise _Fatal(e.errno, e.sqlstate, e.message) from None
+            plugin = None
+            if reply is not None:
+                seq += 1
+                await self.client.send_all(encode_packet(seq, reply))
+            if done:
+                break
+            packet = await self._read_packet()
+            if packet is None:
+                raise ConnectionResetError("client left during COM_CHANGE_USER")
+            seq, data = packet
+        user = self.ctx.cluster.config.user(request.user)
+        self._err_seq = seq + 1
+        if user is None:
+            raise _Fatal(1045, "28000", f"Access denied for user '{request.user}'@'%'")
+        self._reset_session_state()
+        if self.active is not None:
+            self._drop(self.active)
+            self.active = None
+        self.user = user
+        self.schema = request.database or None
+        if request.character_set:
+            self.charset = request.character_set
+        if request.connect_attrs is not None:
+            self.attrs = request.connect_attrs
+        try:
+            await self._activate(self.role)
+        except _NoRoute as e:
+            await self._reply_error(ER_NO_ROUTE, "HY000", str(e))
+            return
+        except MyBackendError as e:
+            await self._reply_error(e.errno, e.sqlstate, e.message)
+            return
+        await self._reply_ok()
 
     async def _kill(self, what: str, target: int) -> None:
         """KILL [QUERY|CONNECTION] n, where n is a proxy connection id or a server thread id."""

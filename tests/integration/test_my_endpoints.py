@@ -271,3 +271,61 @@ def test_sysbench_oltp_read_write_with_server_side_prepared_statements(
         assert "transactions:                        400" in out.stdout, out.stdout
     finally:
         _sysbench(my_proxy, my_cluster, "oltp_read_write", "cleanup")
+
+
+def _packet(s: socket.socket) -> tuple[int, bytes]:
+    head = b""
+    while len(head) < 4:
+        head += s.recv(4 - len(head))
+    length = int.from_bytes(head[:3], "little")
+    body = b""
+    while len(body) < length:
+        body += s.recv(length - len(body))
+    return head[3], body
+
+
+def test_change_user_reauthenticates_and_resets(my_proxy: ProxyProcess, my_cluster: MariaDBCluster) -> None:
+    """COM_CHANGE_USER (pymysql has none): app -> sha2user, whose method needs an auth switch."""
+    from endpoint_proxy.protocol.mysql import commands as c
+    from endpoint_proxy.protocol.mysql import constants as k
+    from endpoint_proxy.protocol.mysql.auth import BackendAuthenticator
+    from endpoint_proxy.protocol.mysql.framing import encode_packet, read_row_value
+    from endpoint_proxy.protocol.mysql.handshake import HandshakeResponse41, decode_handshake_v10
+
+    caps = (k.CLIENT_PROTOCOL_41 | k.CLIENT_SECURE_CONNECTION | k.CLIENT_PLUGIN_AUTH | k.CLIENT_CONNECT_WITH_DB
+            | k.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA | k.CLIENT_TRANSACTIONS)
+    with socket.create_connection(("127.0.0.1", my_proxy.port("writer")), timeout=10) as s:
+        _, greeting = _packet(s)
+        hello = decode_handshake_v10(greeting)
+        auth = BackendAuthenticator(my_cluster.app_user, my_cluster.app_password, capabilities=caps)
+        plugin, response = auth.start(hello.auth_plugin_name, hello.auth_plugin_data)
+        login = HandshakeResponse41(caps, my_cluster.app_user, response, my_cluster.database, plugin,
+                                    character_set=45)
+        s.sendall(encode_packet(1, login.encode()))
+        seq, body = _packet(s)
+        assert body[0] == 0x00, body  # OK
+
+        def query(sql: str) -> str | None:
+            s.sendall(encode_packet(0, bytes((c.COM_QUERY,)) + sql.encode()))
+            packets = [_packet(s)[1] for _ in range(4)]  # column count, definition, EOF, row
+            value, _ = read_row_value(packets[3], 0)
+            while _packet(s)[1][0] != 0xFE:  # the closing EOF
+                pass
+            return None if value is None else value.decode()
+
+        s.sendall(encode_packet(0, bytes((c.COM_QUERY,)) + b"SET @before = 1"))
+        assert _packet(s)[1][0] == 0x00
+        switch = BackendAuthenticator("sha2user", "sha2-secret", capabilities=caps)
+        plugin, response = switch.start("mysql_native_password", hello.auth_plugin_data)
+        change = c.ComChangeUser("sha2user", response, my_cluster.database, 45, plugin)
+        s.sendall(encode_packet(0, change.encode(caps)))
+        while True:
+            seq, body = _packet(s)
+            if body[0] in (0x00, 0xFF):
+                break
+            answer = switch.respond(body)
+            if answer is not None:
+                s.sendall(encode_packet(seq + 1, answer))
+        assert body[0] == 0x00, body
+        assert (query("SELECT CURRENT_USER()") or "").startswith("sha2user@")
+        assert query("SELECT @before") is None  # the session started over
