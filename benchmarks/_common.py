@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,9 +207,13 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class ProxyEndpoint:
+    """One ``[[clusters.endpoints]]`` table; ``options`` are its other keys (``consistency =
+    "session"``, ``session_wait_ms``, ``role``, ``instance``...)."""
+
     name: str
     port: int
     kind: str  # writer | reader | readwrite | custom | instance
+    options: Mapping[str, str | int | bool] = field(default_factory=dict, hash=False)
 
 
 def _toml_value(value: str | int | bool) -> str:
@@ -227,11 +232,14 @@ def proxy_config(
     log_format: str = "console",
     log_level: str = "warning",
     cluster_settings: Mapping[str, str | int | bool] | None = None,
+    protocol: str = "postgresql",
+    admin_port: int | None = None,
 ) -> str:
     """The TOML config of one ``bench`` cluster with users app and monitor.
 
     ``instances`` are (name, host, port); ``cluster_settings`` are extra keys of the
-    ``[[clusters]]`` table (``health_check_interval_ms = 250`` and the like).
+    ``[[clusters]]`` table (``health_check_interval_ms = 250`` and the like); ``protocol`` is
+    ``"postgresql"`` or ``"mysql"``; ``admin_port`` turns on the admin HTTP server on the loopback.
     """
     lines = [
         "[server]",
@@ -241,9 +249,13 @@ def proxy_config(
         f"format = {_toml_value(log_format)}",
         f"level = {_toml_value(log_level)}",
         "",
+    ]
+    if admin_port is not None:
+        lines += ["[admin]", f'listen = "{LOOPBACK}:{admin_port}"', ""]
+    lines += [
         "[[clusters]]",
         'name = "bench"',
-        'protocol = "postgresql"',
+        f"protocol = {_toml_value(protocol)}",
     ]
     lines += [f"{key} = {_toml_value(value)}" for key, value in (cluster_settings or {}).items()]
     lines += [
@@ -271,6 +283,7 @@ def proxy_config(
             f"name = {_toml_value(ep.name)}",
             f'listen = "{LOOPBACK}:{ep.port}"',
             f"kind = {_toml_value(ep.kind)}",
+            *(f"{key} = {_toml_value(value)}" for key, value in ep.options.items()),
             "",
         ]
     return "\n".join(lines)
@@ -459,6 +472,19 @@ def machine_line(machine: Mapping[str, str]) -> str:
     )
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 1) -> str:
+    """A Markdown table: the first ``text_columns`` columns left-aligned, the others right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if i >= text_columns else c.ljust(w) for i, (c, w) in
+                                 enumerate(zip(cells, widths, strict=True))) + " |"  # fmt: skip
+
+    sep = "|" + "|".join(("-" * (w + 2)) if i < text_columns else ("-" * (w + 1) + ":")
+                         for i, w in enumerate(widths)) + "|"  # fmt: skip
+    return "\n".join([fmt(header), sep, *(fmt(r) for r in rows)])
+
+
 def append_results(path: Path, section: str) -> None:
     """Append ``section`` to the results file, creating it with a header if needed."""
     if not path.exists() or path.stat().st_size == 0:
@@ -472,3 +498,42 @@ def append_results(path: Path, section: str) -> None:
     existing = path.read_text()
     with path.open("a") as f:
         f.write(("" if existing.endswith("\n\n") else "\n") + section)
+
+
+# --------------------------------------------------------------------------
+# The proxy's admin HTTP server
+# --------------------------------------------------------------------------
+
+_SAMPLE_RE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$")
+_LABEL_RE = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+Sample = tuple[str, frozenset[tuple[str, str]]]  # (metric name, labels)
+
+
+def fetch_metrics(port: int, timeout: float = 5.0) -> dict[Sample, float]:
+    """The samples of the proxy's ``GET /metrics`` on the admin port (Prometheus text format)."""
+    url = f"http://{LOOPBACK}:{port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            text = resp.read().decode("utf-8", "replace")
+    except OSError as exc:
+        raise BenchError(f"could not read {url}: {exc}") from exc
+    samples: dict[Sample, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE_RE.match(line)
+        if m is None:
+            continue
+        labels = frozenset(_LABEL_RE.findall(m.group(2) or ""))
+        try:
+            samples[(m.group(1), labels)] = float(m.group(3))
+        except ValueError:
+            continue
+    return samples
+
+
+def metric_value(samples: Mapping[Sample, float], name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels`` (0 if none)."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Install the comparison targets for benchmarks/pgbench_compare.py and
-# benchmarks/failover_compare.py (PgBouncer, HAProxy) and make sure the Debian
-# packages' own services are not running: the benchmarks start their own
-# instances on free loopback ports.
+# Install what the scripts in benchmarks/ need: the comparison targets
+# (PgBouncer, HAProxy), the load generators (pgbench, sysbench) and the MariaDB
+# server of sysbench_compare.py, and make sure the Debian packages' own services
+# are not running: the benchmarks start their own instances on free loopback
+# ports.
 #
 # Idempotent: installs only what is missing, runs `apt-get update` only when
 # an install is needed. Needs root (or sudo) for the install step.
@@ -22,6 +23,12 @@ fi
 if ! command -v psql >/dev/null 2>&1; then
     missing+=(postgresql-client)
 fi
+command -v sysbench >/dev/null 2>&1 || missing+=(sysbench)
+new_mariadb=0
+if ! command -v mariadbd >/dev/null 2>&1 && [ ! -x /usr/sbin/mariadbd ]; then
+    missing+=(mariadb-server mariadb-client)
+    new_mariadb=1
+fi
 
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup.sh: installing ${missing[*]}"
@@ -32,7 +39,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
         $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
     fi
 else
-    echo "setup.sh: pgbouncer and haproxy already installed"
+    echo "setup.sh: pgbouncer, haproxy, sysbench and mariadb already installed"
 fi
 
 # The packages start their own daemons (pgbouncer on 6432, haproxy with
@@ -43,6 +50,14 @@ for svc in pgbouncer haproxy; do
         $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true
     fi
 done
+# A MariaDB server installed just now starts the package's own instance (port
+# 3306): stop it. One that was already there is left alone.
+if [ "$new_mariadb" -eq 1 ]; then
+    $SUDO service mariadb stop >/dev/null 2>&1 || true
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        $SUDO systemctl disable --now mariadb >/dev/null 2>&1 || true
+    fi
+fi
 # Without an init system `service` may not find them: stop the packages'
 # daemons by their own pidfiles (never by process name, so a benchmark run in
 # progress elsewhere is left alone).
@@ -58,3 +73,4 @@ done
 
 echo "setup.sh: pgbouncer $(pgbouncer --version 2>/dev/null | head -n1 || echo '?')"
 echo "setup.sh: $(haproxy -v 2>/dev/null | head -n1 || echo 'haproxy ?')"
+echo "setup.sh: $(sysbench --version 2>/dev/null | head -n1 || echo 'sysbench ?')"

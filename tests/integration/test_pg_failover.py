@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from endpoint_proxy.localcluster.postgresql import PostgresCluster
-from tests.fixtures.proxy import ProxyProcess, pg_proxy_config, wait_until
+from tests.fixtures.proxy import ProxyProcess, free_port, pg_proxy_config, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -25,8 +27,20 @@ def cluster() -> Iterator[PostgresCluster]:
 @pytest.fixture
 def proxy(cluster: PostgresCluster, tmp_path: Path) -> Iterator[ProxyProcess]:
     doc = pg_proxy_config(cluster, failover_timeout_ms=20000)
+    doc["admin"] = {"listen": f"127.0.0.1:{free_port()}"}
     with ProxyProcess(doc, tmp_path) as p:
         yield p
+
+
+def _metric(proxy: ProxyProcess, name: str) -> float:
+    """A sample's value from /metrics, parsed with prometheus_client's parser (0 when absent)."""
+    with urllib.request.urlopen(f"http://{proxy.doc['admin']['listen']}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return 0.0
 
 
 async def _connect(proxy: ProxyProcess, cluster: PostgresCluster, endpoint: str) -> asyncpg.Connection:
@@ -43,6 +57,7 @@ async def _wait_for(predicate, timeout: float, what: str) -> None:  # type: igno
 def test_kill_primary_then_promote(cluster: PostgresCluster, proxy: ProxyProcess) -> None:
     old, new, other = (i.name for i in cluster.instances)
     new_port = cluster.instance(new).port
+    changes_before = _metric(proxy, "endpoint_proxy_writer_changes_total")
     cluster.sql(old, "create table t (id int primary key, v text)", user=cluster.app_user)
     cluster.wait_caught_up(new, other)
 
@@ -137,6 +152,10 @@ def test_kill_primary_then_promote(cluster: PostgresCluster, proxy: ProxyProcess
     finally:
         print(proxy.log()[-4000:])
     assert '"session_reattached"' in proxy.log()
+    # the failover shows in the metrics: the writer became another instance, one failover timed
+    assert _metric(proxy, "endpoint_proxy_writer_changes_total") >= changes_before + 1
+    assert _metric(proxy, "endpoint_proxy_failover_duration_seconds_count") >= 1
+    assert _metric(proxy, "endpoint_proxy_errors_total") >= 1
 
 
 def test_hung_primary_is_detected_and_old_primary_is_fenced(cluster: PostgresCluster, tmp_path: Path) -> None:
