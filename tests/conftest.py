@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from endpoint_proxy.localcluster.certs import write_self_signed
 from endpoint_proxy.localcluster.mariadb import MariaDBCluster
 from endpoint_proxy.localcluster.postgresql import PostgresCluster
 from tests.fixtures.proxy import ProxyProcess, my_proxy_config, pg_proxy_config
@@ -47,5 +48,9 @@ def my_cluster() -> Iterator[MariaDBCluster]:
 
 @pytest.fixture(scope="session")
 def my_proxy(my_cluster: MariaDBCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
-    with ProxyProcess(my_proxy_config(my_cluster), tmp_path_factory.mktemp("myproxy")) as proxy:
+    workdir = tmp_path_factory.mktemp("myproxy")
+    cert, key = write_self_signed(workdir)
+    doc = my_proxy_config(my_cluster)
+    doc["tls"] = {"cert_file": str(cert), "key_file": str(key)}
+    with ProxyProcess(doc, workdir) as proxy:
         yield proxy

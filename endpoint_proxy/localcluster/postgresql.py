@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import re
 import shutil
@@ -18,6 +16,7 @@ from types import TracebackType
 from urllib.parse import quote
 
 from ._proc import _alive, _free_ports, _port_accepts, _signal, _wait_until
+from .certs import self_signed_pem
 
 __all__ = [
     "PgCommandError",
@@ -828,45 +827,9 @@ class PostgresCluster:
         return f"--- last lines of {inst.log_file} ---\n" + "\n".join(tail)
 
     def _make_certificate(self, ssl_dir: Path) -> None:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-        from cryptography.x509.oid import NameOID
-
         ssl_dir.mkdir()
         os.chmod(ssl_dir, 0o755)
         self._chown(ssl_dir)
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=365))
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [
-                        x509.DNSName("localhost"),
-                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                        x509.IPAddress(ipaddress.ip_address("::1")),
-                    ]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256())
-        )
-        self._write(ssl_dir / "server.crt", cert.public_bytes(serialization.Encoding.PEM).decode(), 0o644)
-        self._write(
-            ssl_dir / "server.key",
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.TraditionalOpenSSL,
-                serialization.NoEncryption(),
-            ).decode(),
-            0o600,
-        )
+        cert_pem, key_pem = self_signed_pem()
+        self._write(ssl_dir / "server.crt", cert_pem, 0o644)
+        self._write(ssl_dir / "server.key", key_pem, 0o600)

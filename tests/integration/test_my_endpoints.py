@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -329,3 +330,21 @@ def test_change_user_reauthenticates_and_resets(my_proxy: ProxyProcess, my_clust
         assert body[0] == 0x00, body
         assert (query("SELECT CURRENT_USER()") or "").startswith("sha2user@")
         assert query("SELECT @before") is None  # the session started over
+
+
+def test_tls_and_caching_sha2_over_it(my_proxy: ProxyProcess, my_cluster: MariaDBCluster) -> None:
+    ca = my_proxy.doc["tls"]["cert_file"]
+    for user, password in ((my_cluster.app_user, my_cluster.app_password), ("sha2user", "sha2-secret")):
+        conn = connect(my_proxy, "writer", my_cluster, user=user, password=password, ssl_ca=ca,
+                       ssl_verify_cert=True)
+        try:
+            assert isinstance(conn._sock, ssl.SSLSocket)
+            assert one(conn, "SELECT 1") == 1
+        finally:
+            conn.close()
+    plain = connect(my_proxy, "writer", my_cluster, ssl_disabled=True)
+    try:
+        assert not isinstance(plain._sock, ssl.SSLSocket)
+        assert one(plain, "SELECT 2") == 2
+    finally:
+        plain.close()
