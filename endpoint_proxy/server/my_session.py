@@ -246,10 +246,12 @@ class MySession:
         seq, payload = packet
         response = decode_handshake_response(payload)
         if isinstance(response, SSLRequest):
-            if not tls_ok or self.reader.buffered:
+            if not tls_ok:
                 raise MySQLProtocolError("Bad handshake: TLS is not offered here", errno=1043, sqlstate="08S01")
             assert isinstance(self.client, RawConn) and ctx.tls_context is not None
-            self.client = await start_tls_server(self.client, ctx.tls_context)
+            # The client does not wait for an answer: what followed the SSLRequest is its
+            # TLS ClientHello, and goes to the TLS layer.
+            self.client = await start_tls_server(self.client, ctx.tls_context, self.reader.take_buffered())
             packet = await self._read_packet()
             if packet is None:
                 raise ConnectionResetError("client left during the handshake")

@@ -187,7 +187,35 @@ async def start_tls_client(conn: RawConn, ctx: ssl.SSLContext, server_hostname: 
     return StreamConn(stream)
 
 
-async def start_tls_server(conn: RawConn, ctx: ssl.SSLContext) -> StreamConn:
-    stream = trio.SSLStream(conn.to_stream(), ctx, server_side=True)
+class _PrefixedStream(trio.abc.Stream):
+    """A stream that first returns bytes already read off the socket: a MySQL client starts
+    its TLS handshake right behind the SSLRequest, without waiting for an answer."""
+
+    def __init__(self, inner: trio.SocketStream, prefix: bytes) -> None:
+        self.inner = inner
+        self.prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.prefix:
+            n = len(self.prefix) if max_bytes is None else max_bytes
+            data, self.prefix = self.prefix[:n], self.prefix[n:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def start_tls_server(conn: RawConn, ctx: ssl.SSLContext, initial: bytes = b"") -> StreamConn:
+    """TLS on an accepted connection; ``initial`` is handshake data the client already sent."""
+    inner = conn.to_stream()
+    stream = trio.SSLStream(_PrefixedStream(inner, initial) if initial else inner, ctx, server_side=True)
     await stream.do_handshake()
     return StreamConn(stream)
