@@ -49,8 +49,11 @@ class SessionState:
         # The hot path: most statements are plain DML or SELECT; a glance at the head
         # (and for the rare multi-statement or commented query, the full split) decides.
         head = sql[:16].lstrip().lower()
-        if (not head.startswith(_STATEFUL_HEADS) and ";" not in sql and "advisory" not in sql):
-            return
+        if not head.startswith(_STATEFUL_HEADS) and "advisory" not in sql:
+            semicolon = sql.find(";")
+            # one statement, at most closed by its own semicolon: nothing to track
+            if semicolon < 0 or not sql[semicolon + 1:].strip():
+                return
         for statement in split_statements(sql):
             self._on_statement(statement)
 
