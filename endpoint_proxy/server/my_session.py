@@ -72,6 +72,9 @@ _TX_LOST = ("endpoint_proxy: the server connection was lost during the transacti
 
 _KILL = re.compile(r"\A\s*KILL\s+(?:(QUERY|CONNECTION)\s+)?(\d+)\s*;?\s*\Z", re.I)
 _USE = re.compile(r"\A\s*USE\s+`?([^`;\s]+)`?\s*;?\s*\Z", re.I)
+# Statements that may carry session state (SET, USE, user variables, locks, temporary
+# tables, handlers, prepared SQL): only these are classified for tracking.
+_MAYBE_STATEFUL = re.compile(r"@|\b(?:set|use|lock|temporary|handler|prepare|deallocate)\b|_lock\s*\(", re.I)
 _ROLLBACK = re.compile(r"\A\s*ROLLBACK(\s+WORK)?\s*;?\s*\Z", re.I)
 _STMT_COMMANDS = frozenset((c.COM_STMT_EXECUTE, c.COM_STMT_SEND_LONG_DATA, c.COM_STMT_CLOSE, c.COM_STMT_RESET,
                             c.COM_STMT_FETCH))
@@ -209,7 +212,9 @@ class MySession:
             packet = self.reader.next_packet()
             if packet is not None:
                 return packet
-            n = await self.client.recv_into(self.buf)
+            # Nothing buffered: the client has not spoken yet (it waits for each answer), so
+            # wait for readiness instead of trying a recv that would fail.
+            n = await self.client.recv_into_after_wait(self.buf)
             if n == 0:
                 return None
             self.reader.feed(memoryview(self.buf)[:n])
@@ -472,7 +477,7 @@ class MySession:
         sql: str | None = None
         if command == c.COM_QUERY:
             sql = c.query_text(payload, self.caps)
-            kill = _KILL.match(sql)
+            kill = _KILL.match(sql) if "kill" in sql[:16].lower() else None
             if kill:
                 await self._kill(kill.group(1) or "CONNECTION", int(kill.group(2)))
                 return
@@ -571,8 +576,7 @@ class MySession:
             if self.active is not None:
                 self.active.schema = self.schema
             return
-        head = sql.lstrip()[:12].lower()
-        if not head.startswith(("set", "select", "create", "lock", "/*", "#", "-", "(", "do")) and "@" not in sql:
+        if not _MAYBE_STATEFUL.search(sql):
             return
         cl = classify(sql)
         if cl.session_state in _REPLAYED_STATES:
@@ -621,12 +625,15 @@ class MySession:
         buf = self.buf
         view = memoryview(buf)
         scanner = be.scanner
+        first = True
         while True:
             if tracker.awaiting_client:
                 await self._relay_client_upload(be)
                 tracker.awaiting_client = False
             try:
-                n = await conn.recv_into(buf)
+                # The server cannot have answered a command just sent: wait, then read.
+                n = await (conn.recv_into_after_wait(buf) if first else conn.recv_into(buf))
+                first = False
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
                 n = 0
             if n == 0:

@@ -616,11 +616,12 @@ class PgSession:
             if type_ == _Q:
                 self.state.on_query(_text(payload))
             elif type_ == _P:
-                name = payload[: payload.find(b"\0")].decode("utf-8", "surrogateescape")
-                raw = bytes((_P,)) + (len(payload) + 4).to_bytes(4, "big") + payload
-                self.state.on_parse(name, raw)
-                if name:
+                if payload[0]:  # a named statement: kept for replay on other backends
+                    name = payload[: payload.find(b"\0")].decode("utf-8", "surrogateescape")
+                    self.state.on_parse(name, bytes((_P,)) + (len(payload) + 4).to_bytes(4, "big") + payload)
                     backend.statements.add(name)
+                elif b"advisory" in payload:
+                    self.state.on_parse("", payload)
             elif type_ == _C and payload[:1] == b"S":
                 name = payload[1:-1].decode("utf-8", "surrogateescape")
                 self.state.on_close_statement(name)
