@@ -43,17 +43,18 @@ def members(endpoint: EndpointConfig, topology: ClusterTopology) -> list[str]:
             and (n == topology.writer or topology.instances[n].in_recovery)]
 
 
-def least_loaded(candidates: list[str], load: Mapping[str, int],
-                 weights: Mapping[str, int] | None = None) -> str:
-    """Fewest connections per unit of weight; ties go to the earlier instance."""
-    def key(name: str) -> float:
+def least_loaded(candidates: list[str], load: Mapping[str, float],
+                 weights: Mapping[str, int] | None = None, lag: Mapping[str, float] | None = None) -> str:
+    """Least load per unit of weight; ties go to the lower lag, then to the earlier instance."""
+    def key(name: str) -> tuple[float, float]:
         w = weights.get(name, 1) if weights else 1
-        return load.get(name, 0) / w if w > 0 else float("inf")
+        share = load.get(name, 0) / w if w > 0 else float("inf")
+        return share, (lag.get(name, 0.0) if lag else 0.0)
 
     return min(candidates, key=key)
 
 
-def route(endpoint: EndpointConfig, topology: ClusterTopology, load: Mapping[str, int], *,
+def route(endpoint: EndpointConfig, topology: ClusterTopology, load: Mapping[str, float], *,
           fallback_to_writer: bool, weights: Mapping[str, int] | None = None, rotation: int = 0) -> Route:
     """``rotation`` turns the candidate list so that ties in load take turns."""
     kind = endpoint.kind
@@ -70,7 +71,8 @@ def route(endpoint: EndpointConfig, topology: ClusterTopology, load: Mapping[str
         if rotation and len(eligible) > 1:
             k = rotation % len(eligible)
             eligible = eligible[k:] + eligible[:k]
-        return Route(least_loaded(eligible, load, weights))
+        lag = {n: topology.instances[n].lag_ms or 0.0 for n in eligible}
+        return Route(least_loaded(eligible, load, weights, lag))
     if kind == "instance":
         return Route(None, f"instance {endpoint.instance} is not available")
     if fallback_to_writer and (kind == "reader" or endpoint.role == "reader"):

@@ -69,6 +69,7 @@ class ClusterRuntime:
         self.topology = ClusterTopology(tuple(i.name for i in config.instances),
                                         max_replica_lag_ms=config.max_replica_lag_ms)
         self.connections: Counter[str] = Counter()  # open session backends per instance
+        self.inflight: Counter[str] = Counter()  # requests running per instance
         self._changed = trio.Event()
         self._probe_now: dict[str, trio.Event] = {i.name: trio.Event() for i in config.instances}
         self._scram: dict[str, ScramSecret] = {}
@@ -138,9 +139,13 @@ class ClusterRuntime:
 
     # --- routing ------------------------------------------------------------------------------
 
+    def load(self) -> dict[str, float]:
+        """Requests in flight per instance, then (as a fraction, to break ties) open backends."""
+        return {n: self.inflight[n] + self.connections[n] / 1e6 for n in self.topology.instance_names}
+
     def route(self, endpoint: EndpointConfig) -> Route:
         self._rotation += 1
-        return route(endpoint, self.topology, self.connections,
+        return route(endpoint, self.topology, self.load(),
                      fallback_to_writer=self.config.reader_fallback_to_writer,
                      weights=self.weights, rotation=self._rotation)
 

@@ -14,7 +14,8 @@ from .my_backend import MyBackendError, MyProbeConnection
 # before 10.5) for the second.
 MARIADB_PROBE_SQL: Final = (
     "SELECT @@global.read_only AS read_only, @@global.gtid_binlog_pos AS gtid_binlog_pos, "
-    "@@global.gtid_slave_pos AS gtid_slave_pos, @@global.gtid_current_pos AS gtid_current_pos; "
+    "@@global.gtid_slave_pos AS gtid_slave_pos, @@global.gtid_current_pos AS gtid_current_pos, "
+    "@@global.gtid_binlog_state AS gtid_binlog_state; "
     "SHOW SLAVE STATUS"
 )
 

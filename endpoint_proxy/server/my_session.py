@@ -519,10 +519,14 @@ class MySession:
         self.metrics.statement("reader" if be.b.in_recovery else "writer")
         self._track(command, payload, sql)
         in_tx = self._in_transaction() or not self._autocommit()
+        inflight = self.ctx.cluster.inflight
+        inflight[be.b.instance] += 1
         try:
             await self._forward(be, command, payload)
         except _Lost:
             await self._lost(be, command, payload, sql, in_tx)
+        finally:
+            inflight[be.b.instance] -= 1
 
     def _moved(self) -> bool:
         """At an idle point: has the active backend's instance left the endpoint?"""

@@ -142,6 +142,7 @@ class PgSession:
         self.draining = False
         self.metrics = ctx.cluster.metrics.endpoint(ctx.endpoint.name)
         self._pinned_counted = False
+        self._busy_on: str | None = None  # the instance running this session's request
         self._nursery: trio.Nursery | None = None
         self._att: _Attachment | None = None
         self._mode: _Mode | None = None
@@ -239,6 +240,7 @@ class PgSession:
                 pass
 
     async def _close(self) -> None:
+        self._request_done()
         if self._pinned_counted:
             self.metrics.session_unpinned()
         with trio.CancelScope(shield=True):
@@ -538,6 +540,11 @@ class PgSession:
         if self._nursery is not None and not att.backend.conn.closed:
             self._nursery.start_soon(att.backend.conn.aclose)
 
+    def _request_done(self) -> None:
+        if self._busy_on is not None:
+            self.ctx.cluster.inflight[self._busy_on] -= 1
+            self._busy_on = None
+
     def _placement_ok(self, name: str, role: str | None = None) -> bool:
         cluster = self.ctx.cluster
         endpoint = self._role_endpoint(role or self._role)
@@ -640,6 +647,9 @@ class PgSession:
             backend.sql_prepared = set(self.state.sql_prepared)
         backend.sets_applied = len(self.state.set_statements)
         if starts_request:
+            self._request_done()
+            self._busy_on = backend.instance
+            self.ctx.cluster.inflight[backend.instance] += 1
             self.metrics.statement("reader" if backend.in_recovery else "writer")
             if not self._pinned_counted and self.state.pinned_by is not None:
                 self._pinned_counted = True
@@ -901,6 +911,8 @@ class PgSession:
                             backend.status = chr(payload[0]) if payload else backend.status
                             if self.inflight:
                                 self.inflight -= 1
+                                if not self.inflight:
+                                    self._request_done()
                         elif type_ == _S:
                             self._note_parameter(payload)
                         elif _is_fatal(payload):
@@ -934,6 +946,7 @@ class PgSession:
         self.client_params[name.decode("utf-8", "replace")] = rest.rstrip(b"\0").decode("utf-8", "replace")
 
     async def _backend_lost(self, att: _Attachment) -> None:
+        self._request_done()
         backend = att.backend
         cluster = self.ctx.cluster
         cluster.backend_failed(backend.instance, "session backend connection lost")

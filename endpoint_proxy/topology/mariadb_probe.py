@@ -82,6 +82,24 @@ def _seconds(value: str | None) -> float:
     return seconds
 
 
+def gtid_history_depth(state: str) -> int:
+    """How many servers have written the history a binlog holds: the distinct server ids in
+    ``@@gtid_binlog_state`` (one entry per domain and server). A promoted replica holds its old
+    primary's GTIDs and, once it writes, its own; an old primary brought back holds only its
+    own. So the deeper history is the newer writer: the MariaDB counterpart of PostgreSQL's
+    timeline, used to fence the other."""
+    servers = set()
+    for entry in state.replace("\n", ",").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        parts = entry.split("-")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"not a GTID: {entry!r}")
+        servers.add(int(parts[1]))
+    return len(servers)
+
+
 def parse_probe(variables: Mapping[str, str | None],
                 slave_status: Mapping[str, str | None] | None) -> ProbeResult:
     """The probe's answer as a ProbeResult.
@@ -104,7 +122,9 @@ def parse_probe(variables: Mapping[str, str | None],
     current_pos = parse_gtid_list(_text(variables, "gtid_current_pos"))
     replicating = status is not None and _replicating(status)
     if not read_only and not replicating:
-        return ProbeResult(in_recovery=False, current_lsn=sum(binlog_pos.values()))
+        state = variables.get("gtid_binlog_state")
+        timeline = gtid_history_depth(state) if state is not None else None
+        return ProbeResult(in_recovery=False, current_lsn=sum(binlog_pos.values()), timeline=timeline)
     if status is None:
         # Read-only but not a replica: nothing arrives; what it has is what it applied.
         replayed = current_pos

@@ -98,3 +98,15 @@ def test_kill_primary_then_promote(cluster: MariaDBCluster, tmp_path: Path) -> N
         for conn in [*sessions, in_tx, *readers]:
             conn.close()
         assert '"session_reattached"' in proxy.log()
+
+        # The old primary comes back writable: its binlog history is older (it never saw the
+        # new primary's GTIDs), so it is fenced and writes keep going to the new primary.
+        cluster.sql(new, "INSERT INTO t VALUES (10)", database=cluster.database)
+        cluster.restart(old)
+        assert cluster.sql(old, "SELECT @@read_only") == "0"
+        wait_until(lambda: '"instance_fenced"' in proxy.log(), 10, "the old primary to be fenced")
+        conn = _connect(proxy, cluster, "writer")
+        try:
+            assert _one(conn, "SELECT @@port") == cluster.instance(new).port
+        finally:
+            conn.close()

@@ -144,3 +144,18 @@ def test_topology_lag_from_gtid_positions() -> None:
                                                        slave(sql="No", behind=None, io_pos="0-1-43")))
     assert topo.instances["my2"].lag_bytes == 3
     assert topo.instances["my2"].lag_ms is not None and topo.instances["my2"].lag_ms > 0
+
+
+def test_history_depth_is_the_timeline_of_a_writer() -> None:
+    from endpoint_proxy.topology.mariadb_probe import gtid_history_depth
+
+    assert gtid_history_depth("") == 0
+    assert gtid_history_depth("0-1-42") == 1
+    assert gtid_history_depth("0-1-42,0-2-50,1-2-7") == 2
+    with pytest.raises(ValueError):
+        gtid_history_depth("0-x-1")
+    old = parse_probe({"read_only": "0", "gtid_binlog_pos": "0-1-40", "gtid_slave_pos": "",
+                       "gtid_current_pos": "0-1-40", "gtid_binlog_state": "0-1-40"}, None)
+    new = parse_probe({"read_only": "0", "gtid_binlog_pos": "0-2-41", "gtid_slave_pos": "0-1-39",
+                       "gtid_current_pos": "0-2-41", "gtid_binlog_state": "0-1-39,0-2-41"}, None)
+    assert (old.timeline, new.timeline) == (1, 2)

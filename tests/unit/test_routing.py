@@ -83,3 +83,17 @@ def test_ties_take_turns_with_rotation() -> None:
     t = topo()
     chosen = {route(ep("reader"), t, {}, fallback_to_writer=True, rotation=r).instance for r in range(4)}
     assert chosen == {"b", "c"}
+
+
+def test_least_in_flight_then_lower_lag() -> None:
+    t = ClusterTopology(NAMES)
+    t.probe_succeeded("a", 0.0, in_recovery=False)
+    from endpoint_proxy.topology.state import ProbeResult
+
+    t.probe_succeeded("a", 0.0, result=ProbeResult(False, current_lsn=100))
+    t.probe_succeeded("b", 0.1, result=ProbeResult(True, replay_lsn=90, receive_lsn=100))
+    t.probe_succeeded("c", 0.1, result=ProbeResult(True, replay_lsn=100, receive_lsn=100))
+    # equal load: the replica with less lag
+    assert route(ep("reader"), t, {"b": 0, "c": 0}, fallback_to_writer=True).instance == "c"
+    # fewer requests in flight beats lower lag
+    assert route(ep("reader"), t, {"b": 0, "c": 2}, fallback_to_writer=True).instance == "b"

@@ -11,7 +11,11 @@ Rules of this file: no I/O, no copies of message bodies that nobody asked for. T
 
 from __future__ import annotations
 
+import struct
+
 from ..errors import FrameError
+
+_HEADER = struct.Struct(">BI")  # type byte, length (counting itself)
 
 # A message length counts itself (4 bytes); anything smaller is impossible.
 MIN_LENGTH = 4
@@ -142,6 +146,25 @@ class MessageScanner:
                     out.append((self._ctype, bytes(collect)))
                     self._collect = None
                 continue
+            if not self._hdr:
+                # The common case: whole headers in this chunk. A tight loop, one struct
+                # unpack per message, no state stored until the chunk runs out.
+                max_length = self.max_length
+                while pos + 5 <= n:
+                    type_, length = _HEADER.unpack_from(data, pos)
+                    if length < MIN_LENGTH or length > max_length:
+                        check_length(length, max_length)
+                    end = pos + 1 + length
+                    if wanted[type_]:
+                        if end > n:
+                            break
+                        out.append((type_, bytes(data[pos + 5 : end])))
+                    elif end > n:
+                        self._skip = end - n
+                        return out
+                    pos = end
+                if pos >= n:
+                    break
             if self._hdr or n - pos < 5:
                 take = min(5 - len(self._hdr), n - pos)
                 self._hdr += data[pos : pos + take]
