@@ -22,6 +22,8 @@ _WORDS = re.compile(r"[A-Za-z_]+")
 _STATEFUL_HEADS = ("set", "reset", "discard", "prepare", "deallocate", "listen", "create", "declare", "/*", "--",
                    "(")
 
+_STATEFUL_HEADS_B = tuple(h.encode() for h in _STATEFUL_HEADS)
+
 _PINNING_FUNCTIONS = re.compile(r"\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(", re.I)
 
 
@@ -43,6 +45,15 @@ class SessionState:
     @property
     def replayable(self) -> bool:
         return self.pinned_by is None
+
+    def on_query_bytes(self, payload: bytes) -> None:
+        """A Query message's payload (text and its NUL): decoded only when it may matter."""
+        head = payload[:16].lstrip().lower()
+        if not head.startswith(_STATEFUL_HEADS_B) and b"advisory" not in payload:
+            semicolon = payload.find(b";")
+            if semicolon < 0 or not payload[semicolon + 1:].strip(b" \t\r\n\0"):
+                return
+        self.on_query(payload.rstrip(b"\0").decode("utf-8", "surrogateescape"))
 
     def on_query(self, sql: str) -> None:
         """A simple-protocol Query (possibly several statements) the client sent."""

@@ -143,6 +143,7 @@ class PgSession:
         self.metrics = ctx.cluster.metrics.endpoint(ctx.endpoint.name)
         self._pinned_counted = False
         self._busy_on: str | None = None  # the instance running this session's request
+        self._topology = ctx.cluster.topology
         self._nursery: trio.Nursery | None = None
         self._att: _Attachment | None = None
         self._mode: _Mode | None = None
@@ -587,10 +588,10 @@ class PgSession:
             return False
         if self._mode is not None and not await self._emulate(msgs):
             return True
-        terminate = any(t == _X for t, _ in msgs)
+        terminate = bool(msgs) and msgs[-1][0] == _X  # Terminate is a client's last message
         att = self._att
         if att is not None and self.backend is not None and self.inflight == 0 and self.backend.status == "I":
-            gen = self.ctx.cluster.topology.generation
+            gen = self._topology.generation
             if gen != self._checked_generation:
                 self._checked_generation = gen
                 if not self._placement_ok(self.backend.instance):
@@ -621,7 +622,7 @@ class PgSession:
             if type_ in _REQUEST_ENDS:
                 self.inflight += 1
             if type_ == _Q:
-                self.state.on_query(_text(payload))
+                self.state.on_query_bytes(payload)
             elif type_ == _P:
                 if payload[0]:  # a named statement: kept for replay on other backends
                     name = payload[: payload.find(b"\0")].decode("utf-8", "surrogateescape")

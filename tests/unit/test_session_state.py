@@ -73,3 +73,11 @@ def test_transaction_scoped_locks_do_not_pin() -> None:
 def test_transaction_end_detection(sql: str, rollback: bool, ends: bool) -> None:
     assert is_rollback(sql) is rollback
     assert ends_transaction(sql) is ends
+
+
+def test_query_payloads_are_tracked_like_their_text() -> None:
+    for sql in ("SET a = 1", "select 1; set b = 2", "select pg_advisory_lock(1)", "select 1;", "LISTEN x"):
+        by_text, by_bytes = SessionState(), SessionState()
+        by_text.on_query(sql)
+        by_bytes.on_query_bytes(sql.encode() + b"\0")
+        assert (by_text.replay_sql(), by_text.pinned_by) == (by_bytes.replay_sql(), by_bytes.pinned_by)
