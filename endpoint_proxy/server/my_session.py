@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("endpoint_proxy.mysql")
 
-RELAY_BUFFER = 256 * 1024
+RELAY_BUFFER = 64 * 1024
 HANDSHAKE_MAX = 64 * 1024
 SERVER_VERSION = "5.5.5-10.11.0-MariaDB-endpoint_proxy"
 

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("endpoint_proxy.session")
 
-RELAY_BUFFER = 256 * 1024
+RELAY_BUFFER = 64 * 1024
 
 # Startup parameters that belong to the connection, not to the backend session.
 _NOT_FORWARDED = frozenset({"user"})
