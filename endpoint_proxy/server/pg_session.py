@@ -561,6 +561,7 @@ class PgSession:
         view = memoryview(buf)
         client = self.client
         wait_first = False
+        fast = not self._readwrite
         pending: memoryview | None = memoryview(leftover) if leftover else None
         while True:
             if pending is not None:
@@ -578,6 +579,40 @@ class PgSession:
                 self.log.info("client_protocol_error", error=e.message)
                 return
             wait_first = scanner.at_boundary
+            att = self._att
+            if (fast and wait_first and msgs and att is not None and self.inflight == 0 and self._mode is None
+                    and not self._partial_request and not self.draining
+                    and self._topology.generation == self._checked_generation
+                    and all(t in _PLAIN_REQUEST for t, _ in msgs)):
+                # The common case, kept lean: whole simple Queries and/or Syncs from an idle
+                # session on a settled topology. _client_chunk does the same, and everything else.
+                for type_, payload in msgs:
+                    if type_ == _Q:
+                        self.state.on_query_bytes(payload)
+                backend = att.backend
+                self.inflight = len(msgs)
+                self._partial_request = False
+                self._busy_on = backend.instance
+                self.ctx.cluster.inflight[backend.instance] += 1
+                self.metrics.statement("reader" if backend.in_recovery else "writer")
+                backend.sets_applied = len(self.state.set_statements)
+                if self.state.version != backend.set_version or (
+                        not self._pinned_counted and self.state.pinned_by is not None):
+                    self.inflight = 0  # let the general path account for it
+                    self.ctx.cluster.inflight[backend.instance] -= 1
+                    self._busy_on = None
+                    if not await self._client_chunk(chunk, msgs):
+                        return
+                    continue
+                self.request_status = backend.status
+                self.request_forwarded = False
+                self.request_retryable = len(msgs) == 1 and len(chunk) <= _RETRY_BUFFER_LIMIT
+                self.request_buf[:] = chunk if self.request_retryable else b""
+                try:
+                    await backend.conn.send_all(chunk)
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+                    await att.done.wait()
+                continue
             if not await self._client_chunk(chunk, msgs):
                 return
 
@@ -995,6 +1030,7 @@ _TX_LOST = ("the server connection was lost during the transaction; its outcome 
 _RETRY_BUFFER_LIMIT = 1 << 20
 _Q, _P, _C, _S, _F, _X, _Z, _E, _B = (ord(c) for c in "QPCSFXZEB")
 _REQUEST_ENDS = frozenset((_Q, _S, _F))
+_PLAIN_REQUEST = frozenset((_Q, _S))
 
 
 def _is_fatal(error_payload: bytes) -> bool:
