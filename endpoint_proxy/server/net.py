@@ -81,11 +81,20 @@ class RawConn(Conn):
         answered yet (we just sent it a whole request), which saves a recv that would fail."""
         self._spins = 0
         await trio.lowlevel.wait_readable(self.sock)
-        return await self.recv_into(buf)
+        try:
+            return self.sock.recv_into(buf)
+        except (BlockingIOError, InterruptedError):
+            return await self.recv_into(buf)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         sock = self.sock
-        view = memoryview(data)
+        try:
+            sent = sock.send(data)  # the usual case: the kernel takes it all at once
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
         while view:
             try:
                 sent = sock.send(view)
