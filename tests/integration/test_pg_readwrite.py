@@ -142,9 +142,12 @@ def test_session_consistency_never_reads_stale(delayed_cluster: PostgresCluster,
                     await eventual.execute("update counter set n = n")
                     if await eventual.fetchval("select n from counter") != i:
                         stale_eventual += 1
-                # once the replicas have caught up, reads go to them again
-                await asyncio.sleep(0.5)
-                port = await conn.fetchval("select inet_server_port()")
+                # once the replicas have caught up, reads go to them again (bounded wait)
+                writer_port = cluster.instance(cluster.primary_name).port
+                port = writer_port
+                deadline = asyncio.get_running_loop().time() + 10
+                while port == writer_port and asyncio.get_running_loop().time() < deadline:
+                    port = await conn.fetchval("select inet_server_port()")
                 return {"stale_eventual": stale_eventual, "port": port}
             finally:
                 await conn.close()
