@@ -95,7 +95,7 @@ class ProxyConsole:
         return self.proxy.metrics
 
     def sessions(self) -> list[SessionInfo]:
-        infos = (s.session_info() for s in list(self.proxy.sessions) if isinstance(s, PgSession))
+        infos = (s.session_info() for s in list(self.proxy.sessions))
         return [i for i in infos if i is not None]
 
     async def reload(self) -> object:

@@ -44,6 +44,7 @@ from ..protocol.mysql.response import ResponseTracker
 from ..routing.endpoints import members
 from ..routing.my_classify import classify
 from ..routing.pg_classify import Route
+from .admin_console import SessionInfo, session_state
 from .my_backend import MyBackendConnection, MyBackendError, kill_query, open_my_backend
 from .net import Conn, RawConn, start_tls_server
 
@@ -103,6 +104,7 @@ class _Backend:
     scanner: PacketScanner = field(default_factory=PacketScanner)
     statements: dict[int, int] = field(default_factory=dict)  # client statement id -> backend id
     pending_close: list[int] = field(default_factory=list)  # backend ids the client closed elsewhere
+    set_option: bytes | None = None  # the COM_SET_OPTION this backend was last given
     sets_applied: int = 0
     schema: str | None = None
 
@@ -118,6 +120,11 @@ class MySession:
     def __init__(self, ctx: SessionContext, sock: socket.socket, session_id: int) -> None:
         self.ctx = ctx
         self.client: Conn = RawConn(sock)
+        try:
+            host, port = sock.getpeername()[:2]
+            self.peer: str | None = f"{host}:{port}"
+        except OSError:
+            self.peer = None
         self.connection_id = 1_000_000_000 + session_id  # never a server's thread id
         self.log = log.bind(conn=session_id, endpoint=ctx.endpoint.name)
         self.metrics = ctx.cluster.metrics.endpoint(ctx.endpoint.name)
@@ -129,6 +136,7 @@ class MySession:
         self.schema: str | None = None
         self.attrs: dict[str, str] | None = None
         self.set_statements: list[str] = []
+        self.set_option: bytes | None = None  # the client's last COM_SET_OPTION (multi-statements on/off)
         self.statements: dict[int, _Statement] = {}
         self.next_statement_id = 1
         self.last_statement_id = 0
@@ -149,6 +157,18 @@ class MySession:
         self._checked_generation = -1
 
     # --- lifecycle ----------------------------------------------------------------------------
+
+    def session_info(self) -> SessionInfo:
+        """This session for the admin console's SHOW SESSIONS."""
+        user = getattr(self, "user", None)
+        be = self.active
+        transaction = "E" if self.failed_tx else ("T" if self._in_transaction() else "I")
+        return SessionInfo(
+            cluster=self.ctx.cluster.config.name, endpoint=self.ctx.endpoint.name, id=self.connection_id,
+            user=user.name if user is not None else None, database=self.schema,
+            instance=be.b.instance if be is not None else None,
+            state=session_state(logged_in=user is not None, busy=self._busy, transaction=transaction),
+            client=self.peer)
 
     def idle(self) -> bool:
         return not self._busy and not self.failed_tx and not self._in_transaction()
@@ -376,6 +396,9 @@ class MySession:
             await be.b.conn.send_all(b"".join(
                 encode_packet(0, bytes((c.COM_STMT_CLOSE,)) + sid.to_bytes(4, "little")) for sid in be.pending_close))
             be.pending_close.clear()
+        if self.set_option is not None and be.set_option != self.set_option:
+            await self._exchange(be, self.set_option)
+            be.set_option = self.set_option
         if self.schema and be.schema != self.schema:
             await self._exchange(be, bytes((c.COM_INIT_DB,)) + self.schema.encode())
             be.schema = self.schema
@@ -567,6 +590,11 @@ class MySession:
 
     def _track(self, command: int, payload: bytes, sql: str | None) -> None:
         """Session state the next backend must be given."""
+        if command == c.COM_SET_OPTION:
+            self.set_option = payload
+            if self.active is not None:
+                self.active.set_option = payload
+            return
         if command == c.COM_INIT_DB:
             self.schema = payload[1:].decode("utf-8", "surrogateescape")
             if self.active is not None:
@@ -749,6 +777,7 @@ class MySession:
         """COM_RESET_CONNECTION / COM_CHANGE_USER: the session starts over; idle backends that
         still carry the old state are let go."""
         self.set_statements.clear()
+        self.set_option = None
         self.statements.clear()
         self.last_statement_id = 0
         self.failed_tx = False

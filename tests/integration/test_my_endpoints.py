@@ -285,6 +285,42 @@ def _packet(s: socket.socket) -> tuple[int, bytes]:
     return head[3], body
 
 
+def _raw_login(proxy: ProxyProcess, endpoint: str, cluster: MariaDBCluster, caps: int) -> socket.socket:
+    from endpoint_proxy.protocol.mysql.auth import BackendAuthenticator
+    from endpoint_proxy.protocol.mysql.framing import encode_packet
+    from endpoint_proxy.protocol.mysql.handshake import HandshakeResponse41, decode_handshake_v10
+
+    s = socket.create_connection(("127.0.0.1", proxy.port(endpoint)), timeout=10)
+    _, greeting = _packet(s)
+    hello = decode_handshake_v10(greeting)
+    auth = BackendAuthenticator(cluster.app_user, cluster.app_password, capabilities=caps)
+    plugin, response = auth.start(hello.auth_plugin_name, hello.auth_plugin_data)
+    s.sendall(encode_packet(1, HandshakeResponse41(caps, cluster.app_user, response, cluster.database, plugin,
+                                                   character_set=45).encode()))
+    assert _packet(s)[1][0] == 0x00
+    return s
+
+
+def test_set_option_follows_the_session_to_the_replica(my_proxy: ProxyProcess, my_cluster: MariaDBCluster) -> None:
+    """COM_SET_OPTION (multi-statements on) sent on the writer backend applies on the reader too."""
+    from endpoint_proxy.protocol.mysql import commands as c
+    from endpoint_proxy.protocol.mysql import constants as k
+    from endpoint_proxy.protocol.mysql.framing import encode_packet
+
+    caps = (k.CLIENT_PROTOCOL_41 | k.CLIENT_SECURE_CONNECTION | k.CLIENT_PLUGIN_AUTH | k.CLIENT_CONNECT_WITH_DB
+            | k.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA | k.CLIENT_TRANSACTIONS | k.CLIENT_MULTI_RESULTS
+            | k.CLIENT_DEPRECATE_EOF)
+    with _raw_login(my_proxy, "rw", my_cluster, caps) as s:
+        s.sendall(encode_packet(0, bytes((c.COM_QUERY,)) + b"DO 1"))  # a write: the writer backend
+        assert _packet(s)[1][0] == 0x00
+        s.sendall(encode_packet(0, bytes((c.COM_SET_OPTION,)) + (0).to_bytes(2, "little")))
+        assert _packet(s)[1][0] in (0x00, 0xFE)
+        # a read: the reader backend, which must have been given the option too
+        s.sendall(encode_packet(0, bytes((c.COM_QUERY,)) + b"SELECT 1; SELECT 2"))
+        first = _packet(s)[1]
+        assert first[0] != 0xFF, first
+
+
 def test_change_user_reauthenticates_and_resets(my_proxy: ProxyProcess, my_cluster: MariaDBCluster) -> None:
     """COM_CHANGE_USER (pymysql has none): app -> sha2user, whose method needs an auth switch."""
     from endpoint_proxy.protocol.mysql import commands as c
