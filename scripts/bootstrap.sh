@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Make this checkout runnable: system binaries the tests and demo need, and a .venv with the package.
+# Make this checkout runnable: system binaries the demo needs (with --test: also what the test
+# suite needs), and a .venv with the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+for_tests=false
+[ "${1:-}" = "--test" ] && for_tests=true
 
 need_apt=()
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
@@ -10,12 +13,14 @@ if [ -z "$pg_bin" ] || [ ! -x "$pg_bin/postgres" ] || [ ! -x "$pg_bin/pg_basebac
 fi
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 command -v pgbench >/dev/null 2>&1 || [ -x "${pg_bin:-/nonexistent}/pgbench" ] || need_apt+=(postgresql-contrib)
-# MariaDB server and client for the MySQL-protocol tests; sysbench drives them.
-[ -x /usr/sbin/mariadbd ] || need_apt+=(mariadb-server)
-command -v mariadb >/dev/null 2>&1 || need_apt+=(mariadb-client)
-command -v sysbench >/dev/null 2>&1 || need_apt+=(sysbench)
-# Headless Chromium renders the admin status page in the integration tests.
-[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+if $for_tests; then
+  # MariaDB server and client for the MySQL-protocol tests; sysbench drives them.
+  [ -x /usr/sbin/mariadbd ] || need_apt+=(mariadb-server)
+  command -v mariadb >/dev/null 2>&1 || need_apt+=(mariadb-client)
+  command -v sysbench >/dev/null 2>&1 || need_apt+=(sysbench)
+  # Headless Chromium renders the admin status page in the integration tests.
+  [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "bootstrap: missing ${need_apt[*]}; install them (as root: apt-get install ${need_apt[*]})" >&2
