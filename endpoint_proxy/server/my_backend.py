@@ -234,24 +234,11 @@ async def open_my_backend(instance: str, address: Address, *, user: str, passwor
 
 
 async def _start_tls(raw: RawConn, address: Address, ctx: ssl.SSLContext | None) -> Conn:
-    if ctx is None:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    sock = raw.sock
     try:
         return await start_tls_client(raw, ctx, address.host)
-    except BaseException as e:
-        # ``raw`` was handed to the TLS stream (and is marked closed): close the socket here.
-        try:
-            trio.lowlevel.notify_closing(sock)
-        except (ValueError, OSError):
-            pass
-        sock.close()
-        if isinstance(e, trio.BrokenResourceError):
-            raise MyBackendError(f"TLS handshake with {address} failed: {e.__cause__ or e}",
-                                 errno=CR_SSL_CONNECTION_ERROR) from None
-        raise
+    except trio.BrokenResourceError as e:
+        raise MyBackendError(f"TLS handshake with {address} failed: {e.__cause__ or e}",
+                             errno=CR_SSL_CONNECTION_ERROR) from None
 
 
 @dataclass

@@ -46,7 +46,7 @@ from ..routing.my_classify import classify
 from ..routing.pg_classify import Route
 from .admin_console import SessionInfo, session_state
 from .my_backend import MyBackendConnection, MyBackendError, kill_query, open_my_backend
-from .net import Conn, RawConn, start_tls_server
+from .net import Conn, RawConn, send_quietly, start_tls_server
 
 if TYPE_CHECKING:
     from .pg_session import SessionContext
@@ -207,11 +207,7 @@ class MySession:
     _err_seq = 0
 
     async def _send_quietly(self, data: bytes) -> None:
-        with trio.move_on_after(1):
-            try:
-                await self.client.send_all(data)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
-                pass
+        await send_quietly(self.client, data)
 
     async def _close(self) -> None:
         self.ctx.cluster.mysql_sessions.pop(self.connection_id, None)

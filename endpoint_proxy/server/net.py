@@ -190,10 +190,37 @@ async def connect_tcp(host: str, port: int) -> RawConn:
     raise last or OSError(f"cannot resolve {host}:{port}")
 
 
-async def start_tls_client(conn: RawConn, ctx: ssl.SSLContext, server_hostname: str | None) -> StreamConn:
-    stream = trio.SSLStream(conn.to_stream(), ctx, server_hostname=server_hostname)
-    await stream.do_handshake()
+def unverified_client_context() -> ssl.SSLContext:
+    """TLS to a server without checking its certificate (libpq's sslmode=require, MySQL's REQUIRED)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def start_tls_client(conn: RawConn, ctx: ssl.SSLContext | None, server_hostname: str | None) -> StreamConn:
+    """TLS over an open connection. On failure the socket is closed here: the stream owned it."""
+    sock = conn.sock
+    stream = trio.SSLStream(conn.to_stream(), ctx or unverified_client_context(), server_hostname=server_hostname)
+    try:
+        await stream.do_handshake()
+    except BaseException:
+        try:
+            trio.lowlevel.notify_closing(sock)
+        except (ValueError, OSError):
+            pass
+        sock.close()
+        raise
     return StreamConn(stream)
+
+
+async def send_quietly(conn: Conn, data: bytes, timeout_s: float = 1.0) -> None:
+    """Best effort, bounded: a last word (an error) to a peer that may already be gone."""
+    with trio.move_on_after(timeout_s):
+        try:
+            await conn.send_all(data)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+            pass
 
 
 class _PrefixedStream(trio.abc.Stream):

@@ -91,15 +91,7 @@ async def _negotiate_tls(raw: RawConn, address: Address, mode: str,
     answer = bytearray(1)
     n = await raw.recv_into(answer)
     if n == 1 and answer[0] == ord("S"):
-        if ctx is None:
-            ctx = ssl.create_default_context()
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        try:
-            return await start_tls_client(raw, ctx, address.host)
-        except BaseException:
-            raw.sock.close()  # the stream never took it over
-            raise
+        return await start_tls_client(raw, ctx, address.host)
     if n == 1 and answer[0] == ord("N") and mode == "prefer":
         return raw
     raise BackendError(f"server {address} does not offer TLS (backend_tls = \"{mode}\")")

@@ -29,7 +29,7 @@ from ..routing.endpoints import members
 from ..routing.pg_classify import FunctionPolicy, Route, classify
 from ..routing.session_state import SessionState, ends_transaction, is_rollback
 from .admin_console import CONSOLE_DATABASE, ConsoleState, SessionInfo, serve_pg_console, session_state
-from .net import Conn, RawConn, start_tls_server
+from .net import Conn, RawConn, send_quietly, start_tls_server
 from .pg_backend import BackendConnection, BackendError, open_backend
 
 if TYPE_CHECKING:
@@ -234,11 +234,7 @@ class PgSession:
             await self._close()
 
     async def _send_quietly(self, data: bytes) -> None:
-        with trio.move_on_after(1):
-            try:
-                await self.client.send_all(data)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
-                pass
+        await send_quietly(self.client, data)
 
     async def _close(self) -> None:
         self._request_done()

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import datetime
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pymysql
 import pytest
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from endpoint_proxy.config import Address
+from endpoint_proxy.localcluster.certs import write_self_signed
 from endpoint_proxy.localcluster.mariadb import MariaDBCluster
 from endpoint_proxy.protocol.mysql.constants import (
     CLIENT_DEPRECATE_EOF,
@@ -43,32 +38,9 @@ READER_PASSWORD = "reader-secret"
 CAPS = CLIENT_PROTOCOL_41 | CLIENT_TRANSACTIONS | CLIENT_MULTI_RESULTS | CLIENT_DEPRECATE_EOF | CLIENT_SESSION_TRACK
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "server.crt", directory / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                          serialization.NoEncryption())
-    )
-    return cert_path, key_path
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDBCluster]:
-    cert, key = _self_signed(tmp_path_factory.mktemp("my-tls"))
+    cert, key = write_self_signed(tmp_path_factory.mktemp("my-tls"))
     with MariaDBCluster(replicas=2, extra_conf={"ssl_cert": str(cert), "ssl_key": str(key)}) as c:
         c.sql(c.primary_name, "CREATE TABLE t (id INT AUTO_INCREMENT PRIMARY KEY, v INT)", user=c.app_user)
         # A user who may read every database: it learns that one does not exist (1049), where
