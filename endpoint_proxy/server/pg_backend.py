@@ -114,7 +114,12 @@ async def _authenticate(backend: BackendConnection, user: str, password: str | N
             raise BackendError(err.message, error=err, raw_error=frame(type_, payload))
         msg = m.decode_backend(type_, payload)
         if type_ == ord("R"):
-            reply = auth.respond(msg)  # type: ignore[arg-type]
+            if isinstance(msg, m.AuthenticationSASLContinue):
+                # The client proof needs PBKDF2 over the server's iteration count (milliseconds
+                # of CPU): off the event loop, so other sessions keep moving.
+                reply = await trio.to_thread.run_sync(auth.respond, msg)
+            else:
+                reply = auth.respond(msg)  # type: ignore[arg-type]
             if reply:
                 await conn.send_all(reply)
         elif isinstance(msg, m.ParameterStatus):
