@@ -29,9 +29,9 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from ._base import LocalClusterBase
 from ._proc import _alive, _free_ports, _port_accepts, _proc_state, _signal, _wait_until
 
 __all__ = [
@@ -168,7 +168,7 @@ class _ServerExited(Exception):
     pass
 
 
-class MariaDBCluster:
+class MariaDBCluster(LocalClusterBase[MyInstance]):
     """A MariaDB primary (``my0``) and ``replicas`` GTID replicas (``my1``...) in a temporary
     directory, listening on free loopback ports.
 
@@ -217,14 +217,6 @@ class MariaDBCluster:
     def __enter__(self) -> MariaDBCluster:
         self.start()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         """Install and start every server, create the users and the database on the primary
@@ -290,29 +282,9 @@ class MariaDBCluster:
                     self._kill_process(inst, pid)
                 except TimeoutError:
                     pass  # unkillable (uninterruptible sleep): nothing more we can do
-        root, self.root_dir = self.root_dir, None
-        if root is not None and root.exists():
-            if self._created_root:
-                shutil.rmtree(root, ignore_errors=True)
-            else:
-                for entry in root.iterdir():
-                    if entry.is_dir() and not entry.is_symlink():
-                        shutil.rmtree(entry, ignore_errors=True)
-                    else:
-                        entry.unlink(missing_ok=True)
+        self._remove_root()
 
     # ----------------------------------------------------------------- accessors
-
-    def instance(self, name: str) -> MyInstance:
-        for inst in self.instances:
-            if inst.name == name:
-                return inst
-        known = ", ".join(i.name for i in self.instances) or "none (cluster not started)"
-        raise KeyError(f"no instance named {name!r}; instances: {known}")
-
-    @property
-    def primary(self) -> MyInstance:
-        return self.instance(self.primary_name)
 
     def _password_for(self, user: str) -> str | None:
         return {
@@ -766,12 +738,6 @@ class MariaDBCluster:
                 return
             pending = retry
 
-    def _running_pid(self, name: str) -> int:
-        pid = self.instance(name).pid()
-        if pid is None:
-            raise RuntimeError(f"{name} is not running")
-        return pid
-
     @staticmethod
     def _kill_process(inst: MyInstance, pid: int) -> None:
         _signal(pid, signal.SIGKILL)
@@ -782,20 +748,3 @@ class MariaDBCluster:
             interval=0.01,
         )
 
-    @staticmethod
-    def _log_size(inst: MyInstance) -> int:
-        try:
-            return inst.log_file.stat().st_size
-        except OSError:
-            return 0
-
-    @staticmethod
-    def _log_text(inst: MyInstance) -> str:
-        try:
-            return inst.log_file.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def _log_tail(self, inst: MyInstance, lines: int = 20) -> str:
-        tail = self._log_text(inst).splitlines()[-lines:]
-        return f"--- last lines of {inst.log_file} ---\n" + "\n".join(tail)

@@ -12,9 +12,9 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import quote
 
+from ._base import LocalClusterBase
 from ._proc import _alive, _free_ports, _port_accepts, _signal, _wait_until
 from .certs import self_signed_pem
 
@@ -134,7 +134,7 @@ def _sql_ident(value: str) -> str:
     return '"' + value.replace('"', '""') + '"'
 
 
-class PostgresCluster:
+class PostgresCluster(LocalClusterBase[PgInstance]):
     """A PostgreSQL primary (``pg0``) and ``replicas`` streaming replicas (``pg1``...) in a
     temporary directory, listening on free loopback ports.
 
@@ -182,14 +182,6 @@ class PostgresCluster:
     def __enter__(self) -> PostgresCluster:
         self.start()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         """Create, configure and start the primary and the replicas; return once every
@@ -291,29 +283,9 @@ class PostgresCluster:
                     self._kill_tree(pid)
                 except TimeoutError:
                     pass  # unkillable (uninterruptible sleep): nothing more we can do
-        root, self.root_dir = self.root_dir, None
-        if root is not None and root.exists():
-            if self._created_root:
-                shutil.rmtree(root, ignore_errors=True)
-            else:
-                for entry in root.iterdir():
-                    if entry.is_dir() and not entry.is_symlink():
-                        shutil.rmtree(entry, ignore_errors=True)
-                    else:
-                        entry.unlink(missing_ok=True)
+        self._remove_root()
 
     # ----------------------------------------------------------------- accessors
-
-    def instance(self, name: str) -> PgInstance:
-        for inst in self.instances:
-            if inst.name == name:
-                return inst
-        known = ", ".join(i.name for i in self.instances) or "none (cluster not started)"
-        raise KeyError(f"no instance named {name!r}; instances: {known}")
-
-    @property
-    def primary(self) -> PgInstance:
-        return self.instance(self.primary_name)
 
     @property
     def ssl_cert(self) -> Path:
@@ -777,12 +749,6 @@ class PostgresCluster:
             return None
         return {"t": True, "f": False}.get(out)
 
-    def _running_pid(self, name: str) -> int:
-        pid = self.instance(name).pid()
-        if pid is None:
-            raise RuntimeError(f"{name} is not running")
-        return pid
-
     @staticmethod
     def _signal_tree(pid: int, sig: signal.Signals) -> None:
         if sig == signal.SIGCONT:
@@ -807,24 +773,6 @@ class PostgresCluster:
             lambda: f"processes {[v for v in victims if _alive(v)]} survived SIGKILL",
             interval=0.01,
         )
-
-    @staticmethod
-    def _log_size(inst: PgInstance) -> int:
-        try:
-            return inst.log_file.stat().st_size
-        except OSError:
-            return 0
-
-    @staticmethod
-    def _log_text(inst: PgInstance) -> str:
-        try:
-            return inst.log_file.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def _log_tail(self, inst: PgInstance, lines: int = 20) -> str:
-        tail = self._log_text(inst).splitlines()[-lines:]
-        return f"--- last lines of {inst.log_file} ---\n" + "\n".join(tail)
 
     def _make_certificate(self, ssl_dir: Path) -> None:
         ssl_dir.mkdir()
