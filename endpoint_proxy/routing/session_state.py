@@ -41,13 +41,19 @@ class SessionState:
     # Bumped when SET values or prepared statements are wiped (RESET ALL, DISCARD ALL,
     # DEALLOCATE ALL): a backend that saw an older version must be rebuilt from scratch.
     version: int = 0
+    # SET/RESET run inside a transaction only last if it commits: they wait here until its end.
+    staged: list[tuple[str, str]] = field(default_factory=list)  # (head word, statement)
 
     @property
     def replayable(self) -> bool:
         return self.pinned_by is None
 
-    def on_query_bytes(self, payload: bytes) -> None:
-        """A Query message's payload (text and its NUL): decoded only when it may matter."""
+    def on_query_bytes(self, payload: bytes, status: str = "I") -> None:
+        """A Query message's payload (text and its NUL): decoded only when it may matter.
+        ``status`` is the session's transaction status (I, T, E) when it was sent."""
+        if self.staged or status != "I":
+            self.on_query(payload.rstrip(b"\0").decode("utf-8", "surrogateescape"), status)
+            return
         head = payload[:16].lstrip().lower()
         if not head.startswith(_STATEFUL_HEADS_B) and b"advisory" not in payload:
             semicolon = payload.find(b";")
@@ -55,30 +61,55 @@ class SessionState:
                 return
         self.on_query(payload.rstrip(b"\0").decode("utf-8", "surrogateescape"))
 
-    def on_query(self, sql: str) -> None:
-        """A simple-protocol Query (possibly several statements) the client sent."""
+    def on_query(self, sql: str, status: str = "I") -> None:
+        """A simple-protocol Query (possibly several statements) the client sent, with the
+        session's transaction status (I, T, E) when it was sent."""
+        if self.staged and status == "I":
+            self._end_transaction(committed=True)  # it ended some other way (extended protocol)
         # The hot path: most statements are plain DML or SELECT; a glance at the head
         # (and for the rare multi-statement or commented query, the full split) decides.
         head = sql[:16].lstrip().lower()
-        if not head.startswith(_STATEFUL_HEADS) and "advisory" not in sql:
+        if status == "I" and not head.startswith(_STATEFUL_HEADS) and "advisory" not in sql:
             semicolon = sql.find(";")
             # one statement, at most closed by its own semicolon: nothing to track
             if semicolon < 0 or not sql[semicolon + 1:].strip():
                 return
         for statement in split_statements(sql):
-            self._on_statement(statement)
+            self._on_statement(statement, status)
 
-    def _on_statement(self, sql: str) -> None:
+    def _end_transaction(self, *, committed: bool) -> None:
+        staged, self.staged = self.staged, []
+        if not committed:
+            return
+        for head, sql in staged:
+            if head == "reset all":
+                self.set_statements.clear()
+                self.version += 1
+            else:
+                self.set_statements.append(sql)
+
+    def _on_statement(self, sql: str, status: str = "I") -> None:
         words = _head_words(sql)
         if not words:
             return
         head = words[0]
+        if status != "I" and head in ("commit", "end", "rollback", "abort"):
+            if words[1:2] != ["to"] and words[1:2] != ["prepared"]:
+                # COMMIT of a failed transaction rolls it back, as PostgreSQL does.
+                self._end_transaction(committed=head in ("commit", "end") and status == "T")
+            return
         if head == "set":
             if len(words) > 1 and words[1] in ("local", "transaction"):
                 return
-            self.set_statements.append(sql.strip())
+            if status != "I":
+                self.staged.append(("set", sql.strip()))
+            else:
+                self.set_statements.append(sql.strip())
         elif head == "reset":
-            if words[1:2] == ["all"]:
+            kind = "reset all" if words[1:2] == ["all"] else "reset"
+            if status != "I":
+                self.staged.append((kind, sql.strip()))
+            elif kind == "reset all":
                 self.set_statements.clear()
                 self.version += 1
             else:

@@ -582,10 +582,10 @@ class PgSession:
                     and all(t in _PLAIN_REQUEST for t, _ in msgs)):
                 # The common case, kept lean: whole simple Queries and/or Syncs from an idle
                 # session on a settled topology. _client_chunk does the same, and everything else.
+                backend = att.backend
                 for type_, payload in msgs:
                     if type_ == _Q:
-                        self.state.on_query_bytes(payload)
-                backend = att.backend
+                        self.state.on_query_bytes(payload, backend.status)
                 self.inflight = len(msgs)
                 self._partial_request = False
                 self._busy_on = backend.instance
@@ -653,7 +653,7 @@ class PgSession:
             if type_ in _REQUEST_ENDS:
                 self.inflight += 1
             if type_ == _Q:
-                self.state.on_query_bytes(payload)
+                self.state.on_query_bytes(payload, backend.status)
             elif type_ == _P:
                 if payload[0]:  # a named statement: kept for replay on other backends
                     name = payload[: payload.find(b"\0")].decode("utf-8", "surrogateescape")

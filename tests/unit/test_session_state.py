@@ -81,3 +81,19 @@ def test_query_payloads_are_tracked_like_their_text() -> None:
         by_text.on_query(sql)
         by_bytes.on_query_bytes(sql.encode() + b"\0")
         assert (by_text.replay_sql(), by_text.pinned_by) == (by_bytes.replay_sql(), by_bytes.pinned_by)
+
+
+def test_sets_in_a_transaction_count_only_if_it_commits() -> None:
+    s = SessionState()
+    s.on_query("SET a = 1")
+    s.on_query("SET b = 2", status="T")
+    s.on_query("ROLLBACK", status="T")
+    s.on_query("SET c = 3", status="T")
+    s.on_query("RESET a", status="T")
+    s.on_query("COMMIT", status="T")
+    s.on_query("SET d = 4", status="T")
+    s.on_query("COMMIT", status="E")  # a failed transaction: COMMIT rolls back
+    assert s.replay_sql() == ["SET a = 1", "SET c = 3", "RESET a"]
+    s.on_query("SET e = 5", status="T")
+    s.on_query("select 1", status="I")  # ended without a COMMIT we saw (extended protocol): kept
+    assert s.replay_sql()[-1] == "SET e = 5"
