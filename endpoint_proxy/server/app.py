@@ -12,7 +12,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from ..config import Address, ClusterConfig, Config, ConfigError, EndpointConfig, load_config
+from ..config import Address, Config, ConfigError, EndpointConfig, load_config
 from ..protocol.pg.startup import CancelRequest, encode_cancel_request, parse_startup_packet
 from .admin import AdminServer
 from .admin_console import AdminUsers, SessionInfo
@@ -428,11 +428,3 @@ class Proxy:
             log.info("cancel_failed", error=str(e))
         finally:
             await conn.aclose()
-
-
-def cluster_for_endpoint(config: Config, name: str) -> tuple[ClusterConfig, EndpointConfig]:
-    for c in config.clusters:
-        for ep in c.endpoints:
-            if ep.name == name:
-                return c, ep
-    raise KeyError(name)
