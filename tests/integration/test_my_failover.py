@@ -53,6 +53,7 @@ def test_kill_primary_then_promote(cluster: MariaDBCluster, tmp_path: Path) -> N
             cur.execute("INSERT INTO t VALUES (1)")
         readers = [_connect(proxy, cluster, "reader") for _ in range(2)]
         read_errors: list[BaseException] = []
+        rounds = [0]  # read rounds the loader finished (only the loader thread uses `readers`)
         stop = threading.Event()
 
         def read_load() -> None:
@@ -62,6 +63,7 @@ def test_kill_primary_then_promote(cluster: MariaDBCluster, tmp_path: Path) -> N
                         assert _one(r, "SELECT 1") == 1
                     except Exception as e:  # noqa: BLE001 - every failure counts
                         read_errors.append(e)
+                rounds[0] += 1
                 stop.wait(0.02)
 
         loader = threading.Thread(target=read_load)
@@ -90,7 +92,8 @@ def test_kill_primary_then_promote(cluster: MariaDBCluster, tmp_path: Path) -> N
             assert info.value.args[0] == 1927
             in_tx.rollback()
             assert _one(in_tx, "SELECT @@port") == cluster.instance(new).port
-            wait_until(lambda: len(read_errors) == 0 and _one(readers[0], "SELECT 1") == 1, 5, "reads after failover")
+            mark = rounds[0]
+            wait_until(lambda: rounds[0] >= mark + 3, 5, "reads after failover")
         finally:
             stop.set()
             loader.join(10)
