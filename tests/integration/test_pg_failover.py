@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,19 @@ async def _connect(proxy: ProxyProcess, cluster: PostgresCluster, endpoint: str)
     return await asyncpg.connect(host="127.0.0.1", port=proxy.port(endpoint), user=cluster.app_user,
                                  password=cluster.app_password, database=cluster.database, ssl=False,
                                  timeout=10)
+
+
+def _events(log_text: str) -> list[tuple[str, str | None]]:
+    """(event, instance) of each JSON line of a proxy log."""
+    found = []
+    for line in log_text.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # not a JSON line, or one still being written
+        if isinstance(event, dict):
+            found.append((event.get("event"), event.get("instance")))
+    return found
 
 
 async def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -165,13 +179,27 @@ def test_hung_primary_is_detected_and_old_primary_is_fenced(cluster: PostgresClu
 
 
 def _hung_then_fenced(cluster: PostgresCluster, proxy: ProxyProcess, old: str, new: str) -> None:
+    async def writer_port() -> int:
+        conn = await _connect(proxy, cluster, "writer")
+        try:
+            return int(await conn.fetchval("select inet_server_port()"))
+        finally:
+            await conn.close()
+
+    # Start from a settled topology (a slow first probe may have marked it down already),
+    # and look only at what the proxy logs from then on.
+    wait_until(lambda: asyncio.run(writer_port()) == cluster.instance(old).port, 10, "the writer to be known")
+    mark = len(proxy.log())
     cluster.sigstop(old)
     try:
-        wait_until(lambda: '"instance_down"' in proxy.log() and old in proxy.log(), 5,
+        wait_until(lambda: ("instance_down", old) in _events(proxy.log()[mark:]), 5,
                    "a SIGSTOPped primary to be declared down")
     finally:
         cluster.sigcont(old)
-    wait_until(lambda: proxy.log().count('"writer_changed"') >= 3, 5, "the writer to come back after SIGCONT")
+    wait_until(lambda: ("instance_up", old) in _events(proxy.log()[mark:])
+               and [e for e in _events(proxy.log()[mark:]) if e[0] == "writer_changed"][-1:] == [("writer_changed", old)],
+               5, "the writer to come back after SIGCONT")
+    assert asyncio.run(writer_port()) == cluster.instance(old).port
 
     # Promote a replica while the old primary stays writable: it has the lower timeline
     # and must be fenced, never receiving a write.
