@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ from ..protocol.pg.startup import CancelRequest, encode_cancel_request, parse_st
 from .admin import AdminServer
 from .admin_console import AdminUsers, SessionInfo
 from .cluster import ClusterRuntime
+from .hub import Hub
 from .metrics import EndpointMetrics, ProxyMetrics
 from .my_session import MySession
 from .net import RawConn
@@ -131,6 +133,7 @@ class Proxy:
         self._reload_lock = trio.Lock()
         self.draining = False
         self.console = ProxyConsole(self)
+        self.hub: Hub | None = None  # made in run(): an epoll belongs to one process
 
     def _open_listener(self, cluster: ClusterRuntime, ep: EndpointConfig) -> _Listener:
         sock = open_listener(ep.listen, reuse_port=self.workers > 1)
@@ -150,6 +153,8 @@ class Proxy:
     async def run(self, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
         pending: list[_Listener] = []
         admin_sock: socket.socket | None = None
+        if hasattr(select, "epoll"):
+            self.hub = Hub()
         try:
             if self.config.admin.listen is not None and self.worker_index == 0:
                 admin_sock = open_listener(self.config.admin.listen, reuse_port=False)
@@ -161,6 +166,8 @@ class Proxy:
                     pending.append(self._open_listener(cluster, ep))
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self.hub is not None:
+                    await nursery.start(self.hub.run)
                 self._session_nursery = await nursery.start(self._hold_sessions)
                 if admin_sock is not None:
                     await nursery.start(AdminServer(self, reload=self.reload_hook).serve, admin_sock)
@@ -196,6 +203,7 @@ class Proxy:
             connect_timeout_s=srv.connect_timeout_ms / 1000,
             cancel_handler=self.handle_cancel,
             console=self.console,
+            hub=self.hub,
         )
 
     async def _accept_loop(self, listener: _Listener) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import secrets
 import socket
 import ssl
@@ -29,6 +30,7 @@ from ..routing.endpoints import members
 from ..routing.pg_classify import FunctionPolicy, Route, classify
 from ..routing.session_state import SessionState, ends_transaction, is_rollback
 from .admin_console import CONSOLE_DATABASE, ConsoleState, SessionInfo, serve_pg_console, session_state
+from .hub import READ, HandBack, Hub
 from .net import Conn, RawConn, send_quietly, start_tls_server
 from .pg_backend import BackendConnection, BackendError, open_backend
 
@@ -92,7 +94,7 @@ class SessionContext:
                  startup_timeout_s: float, max_startup_bytes: int, max_message_bytes: int,
                  connect_timeout_s: float,
                  cancel_handler: Callable[[CancelRequest], object] | None = None,
-                 console: ConsoleState | None = None) -> None:
+                 console: ConsoleState | None = None, hub: Hub | None = None) -> None:
         self.cluster = cluster
         self.endpoint = endpoint
         self.tls_context = tls_context
@@ -103,6 +105,7 @@ class SessionContext:
         self.connect_timeout_s = connect_timeout_s
         self.cancel_handler = cancel_handler
         self.console = console
+        self.hub = hub  # relays sessions in steady state (raw sockets both ways)
 
 
 class _Fatal(Exception):
@@ -162,6 +165,12 @@ class PgSession:
         self._sql_prepared_routes: dict[str, Route] = {}
         self._functions = FunctionPolicy()
         self._wrote = False  # session consistency: a write since the last verified read
+        # The client side of the relay: its scanner and buffer (the hub's callback uses them too).
+        self._scanner: MessageScanner
+        self._buf: bytearray
+        self._view: memoryview
+        self._state_applied = False  # the chunk's queries are already in self.state
+        self._csock: socket.socket  # the client's socket, when it is a raw one
         # The request in flight (since the session was last idle): what a retry needs.
         self.inflight = 0  # ReadyForQuery messages still owed to the client
         self.request_buf = bytearray()
@@ -507,7 +516,7 @@ class PgSession:
                 nursery.cancel_scope.cancel()
 
     def _start_attachment(self, backend: BackendConnection) -> None:
-        att = _Attachment(backend)
+        att = _Attachment(backend, self._hub_answer)
         self.backend = backend
         self._att = att
         assert self._nursery is not None
@@ -552,17 +561,45 @@ class PgSession:
 
     async def _client_loop(self, leftover: bytes) -> None:
         wanted = b"QPCSFXB" if self._readwrite else b"QPCSFX"
-        scanner = MessageScanner(wanted, max_length=self.ctx.max_message_bytes)
-        buf = bytearray(RELAY_BUFFER)
-        view = memoryview(buf)
+        scanner = self._scanner = MessageScanner(wanted, max_length=self.ctx.max_message_bytes)
+        buf = self._buf = bytearray(RELAY_BUFFER)
+        view = self._view = memoryview(buf)
         client = self.client
         wait_first = False
-        fast = not self._readwrite
+        # The hub relays the session's requests while it stays on the fast path below; for
+        # readwrite every request needs a routing decision, which this task makes.
+        hub = None
+        if isinstance(client, RawConn) and not self._readwrite:
+            hub = self.ctx.hub
+            self._csock = client.sock
         pending: memoryview | None = memoryview(leftover) if leftover else None
         while True:
             if pending is not None:
                 chunk, pending = pending, None
             else:
+                if wait_first and hub is not None and self._att is not None and type(self._att.backend.conn) is RawConn:
+                    try:
+                        got = await hub.wait(self._csock.fileno(), self._hub_request)
+                    except FrameError as e:
+                        self.log.info("client_protocol_error", error=e.message)
+                        return
+                    assert isinstance(got, HandBack)
+                    if got.kind == _HB_CHUNK:
+                        if not await self._client_chunk(view[: got.data], got.extra):
+                            return
+                        wait_first = scanner.at_boundary
+                        continue
+                    if got.kind == _HB_SEND:  # the rest of a request the backend did not take at once
+                        att = got.extra
+                        try:
+                            await att.backend.conn.send_all(got.data)
+                        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+                            await att.done.wait()  # the server pump deals with the loss
+                        continue
+                    if got.kind == _HB_LOST:  # the backend refused the request
+                        await got.extra.done.wait()
+                        continue
+                    wait_first = False  # READ: the socket is ours again
                 # A chunk that ended on a message boundary was most likely a whole request:
                 # the client now waits for the answer, so wait before trying to read.
                 n = await (client.recv_into_after_wait(buf) if wait_first else client.recv_into(buf))
@@ -575,45 +612,106 @@ class PgSession:
                 self.log.info("client_protocol_error", error=e.message)
                 return
             wait_first = scanner.at_boundary
-            att = self._att
-            if (fast and wait_first and msgs and att is not None and self.inflight == 0 and self._mode is None
-                    and not self._partial_request and not self.draining
-                    and self._topology.generation == self._checked_generation
-                    and all(t in _PLAIN_REQUEST for t, _ in msgs)):
-                # The common case, kept lean: whole simple Queries and/or Syncs from an idle
-                # session on a settled topology. _client_chunk does the same, and everything else.
-                backend = att.backend
-                for type_, payload in msgs:
-                    if type_ == _Q:
-                        self.state.on_query_bytes(payload, backend.status)
-                self.inflight = len(msgs)
-                self._partial_request = False
-                self._busy_on = backend.instance
-                self.ctx.cluster.inflight[backend.instance] += 1
-                self.metrics.statement("reader" if backend.in_recovery else "writer")
-                backend.sets_applied = len(self.state.set_statements)
-                if self.state.version != backend.set_version or (
-                        not self._pinned_counted and self.state.pinned_by is not None):
-                    self.inflight = 0  # let the general path account for it
-                    self.ctx.cluster.inflight[backend.instance] -= 1
-                    self._busy_on = None
-                    if not await self._client_chunk(chunk, msgs):
-                        return
+            if wait_first and not self._readwrite:
+                att = self._att
+                if att is not None and self._start_plain(att, msgs, chunk):
+                    try:
+                        await att.backend.conn.send_all(chunk)
+                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+                        await att.done.wait()
                     continue
-                self.request_status = backend.status
-                self.request_forwarded = False
-                self.request_retryable = len(msgs) == 1 and len(chunk) <= _RETRY_BUFFER_LIMIT
-                self.request_buf[:] = chunk if self.request_retryable else b""
-                try:
-                    await backend.conn.send_all(chunk)
-                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
-                    await att.done.wait()
-                continue
             if not await self._client_chunk(chunk, msgs):
                 return
 
+    def _start_plain(self, att: _Attachment, msgs: list[tuple[int, bytes]], chunk: memoryview) -> bool:
+        """The common case, kept lean: whole requests made of simple Queries, Parses and
+        Syncs (and what the scanner does not report: Bind, Execute, Describe, Flush, COPY
+        data) on a settled topology that change nothing but what is cheap to track. Do the
+        bookkeeping of sending ``chunk`` (which ends on a message boundary) and return True;
+        False leaves everything to ``_client_chunk``."""
+        if self._mode is not None or self.draining or self._topology.generation != self._checked_generation:
+            return False
+        ends = 0
+        for type_, _payload in msgs:
+            if type_ == _Q or type_ == _S:
+                ends += 1
+            elif type_ != _P:
+                return False
+        starts = self.inflight == 0 and not self._partial_request
+        if starts and (not ends or msgs[-1][0] == _P):
+            return False  # not a whole request
+        state = self.state
+        backend = att.backend
+        status = backend.status
+        version = state.version
+        pinned = state.pinned_by
+        for type_, payload in msgs:
+            if type_ == _Q:
+                state.on_query_bytes(payload, status)
+            elif type_ == _P:
+                if payload[0]:  # a named statement: kept for replay on other backends
+                    name = payload[: payload.find(b"\0")].decode("utf-8", "surrogateescape")
+                    state.on_parse(name, _frame_bytes(_P, payload))
+                    backend.statements.add(name)
+                elif b"advisory" in payload:
+                    state.on_parse("", payload)
+        if state.version != version or state.pinned_by != pinned or version != backend.set_version:
+            self._state_applied = True  # _client_chunk must not apply these queries again
+            return False
+        if msgs:
+            self._partial_request = msgs[-1][0] == _P
+        backend.sets_applied = len(state.set_statements)
+        if starts:
+            self.inflight = ends
+            self._busy_on = backend.instance
+            self.ctx.cluster.inflight[backend.instance] += 1
+            self.metrics.statement("reader" if backend.in_recovery else "writer")
+            self.request_status = status
+            self.request_forwarded = False
+            self.request_retryable = ends == 1 and len(chunk) <= _RETRY_BUFFER_LIMIT
+            self.request_buf[:] = chunk if self.request_retryable else b""
+        else:  # more of a request, or a pipelined one
+            self.inflight += ends
+            if self.request_retryable:
+                if self.inflight > 1 or len(self.request_buf) + len(chunk) > _RETRY_BUFFER_LIMIT:
+                    self.request_retryable = False
+                    self.request_buf.clear()
+                else:
+                    self.request_buf += chunk
+        return True
+
+    def _hub_request(self) -> HandBack | None:
+        """Run by the hub when the client's socket is readable: relay a plain request to the
+        backend, or hand the bytes back to the session's task."""
+        try:
+            n = self._csock.recv_into(self._buf)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return READ
+        if n == 0:
+            return READ
+        chunk = self._view[:n]
+        scanner = self._scanner
+        msgs = scanner.scan(chunk)
+        att = self._att
+        if not (scanner.at_boundary and att is not None and att.sock is not None
+                and self._start_plain(att, msgs, chunk)):
+            return HandBack(_HB_CHUNK, n, msgs)
+        sock = att.sock
+        try:
+            sent = sock.send(chunk)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return HandBack(_HB_LOST, None, att)
+        if sent == n:
+            return None
+        return HandBack(_HB_SEND, bytes(chunk[sent:]), att)
+
     async def _client_chunk(self, chunk: memoryview, msgs: list[tuple[int, bytes]]) -> bool:
         """Handle one chunk of client bytes; False ends the session."""
+        applied, self._state_applied = self._state_applied, False
         if self.draining and self.idle():
             await self._send_quietly(fatal_bytes("57P01", "terminating connection due to administrator command"))
             return False
@@ -653,7 +751,8 @@ class PgSession:
             if type_ in _REQUEST_ENDS:
                 self.inflight += 1
             if type_ == _Q:
-                self.state.on_query_bytes(payload, backend.status)
+                if not applied:
+                    self.state.on_query_bytes(payload, backend.status)
             elif type_ == _P:
                 if payload[0]:  # a named statement: kept for replay on other backends
                     name = payload[: payload.find(b"\0")].decode("utf-8", "surrogateescape")
@@ -913,56 +1012,65 @@ class PgSession:
     async def _server_pump(self, att: _Attachment) -> None:
         backend = att.backend
         src, dst = backend.conn, self.client
-        scanner = MessageScanner(b"ZSE")
-        buf = bytearray(RELAY_BUFFER)
-        view = memoryview(buf)
+        scanner = att.scanner
+        view = att.view
+        hub = None
+        if isinstance(src, RawConn) and isinstance(dst, RawConn):
+            hub = self.ctx.hub
+            self._csock = dst.sock
         idle = False
         lost = False
         try:
             with att.scope:
                 while True:
+                    if idle and hub is not None:
+                        got = await hub.wait(src.sock.fileno(), att.on_readable)  # type: ignore[attr-defined]
+                        assert isinstance(got, HandBack)
+                        if got.kind == _HB_SEND:  # the client did not take the answer at once
+                            try:
+                                await dst.send_all(got.data)
+                            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+                                self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
+                                return
+                            idle = got.extra
+                            if idle and self.draining and self.idle():
+                                self.scope.cancel()
+                            continue
+                        if got.kind == _HB_LOST:
+                            if got.data:  # what came before the backend's farewell
+                                self.request_forwarded = True
+                                try:
+                                    await dst.send_all(got.data)
+                                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+                                    self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
+                                    return
+                            lost = True
+                            break
+                        if got.kind == _HB_GONE:
+                            self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
+                            return
+                        idle = False  # READ: the socket is ours again
                     try:
                         # After a ReadyForQuery that ended the chunk the server has nothing to
                         # say until the client asks again: wait before trying to read.
-                        n = await (src.recv_into_after_wait(buf) if idle else src.recv_into(buf))
+                        n = await (src.recv_into_after_wait(att.buf) if idle else src.recv_into(att.buf))
                     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
                         n = 0
                     if n == 0:
                         lost = True
                         break
-                    chunk = view[:n]
                     try:
-                        found = scanner.scan(chunk)
+                        chunk, ready, lost = self._server_chunk(backend, view[:n], scanner.scan(view[:n]))
                     except ProtocolError:
                         lost = True
                         break
-                    ready = False
-                    for type_, payload in found:
-                        if type_ == _Z:
-                            ready = True
-                            backend.status = chr(payload[0]) if payload else backend.status
-                            if self.inflight:
-                                self.inflight -= 1
-                                if not self.inflight:
-                                    self._request_done()
-                        elif type_ == _S:
-                            self._note_parameter(payload)
-                        elif _is_fatal(payload):
-                            # The server is about to close (shutdown, crash of a sibling,
-                            # terminate): the session survives it, so the client must not
-                            # see the FATAL. It is the last message the server sends.
-                            size = len(payload) + 5
-                            if chunk[n - size:n] == _frame_bytes(_E, payload):
-                                chunk = chunk[: n - size]
-                            lost = True
-                    if not chunk:
-                        break
-                    self.request_forwarded = True
-                    try:
-                        await dst.send_all(chunk)
-                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
-                        self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
-                        return
+                    if chunk:
+                        self.request_forwarded = True
+                        try:
+                            await dst.send_all(chunk)
+                        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+                            self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
+                            return
                     if lost:
                         break
                     idle = ready and scanner.at_boundary
@@ -972,6 +1080,67 @@ class PgSession:
                 await self._backend_lost(att)
         finally:
             att.done.set()
+
+    def _server_chunk(self, backend: BackendConnection, chunk: memoryview,
+                      found: list[tuple[int, bytes]]) -> tuple[memoryview, bool, bool]:
+        """Account for the messages of a chunk of server bytes. Returns what to forward to
+        the client, whether a ReadyForQuery came, and whether the backend is lost."""
+        ready = False
+        lost = False
+        for type_, payload in found:
+            if type_ == _Z:
+                ready = True
+                if payload:
+                    backend.status = chr(payload[0])
+                if self.inflight:
+                    self.inflight -= 1
+                    if not self.inflight:
+                        self._request_done()
+            elif type_ == _S:
+                self._note_parameter(payload)
+            elif _is_fatal(payload):
+                # The server is about to close (shutdown, crash of a sibling, terminate):
+                # the session survives it, so the client must not see the FATAL. It is the
+                # last message the server sends.
+                size = len(payload) + 5
+                n = len(chunk)
+                if chunk[n - size:n] == _frame_bytes(_E, payload):
+                    chunk = chunk[: n - size]
+                lost = True
+        return chunk, ready, lost
+
+    def _hub_answer(self, att: _Attachment) -> HandBack | None:
+        """Run by the hub when the backend's socket is readable: relay the answer to the client."""
+        sock = att.sock
+        assert sock is not None
+        try:
+            n = sock.recv_into(att.buf)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return READ
+        if n == 0:
+            return READ
+        scanner = att.scanner
+        try:
+            chunk, ready, lost = self._server_chunk(att.backend, att.view[:n], scanner.scan(att.view[:n]))
+        except ProtocolError:
+            return HandBack(_HB_LOST, b"")
+        if lost:
+            return HandBack(_HB_LOST, bytes(chunk))
+        self.request_forwarded = True
+        try:
+            sent = self._csock.send(chunk)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return HandBack(_HB_GONE)
+        idle = ready and scanner.at_boundary
+        if sent < len(chunk):
+            return HandBack(_HB_SEND, bytes(chunk[sent:]), idle)
+        if idle and self.draining and self.idle():
+            self.scope.cancel()  # the transaction or statement finished: close now
+        return None
 
     def _note_parameter(self, payload: bytes) -> None:
         name, _, rest = payload.partition(b"\0")
@@ -1027,6 +1196,9 @@ _RETRY_BUFFER_LIMIT = 1 << 20
 _Q, _P, _C, _S, _F, _X, _Z, _E, _B = (ord(c) for c in "QPCSFXZEB")
 _REQUEST_ENDS = frozenset((_Q, _S, _F))
 _PLAIN_REQUEST = frozenset((_Q, _S))
+# What a hub callback hands back to the session's task (besides hub.READ): the chunk for
+# the general path, bytes still to send, a lost backend, a client gone.
+_HB_CHUNK, _HB_SEND, _HB_LOST, _HB_GONE = 1, 2, 3, 4
 
 
 def _is_fatal(error_payload: bytes) -> bool:
@@ -1063,12 +1235,18 @@ class _ServerRefused(Exception):
 class _Attachment:
     """One backend connection of a session and the task pumping its answers to the client."""
 
-    def __init__(self, backend: BackendConnection) -> None:
+    def __init__(self, backend: BackendConnection, on_readable: Callable[[_Attachment], HandBack | None]) -> None:
         self.backend = backend
         self.scope = trio.CancelScope()
         self.done = trio.Event()
         self.closing = False
         self.released = False
+        self.scanner = MessageScanner(b"ZSE")
+        self.buf = bytearray(RELAY_BUFFER)
+        self.view = memoryview(self.buf)
+        conn = backend.conn
+        self.sock: socket.socket | None = conn.sock if isinstance(conn, RawConn) else None
+        self.on_readable: Callable[[], HandBack | None] = functools.partial(on_readable, self)
 
 
 @dataclass
