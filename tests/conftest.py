@@ -9,7 +9,7 @@ import pytest
 from endpoint_proxy.localcluster.certs import write_self_signed
 from endpoint_proxy.localcluster.mariadb import MariaDBCluster
 from endpoint_proxy.localcluster.postgresql import PostgresCluster
-from tests.fixtures.proxy import ProxyProcess, my_proxy_config, pg_proxy_config
+from tests.fixtures.proxy import ProxyProcess, free_port, my_proxy_config, pg_proxy_config
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +30,7 @@ def pg_proxy(pg_cluster: PostgresCluster, tmp_path_factory: pytest.TempPathFacto
     pg_cluster.sql(primary, "create or replace function app_bump() returns int language sql volatile "
                             "as 'insert into bumps values (1) returning n'", user=pg_cluster.app_user)
     doc = pg_proxy_config(pg_cluster)
+    doc["admin"] = {"listen": f"127.0.0.1:{free_port()}"}
     with ProxyProcess(doc, tmp_path_factory.mktemp("proxy")) as proxy:
         yield proxy
 

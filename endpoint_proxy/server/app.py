@@ -134,6 +134,7 @@ class Proxy:
         self.draining = False
         self.console = ProxyConsole(self)
         self.hub: Hub | None = None  # made in run(): an epoll belongs to one process
+        self.metrics.watch_hub(lambda: self.hub)
 
     def _open_listener(self, cluster: ClusterRuntime, ep: EndpointConfig) -> _Listener:
         sock = open_listener(ep.listen, reuse_port=self.workers > 1)

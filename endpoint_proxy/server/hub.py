@@ -58,6 +58,10 @@ class Hub:
         self._epoll = select.epoll()
         self._parked: dict[int, _Parked] = {}
         self.running = False
+        # Plain integers for the metrics (read at scrape time): callbacks run, and how many
+        # of them handed the work back to their session's task.
+        self.events = 0
+        self.handbacks = 0
 
     @property
     def parked(self) -> int:
@@ -75,6 +79,7 @@ class Hub:
                     events = epoll.poll(0, _MAX_EVENTS)
                     if not events:
                         break
+                    self.events += len(events)
                     for fd, _mask in events:
                         entry = parked.get(fd)
                         if entry is None:
@@ -98,6 +103,7 @@ class Hub:
         if self._parked.get(fd) is not entry:
             return  # the callback's own work cancelled the task (a drain), which forgot it
         del self._parked[fd]
+        self.handbacks += 1
         try:
             self._epoll.unregister(fd)
         except OSError:

@@ -21,6 +21,7 @@ from ..topology.state import Role, TopologyEvent
 
 if TYPE_CHECKING:
     from .cluster import ClusterRuntime
+    from .hub import Hub
 
 # The *_created series double the output and nobody graphs them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -169,6 +170,34 @@ class StatementCollector:
         return [family]
 
 
+class HubCollector:
+    """The relay hub's counts (see server/hub.py), read at scrape time."""
+
+    def __init__(self) -> None:
+        self.hub: Callable[[], Hub | None] = lambda: None
+
+    @staticmethod
+    def _families(events: int = 0, handbacks: int = 0, parked: int = 0) -> list[Metric]:
+        return [
+            CounterMetricFamily("endpoint_proxy_relay_events",
+                                "socket readiness events the relay hub served (a request or an answer, mostly)",
+                                value=events),
+            CounterMetricFamily("endpoint_proxy_relay_handbacks",
+                                "times the relay hub handed a session back to its own task (slow paths)",
+                                value=handbacks),
+            GaugeMetricFamily("endpoint_proxy_relay_parked", "sockets parked in the relay hub now", value=parked),
+        ]
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        hub = self.hub()
+        if hub is None:
+            return []
+        return self._families(hub.events, hub.handbacks, hub.parked)
+
+
 class TopologyCollector:
     """Instance and endpoint gauges computed at scrape time from the live clusters."""
 
@@ -252,6 +281,8 @@ class ProxyMetrics:
         self._topology = TopologyCollector(lambda: ())
         r.register(self._topology)
         r.register(StatementCollector(self))
+        self._hub = HubCollector()
+        r.register(self._hub)
 
     def cluster(self, name: str) -> ClusterMetrics:
         cm = self._clusters.get(name)
@@ -262,3 +293,7 @@ class ProxyMetrics:
     def watch(self, clusters: Callable[[], Iterable[ClusterRuntime]]) -> None:
         """Where the topology gauges come from; called at every scrape."""
         self._topology.clusters = clusters
+
+    def watch_hub(self, hub: Callable[[], Hub | None]) -> None:
+        """Where the relay hub's counts come from; called at every scrape."""
+        self._hub.hub = hub

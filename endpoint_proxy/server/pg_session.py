@@ -1195,7 +1195,6 @@ _TX_LOST = ("the server connection was lost during the transaction; its outcome 
 _RETRY_BUFFER_LIMIT = 1 << 20
 _Q, _P, _C, _S, _F, _X, _Z, _E, _B = (ord(c) for c in "QPCSFXZEB")
 _REQUEST_ENDS = frozenset((_Q, _S, _F))
-_PLAIN_REQUEST = frozenset((_Q, _S))
 # What a hub callback hands back to the session's task (besides hub.READ): the chunk for
 # the general path, bytes still to send, a lost backend, a client gone.
 _HB_CHUNK, _HB_SEND, _HB_LOST, _HB_GONE = 1, 2, 3, 4

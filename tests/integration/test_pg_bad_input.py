@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import socket
 import struct
 import time
 from collections.abc import Iterator
@@ -14,36 +12,11 @@ import pytest
 
 from endpoint_proxy.localcluster.postgresql import PostgresCluster
 from endpoint_proxy.protocol.pg import messages as m
-from endpoint_proxy.protocol.pg.framing import FrameReader
 from endpoint_proxy.protocol.pg.startup import encode_ssl_request, encode_startup_message
+from tests.fixtures.pgwire import md5_login, messages, open_socket, read_all
 from tests.fixtures.proxy import ProxyProcess
 
 pytestmark = pytest.mark.integration
-
-
-def open_socket(proxy: ProxyProcess, endpoint: str = "writer") -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", proxy.port(endpoint)), timeout=10)
-    return s
-
-
-def read_all(s: socket.socket, timeout: float = 10) -> bytes:
-    """Everything the proxy sends until it closes the connection."""
-    s.settimeout(timeout)
-    chunks = []
-    while True:
-        data = s.recv(65536)
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
-
-
-def messages(data: bytes) -> list[m.Message]:
-    reader = FrameReader()
-    reader.feed(data)
-    out = []
-    while (msg := reader.next_message()) is not None:
-        out.append(m.decode_backend(*msg))
-    return out
 
 
 def fatal(data: bytes) -> m.ErrorResponse:
@@ -131,33 +104,8 @@ def test_malformed_scram_message(pg_proxy: ProxyProcess, bystander: None) -> Non
         assert fatal(read_all(s)).sqlstate == "08P01"
 
 
-def _md5_login(proxy: ProxyProcess) -> socket.socket:
-    """Log in as md5user by hand; returns the socket after ReadyForQuery."""
-    s = open_socket(proxy)
-    s.sendall(encode_startup_message({"user": "md5user", "database": "app"}))
-    reader = FrameReader()
-    s.settimeout(10)
-    while True:
-        reader.feed(s.recv(65536))
-        msg = reader.next_message()
-        if msg is not None:
-            break
-    request = m.decode_backend(*msg)
-    assert isinstance(request, m.AuthenticationMD5Password)
-    inner = hashlib.md5(b"md5-secret" + b"md5user").hexdigest().encode()
-    digest = "md5" + hashlib.md5(inner + request.salt).hexdigest()
-    s.sendall(m.PasswordMessage(digest).encode())
-    while True:
-        while (msg := reader.next_message()) is not None:
-            if isinstance(m.decode_backend(*msg), m.ReadyForQuery):
-                return s
-        data = s.recv(65536)
-        assert data, "proxy closed the connection during login"
-        reader.feed(data)
-
-
 def test_huge_message_after_login_closes_only_that_session(pg_proxy: ProxyProcess, bystander: None) -> None:
-    s = _md5_login(pg_proxy)
+    s = md5_login(pg_proxy)
     with s:
         s.sendall(b"Q" + struct.pack("!I", 0x7FFFFFF0) + b"select 1")
         started = time.monotonic()
@@ -166,7 +114,7 @@ def test_huge_message_after_login_closes_only_that_session(pg_proxy: ProxyProces
 
 
 def test_length_below_four_after_login(pg_proxy: ProxyProcess, bystander: None) -> None:
-    s = _md5_login(pg_proxy)
+    s = md5_login(pg_proxy)
     with s:
         s.sendall(b"Q" + struct.pack("!I", 2))
         assert read_all(s) == b""

@@ -196,9 +196,13 @@ def _hung_then_fenced(cluster: PostgresCluster, proxy: ProxyProcess, old: str, n
                    "a SIGSTOPped primary to be declared down")
     finally:
         cluster.sigcont(old)
-    wait_until(lambda: ("instance_up", old) in _events(proxy.log()[mark:])
-               and [e for e in _events(proxy.log()[mark:]) if e[0] == "writer_changed"][-1:] == [("writer_changed", old)],
-               5, "the writer to come back after SIGCONT")
+
+    def writer_back() -> bool:
+        events = _events(proxy.log()[mark:])
+        writers = [e for e in events if e[0] == "writer_changed"]
+        return ("instance_up", old) in events and writers[-1:] == [("writer_changed", old)]
+
+    wait_until(writer_back, 5, "the writer to come back after SIGCONT")
     assert asyncio.run(writer_port()) == cluster.instance(old).port
 
     # Promote a replica while the old primary stays writable: it has the lower timeline

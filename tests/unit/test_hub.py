@@ -1,0 +1,190 @@
+"""The relay hub (server/hub.py) on socket pairs: no server, no proxy."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+import trio
+import trio.testing
+
+from endpoint_proxy.server.hub import READ, HandBack, Hub
+
+
+@pytest.fixture
+def pairs() -> Iterator[Callable[[], tuple[socket.socket, socket.socket]]]:
+    made: list[socket.socket] = []
+
+    def make() -> tuple[socket.socket, socket.socket]:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        made.extend((a, b))
+        return a, b
+
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[Hub]:
+    hub = Hub()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        yield hub
+        nursery.cancel_scope.cancel()
+
+
+def _reader(sock: socket.socket, seen: list[bytes], until: bytes) -> Callable[[], HandBack | None]:
+    """A callback that reads what is there and hands back once it has read ``until``."""
+
+    def on_readable() -> HandBack | None:
+        data = sock.recv(4096)
+        if not data:
+            return READ
+        seen.append(data)
+        return HandBack(7, b"".join(seen)) if b"".join(seen).endswith(until) else None
+
+    return on_readable
+
+
+async def test_callbacks_run_in_the_hub_until_one_hands_back(hub: Hub, pairs) -> None:  # type: ignore[no-untyped-def]
+    a, b = pairs()
+    seen: list[bytes] = []
+    result: list[object] = []
+
+    async def parked() -> None:
+        result.append(await hub.wait(a.fileno(), _reader(a, seen, b"!")))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(parked)
+        await trio.testing.wait_all_tasks_blocked()
+        assert hub.parked == 1
+        for part in (b"one ", b"two ", b"three!"):
+            b.send(part)
+            await trio.testing.wait_all_tasks_blocked()
+    assert len(result) == 1
+    got = result[0]
+    assert isinstance(got, HandBack) and got.kind == 7 and got.data == b"one two three!"
+    assert len(seen) == 3  # one call per readiness, in the hub's task
+    assert hub.parked == 0
+    # Handed back: the socket is no longer watched, so the hub leaves new data alone.
+    b.send(b"later")
+    await trio.testing.wait_all_tasks_blocked()
+    assert a.recv(100) == b"later"
+
+
+async def test_level_triggered_a_partial_read_is_called_again(hub: Hub, pairs) -> None:  # type: ignore[no-untyped-def]
+    a, b = pairs()
+    got: list[bytes] = []
+
+    def one_byte() -> HandBack | None:
+        got.append(a.recv(1))
+        return HandBack(1) if len(got) == 5 else None
+
+    b.send(b"12345")
+    with trio.fail_after(5):
+        result = await hub.wait(a.fileno(), one_byte)
+    assert isinstance(result, HandBack) and result.kind == 1
+    assert b"".join(got) == b"12345"
+
+
+async def test_cancel_unparks_and_forgets_the_socket(hub: Hub, pairs) -> None:  # type: ignore[no-untyped-def]
+    a, b = pairs()
+    calls: list[int] = []
+
+    def never() -> HandBack | None:
+        calls.append(1)
+        return None
+
+    with trio.move_on_after(0.05) as scope:
+        await hub.wait(a.fileno(), never)
+    assert scope.cancelled_caught
+    assert hub.parked == 0
+    b.send(b"x")
+    await trio.sleep(0.05)
+    assert calls == []
+    # The same descriptor can be parked again afterwards.
+    got: list[bytes] = []
+    result = await hub.wait(a.fileno(), _reader(a, got, b"x"))
+    assert isinstance(result, HandBack) and result.data == b"x"
+
+
+async def test_a_failing_callback_raises_in_its_own_task_only(hub: Hub, pairs) -> None:  # type: ignore[no-untyped-def]
+    (a, b), (c, d) = pairs(), pairs()
+    outcomes: dict[str, object] = {}
+
+    def broken() -> HandBack | None:
+        raise ValueError("bad bytes")
+
+    async def victim() -> None:
+        try:
+            await hub.wait(a.fileno(), broken)
+        except ValueError as e:
+            outcomes["victim"] = e
+
+    async def bystander() -> None:
+        outcomes["bystander"] = await hub.wait(c.fileno(), _reader(c, [], b"ok"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(victim)
+        nursery.start_soon(bystander)
+        await trio.testing.wait_all_tasks_blocked()
+        b.send(b"boom")
+        await trio.testing.wait_all_tasks_blocked()
+        d.send(b"ok")
+    assert isinstance(outcomes["victim"], ValueError)
+    got = outcomes["bystander"]
+    assert isinstance(got, HandBack) and got.data == b"ok"
+
+
+async def test_end_of_stream_hands_back_read(hub: Hub, pairs) -> None:  # type: ignore[no-untyped-def]
+    a, b = pairs()
+    b.close()
+    with trio.fail_after(5):
+        assert await hub.wait(a.fileno(), _reader(a, [], b"never")) is READ
+
+
+async def test_many_sockets_share_one_hub(hub: Hub, pairs) -> None:  # type: ignore[no-untyped-def]
+    socks = [pairs() for _ in range(200)]
+    results: dict[int, object] = {}
+
+    async def park(i: int, s: socket.socket) -> None:
+        results[i] = await hub.wait(s.fileno(), _reader(s, [], b"\n"))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for i, (a, _b) in enumerate(socks):
+                nursery.start_soon(park, i, a)
+            await trio.testing.wait_all_tasks_blocked()
+            assert hub.parked == 200
+            for i, (_a, b) in enumerate(socks):
+                b.send(f"{i}\n".encode())
+    assert all(isinstance(r, HandBack) and r.data == f"{i}\n".encode() for i, r in results.items())
+    assert len(results) == 200
+    assert hub.events >= 200
+
+
+async def test_a_stopped_hub_hands_every_socket_back(pairs) -> None:  # type: ignore[no-untyped-def]
+    hub = Hub()
+    a, _b = pairs()
+    # Not running yet: the caller reads by itself.
+    assert await hub.wait(a.fileno(), _reader(a, [], b"!")) is READ
+    result: list[object] = []
+
+    async def parked() -> None:
+        result.append(await hub.wait(a.fileno(), _reader(a, [], b"!")))
+
+    async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hub.run)
+            outer.start_soon(parked)
+            await trio.testing.wait_all_tasks_blocked()
+            assert hub.parked == 1
+            nursery.cancel_scope.cancel()
+    assert result == [READ]
+    assert hub.parked == 0
+    # Stopped: the caller reads by itself again.
+    assert await hub.wait(a.fileno(), _reader(a, [], b"!")) is READ
