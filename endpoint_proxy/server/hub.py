@@ -116,9 +116,14 @@ class Hub:
         ``fd`` while parked, nor close it (cancel the task first)."""
         if not self.running:
             return READ
+        if fd in self._parked:
+            raise RuntimeError(f"descriptor {fd} is already parked in the relay hub")
+        try:
+            self._epoll.register(fd, select.EPOLLIN)
+        except FileExistsError:  # still registered though nobody is parked on it: take it over
+            self._epoll.modify(fd, select.EPOLLIN)
         entry = _Parked(trio.lowlevel.current_task(), callback)
         self._parked[fd] = entry
-        self._epoll.register(fd, select.EPOLLIN)
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             if self._parked.get(fd) is entry:

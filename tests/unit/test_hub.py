@@ -188,3 +188,19 @@ async def test_a_stopped_hub_hands_every_socket_back(pairs) -> None:  # type: ig
     assert hub.parked == 0
     # Stopped: the caller reads by itself again.
     assert await hub.wait(a.fileno(), _reader(a, [], b"!")) is READ
+
+
+async def test_one_task_per_descriptor(hub: Hub, pairs) -> None:  # type: ignore[no-untyped-def]
+    a, b = pairs()
+    result: list[object] = []
+
+    async def parked() -> None:
+        result.append(await hub.wait(a.fileno(), _reader(a, [], b"!")))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(parked)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(RuntimeError, match="already parked"):
+            await hub.wait(a.fileno(), _reader(a, [], b"!"))
+        b.send(b"!")
+    assert len(result) == 1 and isinstance(result[0], HandBack) and result[0].data == b"!"
