@@ -2,31 +2,42 @@
 
 A session task that would otherwise wait for its socket to become readable parks here
 instead, with a callback. The hub owns one ``select.epoll`` whose registrations persist
-while the task is parked, and waits on that epoll's own descriptor through trio. When a
-parked socket is readable the hub calls the callback right there, in the hub's task: the
-callback reads, relays and returns ``None`` to stay parked, or returns a value to hand the
-work back, which wakes the parked task with that value.
+while the task is parked. When a parked socket is readable the hub calls the callback
+right there: the callback reads, relays and returns ``None`` to stay parked, or returns a
+value to hand the work back, which wakes the parked task with that value.
+
+Where the callbacks run: inside trio's own I/O dispatch, between two task batches (see
+``_LoopHook``; the hub's epoll sits in trio's), or, where that hook cannot be installed, in
+the hub's task, which then waits for its epoll's descriptor through trio.
 
 Why: parked in trio, every wait costs an ``epoll_ctl`` re-arm (trio's registrations are
 one-shot), a scheduler pass and a task switch, per message, per direction. Here a steady
-request/response stream costs the ``recv`` and ``send`` and a share of one ``epoll_wait``;
-the sessions' own tasks run only for what is not routine (startup, failover, routing
-decisions, a peer that reads slower than the other side writes).
+request/response stream costs the ``recv`` and ``send`` and a share of two ``epoll_wait``
+calls; the sessions' own tasks run only for what is not routine (startup, failover,
+routing decisions, a peer that reads slower than the other side writes).
 """
 
 from __future__ import annotations
 
+import math
 import select
 from collections.abc import Callable
 from typing import Any
 
 import outcome
+import structlog
 import trio
+
+log = structlog.get_logger("endpoint_proxy.hub")
 
 # Events taken from the epoll per poll, and polls run back to back before the hub lets
 # the rest of the process (new connections, monitors, slow paths) have a turn.
 _MAX_EVENTS = 512
 _ROUNDS = 4
+# Back-to-back epoll waits the hub may do inside one trio dispatch (see _LoopHook), and
+# the longest of them (trio's own cap is a day; the next deadline usually comes first).
+_DISPATCH_ROUNDS = 64
+_MAX_SLEEP_S = 3600.0
 
 
 class HandBack:
@@ -53,8 +64,125 @@ class _Parked:
         self.callback = callback
 
 
+class _LoopHook:
+    """Serve the hub from inside trio's run loop: the hub's epoll sits in trio's own epoll
+    (level-triggered, registered once), and when trio's I/O dispatch (``process_events``)
+    meets the hub's descriptor, the hub's callbacks run right there, between two task
+    batches, as trio's own dispatch would wake tasks. No task switch, no re-arm, no second
+    wait per wake-up: one ``epoll_wait`` by trio, one ``epoll_wait(0)`` by the hub.
+
+    Trio has no public API for this: the dispatch method of trio's epoll I/O manager class
+    is wrapped once per process (inert for a run loop without a hub). ``install`` returns
+    None when this trio does not look as expected; the hub then waits for its descriptor
+    through trio like any task, which costs more per message and is otherwise the same."""
+
+    _hooks: dict[int, _LoopHook] = {}  # id(io manager) -> its hook
+    _original: Callable[[Any, Any], None] | None = None
+
+    def __init__(self, hub: Hub, runner: Any, io_manager: Any, trio_epoll: select.epoll) -> None:
+        self.hub = hub
+        self.io_manager = io_manager
+        self.trio_epoll = trio_epoll
+        self.hub_fd = hub._epoll.fileno()
+        self.runner = runner
+        self._failed = trio.Event()
+        self._error: BaseException | None = None
+
+    @classmethod
+    def install(cls, hub: Hub) -> _LoopHook | None:
+        try:
+            from trio._core._run import GLOBAL_RUN_CONTEXT
+
+            runner: Any = GLOBAL_RUN_CONTEXT.runner
+            io_manager: Any = runner.io_manager
+            trio_epoll = io_manager._epoll
+            manager_class = type(io_manager)
+            original = manager_class.process_events
+            # what process_events reads of the run loop, so that a trio without it fails here
+            runner.runq, runner.waiting_for_idle, runner.clock_autojump_threshold, io_manager._registered  # noqa: B018
+            runner.clock.deadline_to_sleep_time(runner.deadlines.next_deadline())
+        except (ImportError, AttributeError):
+            return None
+        if not isinstance(trio_epoll, select.epoll) or not callable(original) or id(io_manager) in cls._hooks:
+            return None  # not the trio we know, or another hub has this run loop already
+        if cls._original is None:
+            cls._original = original
+
+            def process_events(manager: Any, events: Any) -> None:
+                hook = cls._hooks.get(id(manager))
+                if hook is None:
+                    original(manager, events)
+                else:
+                    hook.process_events(events)
+
+            manager_class.process_events = process_events
+        hook = cls(hub, runner, io_manager, trio_epoll)
+        trio_epoll.register(hook.hub_fd, select.EPOLLIN)
+        cls._hooks[id(io_manager)] = hook
+        return hook
+
+    def process_events(self, events: list[tuple[int, int]]) -> None:
+        """Trio's dispatch of one ``epoll_wait``'s events, with the hub's served here.
+
+        While nothing but the hub's sockets are ready and no task is runnable, this goes
+        straight back to trio's ``epoll_wait`` (with trio's own timeout: the next deadline)
+        instead of returning to the run loop for an empty batch. It returns as soon as
+        anything else happens, so trio sees every other event, task and deadline as it
+        would have (cut short only by the hub's callbacks, which do not block)."""
+        original = type(self)._original
+        assert original is not None
+        hub_fd = self.hub_fd
+        runner = self.runner
+        for _ in range(_DISPATCH_ROUNDS):
+            mine = False
+            for fd, _flags in events:
+                if fd == hub_fd:
+                    mine = True
+                    break
+            if not mine:
+                original(self.io_manager, events)
+                return
+            rest = [event for event in events if event[0] != hub_fd]
+            if rest:
+                # Not trio's: it would re-arm it as one of its own. (The caller's list stays
+                # as it was: trio reads "no events" as "the wait timed out".)
+                original(self.io_manager, rest)
+            if self._error is None:
+                try:
+                    self.hub._serve_ready()
+                except Exception as e:  # a bug of ours must not take trio's loop down
+                    self._error = e
+                    self._failed.set()
+                    return
+            if rest or runner.runq or runner.waiting_for_idle or runner.clock_autojump_threshold != math.inf:
+                return
+            timeout = runner.clock.deadline_to_sleep_time(runner.deadlines.next_deadline())
+            if timeout <= 0:
+                return
+            events = self.trio_epoll.poll(min(timeout, _MAX_SLEEP_S), len(self.io_manager._registered) + 1)
+            if not events:
+                return
+
+    async def failed(self) -> BaseException:
+        await self._failed.wait()
+        assert self._error is not None
+        return self._error
+
+    def uninstall(self) -> None:
+        hooks = type(self)._hooks
+        if hooks.get(id(self.io_manager)) is self:
+            del hooks[id(self.io_manager)]
+        try:
+            self.trio_epoll.unregister(self.hub_fd)
+        except (OSError, ValueError):
+            pass
+
+
 class Hub:
-    def __init__(self) -> None:
+    def __init__(self, *, hooked: bool = True) -> None:
+        # hooked: serve from inside trio's I/O dispatch when this trio allows it (_LoopHook)
+        self.hooked = hooked
+        self.in_dispatch = False  # served from inside trio's I/O dispatch now
         self._epoll = select.epoll()
         self._parked: dict[int, _Parked] = {}
         self.running = False
@@ -70,34 +198,55 @@ class Hub:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         epoll = self._epoll
         parked = self._parked
+        hook = _LoopHook.install(self) if self.hooked else None
+        self.in_dispatch = hook is not None
         self.running = True
         task_status.started()
         try:
+            if hook is not None:
+                # Served from inside trio's own I/O dispatch (see _LoopHook); this task only
+                # keeps the hub's lifetime, and takes over should the hook ever fail.
+                error = await hook.failed()
+                hook.uninstall()
+                hook = None
+                self.in_dispatch = False
+                log.error("relay_hub_hook_failed", error=repr(error))
             while True:
                 await trio.lowlevel.wait_readable(epoll.fileno())
-                for _ in range(_ROUNDS):
-                    events = epoll.poll(0, _MAX_EVENTS)
-                    if not events:
-                        break
-                    self.events += len(events)
-                    for fd, _mask in events:
-                        entry = parked.get(fd)
-                        if entry is None:
-                            continue  # handed back or cancelled earlier in this batch
-                        try:
-                            result = entry.callback()
-                        except Exception as e:  # the session's own failure, raised in its task
-                            self._wake(fd, entry, outcome.Error(e))
-                            continue
-                        if result is not None:
-                            self._wake(fd, entry, outcome.Value(result))
-                    if len(events) < _MAX_EVENTS:
-                        break
+                self._serve_ready()
         finally:
+            if hook is not None:
+                hook.uninstall()
             self.running = False
             for fd, entry in list(parked.items()):
                 self._wake(fd, entry, outcome.Value(READ))
             epoll.close()
+
+    def _serve_ready(self) -> None:
+        """Run the callbacks of the parked sockets that are readable now."""
+        epoll = self._epoll
+        for _ in range(_ROUNDS):
+            events = epoll.poll(0, _MAX_EVENTS)
+            if not events:
+                break
+            self._serve(events)
+            if len(events) < _MAX_EVENTS:
+                break
+
+    def _serve(self, events: list[tuple[int, int]]) -> None:
+        parked = self._parked
+        self.events += len(events)
+        for fd, _mask in events:
+            entry = parked.get(fd)
+            if entry is None:
+                continue  # handed back or cancelled earlier in this batch
+            try:
+                result = entry.callback()
+            except Exception as e:  # the session's own failure, raised in its task
+                self._wake(fd, entry, outcome.Error(e))
+                continue
+            if result is not None:
+                self._wake(fd, entry, outcome.Value(result))
 
     def _wake(self, fd: int, entry: _Parked, result: outcome.Outcome[object]) -> None:
         if self._parked.get(fd) is not entry:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
@@ -28,9 +29,9 @@ def pairs() -> Iterator[Callable[[], tuple[socket.socket, socket.socket]]]:
         s.close()
 
 
-@pytest.fixture
-async def hub() -> AsyncIterator[Hub]:
-    hub = Hub()
+@pytest.fixture(params=[True, False], ids=["in-trio-dispatch", "trio-waits"])
+async def hub(request: pytest.FixtureRequest) -> AsyncIterator[Hub]:
+    hub = Hub(hooked=request.param)
     async with trio.open_nursery() as nursery:
         await nursery.start(hub.run)
         yield hub
@@ -204,3 +205,70 @@ async def test_one_task_per_descriptor(hub: Hub, pairs) -> None:  # type: ignore
             await hub.wait(a.fileno(), _reader(a, [], b"!"))
         b.send(b"!")
     assert len(result) == 1 and isinstance(result[0], HandBack) and result[0].data == b"!"
+
+
+async def test_the_pinned_trio_lets_the_hub_serve_from_its_dispatch(hub: Hub) -> None:
+    # The hub reaches into trio's run loop (no public API for it); a trio upgrade that
+    # moves those internals must fail here, not quietly fall back to the slower path.
+    assert hub.in_dispatch == hub.hooked
+
+
+async def test_trio_stays_responsive_while_the_hub_is_busy(hub: Hub, pairs) -> None:  # type: ignore[no-untyped-def]
+    """A thread keeps a parked socket busy: trio's own sockets, threads and timers must
+    still wake their tasks while the hub serves it."""
+    busy, feeder_end = pairs()
+    served: list[int] = []
+
+    def drain() -> HandBack | None:
+        served.append(len(busy.recv(65536)))
+        return None
+
+    stop = threading.Event()
+
+    def feed() -> None:
+        while not stop.wait(0.0005):
+            try:
+                feeder_end.send(b"x")
+            except BlockingIOError:
+                pass
+
+    feeder = threading.Thread(target=feed)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.wait, busy.fileno(), drain)
+        feeder.start()
+        try:
+            with trio.fail_after(5):  # the only deadline: nothing else would make the hub let go
+                # trio's own sockets: a ping-pong between two tasks
+                a, b = trio.socket.socketpair()
+                with a, b:
+                    async def echo() -> None:
+                        for _ in range(200):
+                            await b.send(await b.recv(10))
+
+                    nursery.start_soon(echo)
+                    for i in range(200):
+                        await a.send(bytes([i]))
+                        assert await a.recv(10) == bytes([i])
+                # a worker thread's result
+                assert await trio.to_thread.run_sync(lambda: 42) == 42
+                # a timer
+                await trio.sleep(0.01)
+                assert len(served) > 10  # the hub went on serving all along
+        finally:
+            stop.set()
+            feeder.join()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_second_hub_in_the_same_run_waits_through_trio(pairs) -> None:  # type: ignore[no-untyped-def]
+    first, second = Hub(), Hub()
+    a, b = pairs()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(first.run)
+        await nursery.start(second.run)
+        assert first.in_dispatch and not second.in_dispatch
+        b.send(b"!")
+        with trio.fail_after(5):
+            result = await second.wait(a.fileno(), _reader(a, [], b"!"))
+        assert isinstance(result, HandBack) and result.data == b"!"
+        nursery.cancel_scope.cancel()
