@@ -103,17 +103,20 @@ class _LoopHook:
             runner.clock.deadline_to_sleep_time(runner.deadlines.next_deadline())
         except (ImportError, AttributeError):
             return None
-        if not isinstance(trio_epoll, select.epoll) or not callable(original) or id(io_manager) in cls._hooks:
-            return None  # not the trio we know, or another hub has this run loop already
+        if not isinstance(trio_epoll, select.epoll) or not callable(original):
+            return None  # not the trio we know
+        other = cls._hooks.get(id(io_manager))
+        if other is not None and other.io_manager is io_manager:
+            return None  # another hub has this run loop already
         if cls._original is None:
             cls._original = original
 
             def process_events(manager: Any, events: Any) -> None:
                 hook = cls._hooks.get(id(manager))
-                if hook is None:
-                    original(manager, events)
-                else:
+                if hook is not None and hook.io_manager is manager:
                     hook.process_events(events)
+                else:
+                    original(manager, events)
 
             manager_class.process_events = process_events
         hook = cls(hub, runner, io_manager, trio_epoll)
