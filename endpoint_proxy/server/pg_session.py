@@ -590,11 +590,7 @@ class PgSession:
                         wait_first = scanner.at_boundary
                         continue
                     if got.kind == _HB_SEND:  # the rest of a request the backend did not take at once
-                        att = got.extra
-                        try:
-                            await att.backend.conn.send_all(got.data)
-                        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
-                            await att.done.wait()  # the server pump deals with the loss
+                        await self._send_request(got.extra, got.data)
                         continue
                     if got.kind == _HB_LOST:  # the backend refused the request
                         await got.extra.done.wait()
@@ -615,10 +611,7 @@ class PgSession:
             if wait_first and not self._readwrite:
                 att = self._att
                 if att is not None and self._start_plain(att, msgs, chunk):
-                    try:
-                        await att.backend.conn.send_all(chunk)
-                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
-                        await att.done.wait()
+                    await self._send_request(att, chunk)
                     continue
             if not await self._client_chunk(chunk, msgs):
                 return
@@ -649,12 +642,7 @@ class PgSession:
             if type_ == _Q:
                 state.on_query_bytes(payload, status)
             elif type_ == _P:
-                if payload[0]:  # a named statement: kept for replay on other backends
-                    name = payload[: payload.find(b"\0")].decode("utf-8", "surrogateescape")
-                    state.on_parse(name, _frame_bytes(_P, payload))
-                    backend.statements.add(name)
-                elif b"advisory" in payload:
-                    state.on_parse("", payload)
+                self._track_parse(backend, payload)
         if state.version != version or state.pinned_by != pinned or version != backend.set_version:
             self._state_applied = True  # _client_chunk must not apply these queries again
             return False
@@ -679,6 +667,20 @@ class PgSession:
                 else:
                     self.request_buf += chunk
         return True
+
+    def _track_parse(self, backend: BackendConnection, payload: bytes) -> None:
+        if payload[0]:  # a named statement: kept for replay on other backends
+            name = payload[: payload.find(b"\0")].decode("utf-8", "surrogateescape")
+            self.state.on_parse(name, _frame_bytes(_P, payload))
+            backend.statements.add(name)
+        elif b"advisory" in payload:
+            self.state.on_parse("", payload)
+
+    async def _send_request(self, att: _Attachment, data: bytes | memoryview) -> None:
+        try:
+            await att.backend.conn.send_all(data)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+            await att.done.wait()  # the server pump sees the loss too and deals with what is in flight
 
     def _hub_request(self) -> HandBack | None:
         """Run by the hub when the client's socket is readable: relay a plain request to the
@@ -754,12 +756,7 @@ class PgSession:
                 if not applied:
                     self.state.on_query_bytes(payload, backend.status)
             elif type_ == _P:
-                if payload[0]:  # a named statement: kept for replay on other backends
-                    name = payload[: payload.find(b"\0")].decode("utf-8", "surrogateescape")
-                    self.state.on_parse(name, bytes((_P,)) + (len(payload) + 4).to_bytes(4, "big") + payload)
-                    backend.statements.add(name)
-                elif b"advisory" in payload:
-                    self.state.on_parse("", payload)
+                self._track_parse(backend, payload)
             elif type_ == _C and payload[:1] == b"S":
                 name = payload[1:-1].decode("utf-8", "surrogateescape")
                 self.state.on_close_statement(name)
@@ -795,11 +792,7 @@ class PgSession:
                 self.request_buf.clear()
             else:
                 self.request_buf += chunk
-        try:
-            await att.backend.conn.send_all(chunk)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
-            # The server pump sees the loss too and deals with what is in flight.
-            await att.done.wait()
+        await self._send_request(att, chunk)
         return not terminate
 
     def _decide(self, msgs: list[tuple[int, bytes]]) -> str | None:
@@ -1026,29 +1019,19 @@ class PgSession:
                     if idle and hub is not None:
                         got = await hub.wait(src.sock.fileno(), att.on_readable)  # type: ignore[attr-defined]
                         assert isinstance(got, HandBack)
-                        if got.kind == _HB_SEND:  # the client did not take the answer at once
-                            try:
-                                await dst.send_all(got.data)
-                            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
-                                self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
+                        if got.kind == _HB_GONE:  # the client went away
+                            self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
+                            return
+                        if got.kind != READ.kind:  # bytes the hub could not forward at once
+                            if got.data and not await self._send_answer(got.data):
                                 return
+                            if got.kind == _HB_LOST:
+                                lost = True
+                                break
                             idle = got.extra
                             if idle and self.draining and self.idle():
                                 self.scope.cancel()
                             continue
-                        if got.kind == _HB_LOST:
-                            if got.data:  # what came before the backend's farewell
-                                self.request_forwarded = True
-                                try:
-                                    await dst.send_all(got.data)
-                                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
-                                    self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
-                                    return
-                            lost = True
-                            break
-                        if got.kind == _HB_GONE:
-                            self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
-                            return
                         idle = False  # READ: the socket is ours again
                     try:
                         # After a ReadyForQuery that ended the chunk the server has nothing to
@@ -1064,13 +1047,8 @@ class PgSession:
                     except ProtocolError:
                         lost = True
                         break
-                    if chunk:
-                        self.request_forwarded = True
-                        try:
-                            await dst.send_all(chunk)
-                        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
-                            self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
-                            return
+                    if chunk and not await self._send_answer(chunk):
+                        return
                     if lost:
                         break
                     idle = ready and scanner.at_boundary
@@ -1080,6 +1058,16 @@ class PgSession:
                 await self._backend_lost(att)
         finally:
             att.done.set()
+
+    async def _send_answer(self, data: bytes | memoryview) -> bool:
+        """Forward server bytes to the client; False (and the session ends) when it is gone."""
+        self.request_forwarded = True
+        try:
+            await self.client.send_all(data)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+            self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
+            return False
+        return True
 
     def _server_chunk(self, backend: BackendConnection, chunk: memoryview,
                       found: list[tuple[int, bytes]]) -> tuple[memoryview, bool, bool]:
