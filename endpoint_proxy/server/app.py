@@ -371,10 +371,10 @@ class Proxy:
 
     # --- cancels ------------------------------------------------------------------------------
 
-    def handle_cancel(self, request: CancelRequest) -> None:
-        """A CancelRequest arrived: deliver it to the backend it names, wherever its session is."""
-        assert self._nursery is not None
-        self._nursery.start_soon(self._deliver_cancel, request)
+    async def handle_cancel(self, request: CancelRequest) -> None:
+        """A CancelRequest arrived: deliver it to the backend it names, wherever its session
+        is; return once the server has taken it (or after a bounded wait)."""
+        await self._deliver_cancel(request)
 
     async def _deliver_cancel(self, request: CancelRequest) -> None:
         owner = self.cancels.owner_of(request.secret_key)
@@ -399,6 +399,7 @@ class Proxy:
         with sock:
             await sock.connect(self._cancel_socket_path(worker))
             await sock.send(encode_cancel_request(request.process_id, request.secret_key))
+            await sock.recv(1)  # the owner closes once the server has taken the cancel
 
     async def _serve_cancel_forwarding(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         path = self._cancel_socket_path(self.worker_index)

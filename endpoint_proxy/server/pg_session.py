@@ -7,7 +7,7 @@ import functools
 import secrets
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -93,7 +93,7 @@ class SessionContext:
                  tls_context: ssl.SSLContext | None, cancels: CancelRegistry,
                  startup_timeout_s: float, max_startup_bytes: int, max_message_bytes: int,
                  connect_timeout_s: float,
-                 cancel_handler: Callable[[CancelRequest], object] | None = None,
+                 cancel_handler: Callable[[CancelRequest], Awaitable[None]] | None = None,
                  console: ConsoleState | None = None, hub: Hub | None = None) -> None:
         self.cluster = cluster
         self.endpoint = endpoint
@@ -305,8 +305,10 @@ class PgSession:
                 await self.client.send_all(b"N")
                 continue
             if isinstance(packet, CancelRequest):
+                # Like PostgreSQL, close the connection only once the cancel is delivered: a
+                # client waits for that before its next statement, which the cancel must miss.
                 if ctx.cancel_handler is not None:
-                    ctx.cancel_handler(packet)
+                    await ctx.cancel_handler(packet)
                 return None
             assert isinstance(packet, StartupMessage)
             if ctx.endpoint.tls == "required" and not self.client.is_tls:
