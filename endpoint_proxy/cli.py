@@ -38,7 +38,7 @@ async def _serve(config: Config, worker_index: int, workers: int, runtime_dir: s
     """Run one proxy until a signal: SIGHUP reloads the config file; SIGTERM or SIGINT drains
     (running statements and transactions finish, up to shutdown_timeout_ms); a second one
     closes at once."""
-    from .server.app import Proxy
+    from .app import Proxy
 
     async with trio.open_nursery() as nursery:
         proxy = Proxy(config, worker_index=worker_index, workers=workers, runtime_dir=runtime_dir,

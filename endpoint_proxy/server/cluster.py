@@ -20,9 +20,9 @@ from ..routing.endpoints import Route, route
 from ..routing.pg_classify import FunctionPolicy
 from ..topology.state import ClusterTopology, ProbeResult, TopologyEvent
 from .metrics import ClusterMetrics, ProxyMetrics
-from .my_backend import MyBackendError, MyProbeConnection
-from .my_probe import probe_mariadb
-from .pg_backend import BackendError, ProbeConnection
+from .mysql.backend import MyBackendError, MyProbeConnection
+from .mysql.probe import probe_mariadb
+from .pg.backend import BackendError, ProbeConnection
 
 log = structlog.get_logger("endpoint_proxy.cluster")
 

@@ -1,27 +1,20 @@
-"""Prometheus metrics: the registry, the counters sessions bump, and the topology read at scrape time.
+"""Prometheus metrics: the registry and the counters sessions and monitors bump.
 
 Rules of this file: nothing here runs per message. Sessions hold pre-labelled children
-(``EndpointMetrics``) and bump them once per connection or per routed statement. Everything
-that describes the topology (instance up, role, lag, backend connections, endpoint members)
-is not stored at all: ``TopologyCollector`` reads the live ``ClusterRuntime`` objects when
-Prometheus scrapes, so it can never drift from what the proxy routes by.
+(``EndpointMetrics``) and bump them once per connection or per routed statement. What
+describes the topology is not stored here at all: ``admin.collectors`` reads the live
+clusters when Prometheus scrapes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
-from ..routing.endpoints import members
-from ..topology.state import Role, TopologyEvent
-
-if TYPE_CHECKING:
-    from .cluster import ClusterRuntime
-    from .hub import Hub
+from ..topology.state import TopologyEvent
 
 # The *_created series double the output and nobody graphs them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -45,9 +38,6 @@ ERROR_KINDS = {
 }
 
 FAILOVER_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
-
-ROLES = tuple(r.value for r in Role)
-
 
 class EndpointMetrics:
     """Children of the per-endpoint metrics, labelled once; what a session bumps."""
@@ -170,88 +160,6 @@ class StatementCollector:
         return [family]
 
 
-class HubCollector:
-    """The relay hub's counts (see server/hub.py), read at scrape time."""
-
-    def __init__(self) -> None:
-        self.hub: Callable[[], Hub | None] = lambda: None
-
-    @staticmethod
-    def _families(events: int = 0, handbacks: int = 0, parked: int = 0) -> list[Metric]:
-        return [
-            CounterMetricFamily("endpoint_proxy_relay_events",
-                                "socket readiness events the relay hub served (a request or an answer, mostly)",
-                                value=events),
-            CounterMetricFamily("endpoint_proxy_relay_handbacks",
-                                "times the relay hub handed a session back to its own task (slow paths)",
-                                value=handbacks),
-            GaugeMetricFamily("endpoint_proxy_relay_parked", "sockets parked in the relay hub now", value=parked),
-        ]
-
-    def describe(self) -> Iterable[Metric]:
-        return self._families()
-
-    def collect(self) -> Iterable[Metric]:
-        hub = self.hub()
-        if hub is None:
-            return []
-        return self._families(hub.events, hub.handbacks, hub.parked)
-
-
-class TopologyCollector:
-    """Instance and endpoint gauges computed at scrape time from the live clusters."""
-
-    def __init__(self, clusters: Callable[[], Iterable[ClusterRuntime]]) -> None:
-        self.clusters = clusters
-
-    @staticmethod
-    def _families() -> dict[str, GaugeMetricFamily]:
-        def g(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, labels=labels)
-
-        ci = ["cluster", "instance"]
-        return {
-            "up": g("endpoint_proxy_instance_up", "1 when the last probe of the instance succeeded", ci),
-            "role": g("endpoint_proxy_instance_role",
-                      "1 for the instance's current role (writer, reader, fenced, unknown), 0 for the others",
-                      [*ci, "role"]),
-            "lag_bytes": g("endpoint_proxy_instance_lag_bytes",
-                           "WAL the replica has not replayed yet, in bytes (0 on the writer)", ci),
-            "lag_seconds": g("endpoint_proxy_instance_lag_seconds",
-                             "how far the replica's replay is behind the writer, in seconds (0 on the writer)", ci),
-            "backends": g("endpoint_proxy_backend_connections",
-                          "session connections from the proxy to the instance", ci),
-            "writer_known": g("endpoint_proxy_cluster_writer_known",
-                              "1 when the cluster has a known writer", ["cluster"]),
-            "members": g("endpoint_proxy_endpoint_members",
-                         "instances the endpoint may route to right now", ["cluster", "endpoint"]),
-        }
-
-    def describe(self) -> Iterable[Metric]:
-        return list(self._families().values())
-
-    def collect(self) -> Iterable[Metric]:
-        fam = self._families()
-        for cluster in self.clusters():
-            c = cluster.config.name
-            topo = cluster.topology
-            fam["writer_known"].add_metric([c], 0 if topo.writer is None else 1)
-            for name in topo.instance_names:
-                st = topo.instances[name]
-                fam["up"].add_metric([c, name], 1 if st.up else 0)
-                role = topo.role(name).value
-                for r in ROLES:
-                    fam["role"].add_metric([c, name, r], 1 if r == role else 0)
-                if st.lag_bytes is not None:
-                    fam["lag_bytes"].add_metric([c, name], st.lag_bytes)
-                if st.lag_ms is not None:
-                    fam["lag_seconds"].add_metric([c, name], st.lag_ms / 1000)
-                fam["backends"].add_metric([c, name], max(0, cluster.connections.get(name, 0)))
-            for ep in cluster.config.endpoints:
-                fam["members"].add_metric([c, ep.name], len(members(ep, topo)))
-        return list(fam.values())
-
-
 class ProxyMetrics:
     """One process's metrics: a registry of its own (never the global one) and the metric objects."""
 
@@ -278,22 +186,10 @@ class ProxyMetrics:
             "endpoint_proxy_pinned_sessions", "sessions tied to their server by state that cannot be replayed",
             ce, registry=r)
         self._clusters: dict[str, ClusterMetrics] = {}
-        self._topology = TopologyCollector(lambda: ())
-        r.register(self._topology)
         r.register(StatementCollector(self))
-        self._hub = HubCollector()
-        r.register(self._hub)
 
     def cluster(self, name: str) -> ClusterMetrics:
         cm = self._clusters.get(name)
         if cm is None:
             cm = self._clusters[name] = ClusterMetrics(self, name)
         return cm
-
-    def watch(self, clusters: Callable[[], Iterable[ClusterRuntime]]) -> None:
-        """Where the topology gauges come from; called at every scrape."""
-        self._topology.clusters = clusters
-
-    def watch_hub(self, hub: Callable[[], Hub | None]) -> None:
-        """Where the relay hub's counts come from; called at every scrape."""
-        self._hub.hub = hub

@@ -21,14 +21,14 @@ from endpoint_proxy.protocol.mysql.constants import (
     SERVER_STATUS_AUTOCOMMIT,
     UTF8MB4_GENERAL_CI,
 )
-from endpoint_proxy.server.my_backend import (
+from endpoint_proxy.server.mysql.backend import (
     MyBackendConnection,
     MyBackendError,
     MyProbeConnection,
     kill_query,
     open_my_backend,
 )
-from endpoint_proxy.server.my_probe import probe_mariadb
+from endpoint_proxy.server.mysql.probe import probe_mariadb
 from endpoint_proxy.topology.mariadb_probe import gtid_position
 from endpoint_proxy.topology.state import ClusterTopology
 

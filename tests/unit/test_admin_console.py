@@ -10,23 +10,22 @@ import pytest
 import trio
 import trio.testing
 
+from endpoint_proxy.admin.console import (
+    SIMPLE_PROTOCOL_ONLY,
+    AdminUsers,
+    serve_pg_console,
+    split_commands,
+)
 from endpoint_proxy.config import Address, ConfigError, UserConfig, parse_config
 from endpoint_proxy.protocol.pg import messages as m
 from endpoint_proxy.protocol.pg.auth import BackendAuthenticator, ScramSecret, make_scram_secret
 from endpoint_proxy.protocol.pg.framing import FrameReader
 from endpoint_proxy.protocol.pg.startup import StartupMessage
-from endpoint_proxy.server.admin_console import (
-    CONSOLE_DATABASE,
-    SIMPLE_PROTOCOL_ONLY,
-    AdminUsers,
-    SessionInfo,
-    serve_pg_console,
-    session_state,
-    split_commands,
-)
+from endpoint_proxy.relay.net import StreamConn
 from endpoint_proxy.server.cluster import ClusterRuntime
 from endpoint_proxy.server.metrics import ProxyMetrics
-from endpoint_proxy.server.net import StreamConn
+from endpoint_proxy.server.session.context import CONSOLE_DATABASE
+from endpoint_proxy.server.session.info import SessionInfo, session_state
 from endpoint_proxy.topology.state import ProbeResult
 
 DOC: dict[str, Any] = {
@@ -519,7 +518,7 @@ def test_admin_users_derive_once_and_survive_a_reload(monkeypatch: pytest.Monkey
         derived.append(password)
         return make_scram_secret(password)
 
-    monkeypatch.setattr("endpoint_proxy.server.admin_console.make_scram_secret", counting)
+    monkeypatch.setattr("endpoint_proxy.admin.console.make_scram_secret", counting)
     users = AdminUsers([UserConfig("admin", "one"), UserConfig("ops", "two")])
     users.prepare()
     assert sorted(derived) == ["one", "two"] and len(users) == 2 and set(users) == {"admin", "ops"}

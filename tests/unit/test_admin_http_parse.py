@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from endpoint_proxy.server.admin import (
+from endpoint_proxy.admin.http import (
     HttpError,
     Request,
     RequestReader,

@@ -11,10 +11,11 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from endpoint_proxy.admin import http as admin
+from endpoint_proxy.admin.collectors import TopologyCollector
+from endpoint_proxy.admin.http import AdminServer
+from endpoint_proxy.app import open_listener
 from endpoint_proxy.config import Address, parse_config
-from endpoint_proxy.server import admin
-from endpoint_proxy.server.admin import AdminServer
-from endpoint_proxy.server.app import open_listener
 from endpoint_proxy.server.cluster import ClusterRuntime
 from endpoint_proxy.server.metrics import ProxyMetrics
 from endpoint_proxy.topology.state import ProbeResult
@@ -90,7 +91,7 @@ async def start(nursery: trio.Nursery, reload: Any = None) -> Harness:
     source = Source()
     for c in config.clusters:
         source.clusters[c.name] = ClusterRuntime(c, source.metrics.cluster(c.name))
-    source.metrics.watch(lambda: source.clusters.values())
+    source.metrics.registry.register(TopologyCollector(lambda: source.clusters.values()))
     source.bound["app/rw"] = Address("127.0.0.1", 7001)
     sock = open_listener(Address("127.0.0.1", 0), reuse_port=False)
     port = sock.getsockname()[1]

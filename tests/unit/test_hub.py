@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from endpoint_proxy.server.hub import READ, HandBack, Hub
+from endpoint_proxy.relay.hub import READ, HandBack, Hub
 
 
 @pytest.fixture

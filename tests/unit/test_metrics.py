@@ -5,6 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
+from endpoint_proxy.admin.collectors import TopologyCollector
 from endpoint_proxy.config import parse_config
 from endpoint_proxy.server.cluster import ClusterRuntime
 from endpoint_proxy.server.metrics import ProxyMetrics
@@ -94,7 +95,7 @@ def test_topology_gauges_follow_the_live_clusters() -> None:
     metrics = ProxyMetrics()
     rt = ClusterRuntime(CONFIG.clusters[0], metrics.cluster("app"))
     clusters = {"app": rt}
-    metrics.watch(lambda: clusters.values())
+    metrics.registry.register(TopologyCollector(lambda: clusters.values()))
     assert sample(metrics, "endpoint_proxy_instance_up", instance="a") == 0
     assert sample(metrics, "endpoint_proxy_instance_role", instance="a", role="unknown") == 1
     rt.topology.probe_succeeded("a", 1.0, in_recovery=False, timeline=1)

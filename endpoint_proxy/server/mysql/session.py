@@ -25,31 +25,31 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
-from ..config import EndpointConfig, UserConfig
-from ..protocol.errors import ProtocolError
-from ..protocol.mysql import commands as c
-from ..protocol.mysql import constants as k
-from ..protocol.mysql.auth import (
+from ...config import EndpointConfig, UserConfig
+from ...protocol.errors import ProtocolError
+from ...protocol.mysql import commands as c
+from ...protocol.mysql import constants as k
+from ...protocol.mysql.auth import (
     CACHING_SHA2_PASSWORD,
     CachingSha2ServerAuth,
     NativePasswordServerAuth,
     ServerAuth,
     make_nonce,
 )
-from ..protocol.mysql.errors import MySQLAuthenticationError, MySQLProtocolError
-from ..protocol.mysql.framing import PacketReader, PacketScanner, encode_packet, read_row_value
-from ..protocol.mysql.handshake import HandshakeResponse41, HandshakeV10, SSLRequest, decode_handshake_response
-from ..protocol.mysql.packets import OkPacket, err_packet
-from ..protocol.mysql.response import ResponseTracker
-from ..routing.endpoints import members
-from ..routing.my_classify import classify
-from ..routing.pg_classify import Route
-from .admin_console import SessionInfo, session_state
-from .my_backend import MyBackendConnection, MyBackendError, kill_query, open_my_backend
-from .net import Conn, RawConn, send_quietly, start_tls_server
+from ...protocol.mysql.errors import MySQLAuthenticationError, MySQLProtocolError
+from ...protocol.mysql.framing import PacketReader, PacketScanner, encode_packet, read_row_value
+from ...protocol.mysql.handshake import HandshakeResponse41, HandshakeV10, SSLRequest, decode_handshake_response
+from ...protocol.mysql.packets import OkPacket, err_packet
+from ...protocol.mysql.response import ResponseTracker
+from ...relay.net import Conn, RawConn, send_quietly, start_tls_server
+from ...routing.endpoints import members
+from ...routing.my_classify import classify
+from ...routing.pg_classify import Route
+from ..session.info import SessionInfo, session_state
+from .backend import MyBackendConnection, MyBackendError, kill_query, open_my_backend
 
 if TYPE_CHECKING:
-    from .pg_session import SessionContext
+    from ..session.context import SessionContext
 
 log = structlog.get_logger("endpoint_proxy.mysql")
 

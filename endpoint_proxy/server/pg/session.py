@@ -7,35 +7,36 @@ import functools
 import secrets
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
 import trio
 
-from ..config import Address, ClusterConfig, EndpointConfig, UserConfig
-from ..protocol.errors import AuthenticationError, FrameError, ProtocolError
-from ..protocol.pg import messages as m
-from ..protocol.pg.auth import CleartextServerAuth, Md5ServerAuth, ScramServerAuth, ServerAuth
-from ..protocol.pg.framing import FrameReader, MessageScanner
-from ..protocol.pg.startup import (
+from ...config import Address, ClusterConfig, EndpointConfig, UserConfig
+from ...protocol.errors import AuthenticationError, FrameError, ProtocolError
+from ...protocol.pg import messages as m
+from ...protocol.pg.auth import CleartextServerAuth, Md5ServerAuth, ScramServerAuth, ServerAuth
+from ...protocol.pg.framing import FrameReader, MessageScanner
+from ...protocol.pg.startup import (
     CancelRequest,
     GSSENCRequest,
     SSLRequest,
     StartupMessage,
     parse_startup_packet,
 )
-from ..routing.endpoints import members
-from ..routing.pg_classify import FunctionPolicy, Route, classify
-from ..routing.session_state import SessionState, ends_transaction, is_rollback
-from .admin_console import CONSOLE_DATABASE, ConsoleState, SessionInfo, serve_pg_console, session_state
-from .hub import READ, HandBack, Hub
-from .net import Conn, RawConn, send_quietly, start_tls_server
-from .pg_backend import BackendConnection, BackendError, open_backend
+from ...relay.hub import READ, HandBack
+from ...relay.net import Conn, RawConn, send_quietly, start_tls_server
+from ...routing.endpoints import members
+from ...routing.pg_classify import FunctionPolicy, Route, classify
+from ...routing.session_state import SessionState, ends_transaction, is_rollback
+from ..session.context import CONSOLE_DATABASE, CancelTarget, SessionContext
+from ..session.info import SessionInfo, session_state
+from .backend import BackendConnection, BackendError, open_backend
 
 if TYPE_CHECKING:
-    from .cluster import ClusterRuntime
+    pass
 
 log = structlog.get_logger("endpoint_proxy.session")
 
@@ -43,69 +44,6 @@ RELAY_BUFFER = 64 * 1024
 
 # Startup parameters that belong to the connection, not to the backend session.
 _NOT_FORWARDED = frozenset({"user"})
-
-
-@dataclass(frozen=True)
-class CancelTarget:
-    address: Address
-    process_id: int
-    secret_key: int
-
-
-class CancelRegistry:
-    """Maps the (pid, secret) pairs the proxy handed to clients to the backends they name.
-
-    The secret's low bits carry the worker index, so a cancel that lands on another worker
-    process can be forwarded to the worker that owns the session.
-    """
-
-    def __init__(self, worker_index: int = 0, worker_bits: int = 6) -> None:
-        self.worker_index = worker_index
-        self.worker_bits = worker_bits
-        self._targets: dict[tuple[int, int], CancelTarget] = {}
-
-    def issue(self, process_id: int, target: CancelTarget) -> int:
-        while True:
-            secret = (secrets.randbits(32 - self.worker_bits) << self.worker_bits) | self.worker_index
-            if (process_id, secret) not in self._targets:
-                self._targets[(process_id, secret)] = target
-                return secret
-
-    def withdraw(self, process_id: int, secret: int) -> None:
-        self._targets.pop((process_id, secret), None)
-
-    def retarget(self, process_id: int, secret: int, target: CancelTarget) -> None:
-        """The session moved to another backend: its client-visible key now cancels there."""
-        if (process_id, secret) in self._targets:
-            self._targets[(process_id, secret)] = target
-
-    def lookup(self, process_id: int, secret: int) -> CancelTarget | None:
-        return self._targets.get((process_id, secret))
-
-    def owner_of(self, secret: int) -> int:
-        return secret & ((1 << self.worker_bits) - 1)
-
-
-class SessionContext:
-    """What a session needs from the process around it."""
-
-    def __init__(self, *, cluster: ClusterRuntime, endpoint: EndpointConfig,
-                 tls_context: ssl.SSLContext | None, cancels: CancelRegistry,
-                 startup_timeout_s: float, max_startup_bytes: int, max_message_bytes: int,
-                 connect_timeout_s: float,
-                 cancel_handler: Callable[[CancelRequest], Awaitable[None]] | None = None,
-                 console: ConsoleState | None = None, hub: Hub | None = None) -> None:
-        self.cluster = cluster
-        self.endpoint = endpoint
-        self.tls_context = tls_context
-        self.cancels = cancels
-        self.startup_timeout_s = startup_timeout_s
-        self.max_startup_bytes = max_startup_bytes
-        self.max_message_bytes = max_message_bytes
-        self.connect_timeout_s = connect_timeout_s
-        self.cancel_handler = cancel_handler
-        self.console = console
-        self.hub = hub  # relays sessions in steady state (raw sockets both ways)
 
 
 class _Fatal(Exception):
@@ -219,8 +157,7 @@ class PgSession:
             if self._console is not None and self.ctx.console is not None:
                 # Outside the startup deadline: the console applies it to its login only.
                 console_startup, reader, buf = self._console
-                await serve_pg_console(self.client, console_startup, reader, buf, self.ctx.console,
-                                       auth_timeout_s=self.ctx.startup_timeout_s)
+                await self.ctx.console(self.client, console_startup, reader, buf, self.ctx.startup_timeout_s)
                 return
             if startup is None:
                 return

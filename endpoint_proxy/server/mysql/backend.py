@@ -8,10 +8,10 @@ from typing import Final
 
 import trio
 
-from ..config import Address
-from ..protocol.mysql.auth import BackendAuthenticator
-from ..protocol.mysql.commands import COM_QUERY, COM_QUIT, ComQuery
-from ..protocol.mysql.constants import (
+from ...config import Address
+from ...protocol.mysql.auth import BackendAuthenticator
+from ...protocol.mysql.commands import COM_QUERY, COM_QUIT, ComQuery
+from ...protocol.mysql.constants import (
     CLIENT_COMPRESS,
     CLIENT_CONNECT_ATTRS,
     CLIENT_CONNECT_WITH_DB,
@@ -31,8 +31,8 @@ from ..protocol.mysql.constants import (
     MARIADB_CLIENT_COM_MULTI,
     UTF8MB4_GENERAL_CI,
 )
-from ..protocol.mysql.errors import MySQLAuthenticationError, MySQLProtocolError
-from ..protocol.mysql.framing import (
+from ...protocol.mysql.errors import MySQLAuthenticationError, MySQLProtocolError
+from ...protocol.mysql.framing import (
     DEFAULT_MAX_PAYLOAD,
     HANDSHAKE_MAX_PAYLOAD,
     Cursor,
@@ -41,10 +41,10 @@ from ..protocol.mysql.framing import (
     encode_packet,
     read_row_value,
 )
-from ..protocol.mysql.handshake import HandshakeResponse41, SSLRequest, decode_handshake_v10
-from ..protocol.mysql.packets import ERR_HEADER, decode_err, err_packet
-from ..protocol.mysql.response import ResponseTracker
-from .net import Conn, RawConn, connect_tcp, start_tls_client
+from ...protocol.mysql.handshake import HandshakeResponse41, SSLRequest, decode_handshake_v10
+from ...protocol.mysql.packets import ERR_HEADER, decode_err, err_packet
+from ...protocol.mysql.response import ResponseTracker
+from ...relay.net import Conn, RawConn, connect_tcp, start_tls_client
 
 _RECV: Final = 16384
 

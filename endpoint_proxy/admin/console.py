@@ -36,12 +36,12 @@ from ..protocol.pg import messages as m
 from ..protocol.pg.auth import ScramSecret, ScramServerAuth, make_scram_secret
 from ..protocol.pg.framing import FrameReader
 from ..protocol.pg.startup import StartupMessage
-from .admin import AdminSource, topology_document
-from .net import Conn
+from ..relay.net import Conn
+from ..server.session.info import SessionInfo
+from .http import AdminSource, topology_document
 
 log = structlog.get_logger("endpoint_proxy.console")
 
-CONSOLE_DATABASE: Final = "endpoint_proxy"
 
 # After login the console accepts messages up to this size (a query is a few bytes).
 CONSOLE_MAX_MESSAGE_BYTES: Final = 1 << 20
@@ -67,31 +67,6 @@ _NETWORK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, 
 
 
 # --- what the console needs from the proxy -----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    """One client session, as SHOW SESSIONS lists it."""
-
-    cluster: str
-    endpoint: str
-    id: int
-    user: str | None  # None before the client has logged in
-    database: str | None
-    instance: str | None  # the instance of its current backend, None while it has none
-    state: str  # see ``session_state``
-    client: str | None = None  # "host:port" of the client, when known
-
-
-def session_state(*, logged_in: bool, busy: bool, transaction: str) -> str:
-    """The ``state`` column, in pg_stat_activity's words: ``startup`` before login, ``active``
-    while a request is in flight, else by the transaction status of the last ReadyForQuery
-    (``I``/``T``/``E``): ``idle``, ``idle in transaction``, ``idle in transaction (aborted)``."""
-    if not logged_in:
-        return "startup"
-    if busy:
-        return "active"
-    return {"T": "idle in transaction", "E": "idle in transaction (aborted)"}.get(transaction, "idle")
 
 
 class ConsoleState(AdminSource, Protocol):

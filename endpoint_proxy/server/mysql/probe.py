@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Final
 
-from ..topology.mariadb_probe import parse_probe
-from ..topology.state import ProbeResult
-from .my_backend import MyBackendError, MyProbeConnection
+from ...topology.mariadb_probe import parse_probe
+from ...topology.state import ProbeResult
+from .backend import MyBackendError, MyProbeConnection
 
 # Two statements in one COM_QUERY (probe connections agree CLIENT_MULTI_STATEMENTS): the
 # global variables, then the default replication connection's status (no row when the

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..config import Address
-from ..protocol.errors import ProtocolError
-from ..protocol.pg import messages as m
-from ..protocol.pg.auth import BackendAuthenticator
-from ..protocol.pg.framing import FrameReader, frame
-from ..protocol.pg.startup import encode_ssl_request, encode_startup_message
-from .net import Conn, RawConn, connect_tcp, start_tls_client
+from ...config import Address
+from ...protocol.errors import ProtocolError
+from ...protocol.pg import messages as m
+from ...protocol.pg.auth import BackendAuthenticator
+from ...protocol.pg.framing import FrameReader, frame
+from ...protocol.pg.startup import encode_ssl_request, encode_startup_message
+from ...relay.net import Conn, RawConn, connect_tcp, start_tls_client
 
 _RECV = 65536
 
@@ -144,7 +144,7 @@ async def _authenticate(backend: BackendConnection, user: str, password: str | N
 
 async def send_cancel(address: Address, process_id: int, secret_key: int) -> None:
     """Deliver a CancelRequest to a server (fire and forget; the server answers nothing)."""
-    from ..protocol.pg.startup import encode_cancel_request
+    from ...protocol.pg.startup import encode_cancel_request
 
     conn = await connect_tcp(address.host, address.port)
     try:

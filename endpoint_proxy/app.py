@@ -13,17 +13,21 @@ from pathlib import Path
 import structlog
 import trio
 
-from ..config import Address, Config, ConfigError, EndpointConfig, load_config
-from ..protocol.pg.startup import CancelRequest, encode_cancel_request, parse_startup_packet
-from .admin import AdminServer
-from .admin_console import AdminUsers, SessionInfo
-from .cluster import ClusterRuntime
-from .hub import Hub
-from .metrics import EndpointMetrics, ProxyMetrics
-from .my_session import MySession
-from .net import RawConn
-from .pg_backend import send_cancel
-from .pg_session import CancelRegistry, PgSession, SessionContext
+from .admin.collectors import HubCollector, TopologyCollector
+from .admin.console import AdminUsers, serve_pg_console
+from .admin.http import AdminServer
+from .config import Address, Config, ConfigError, EndpointConfig, load_config
+from .protocol.pg.framing import FrameReader
+from .protocol.pg.startup import CancelRequest, StartupMessage, encode_cancel_request, parse_startup_packet
+from .relay.hub import Hub
+from .relay.net import Conn, RawConn
+from .server.cluster import ClusterRuntime
+from .server.metrics import EndpointMetrics, ProxyMetrics
+from .server.mysql.session import MySession
+from .server.pg.backend import send_cancel
+from .server.pg.session import PgSession
+from .server.session.context import CancelRegistry, SessionContext
+from .server.session.info import SessionInfo
 
 log = structlog.get_logger("endpoint_proxy.server")
 
@@ -119,7 +123,7 @@ class Proxy:
         self.tls_context = make_server_tls_context(config)
         self.metrics = ProxyMetrics()
         self.clusters = {c.name: ClusterRuntime(c, self.metrics.cluster(c.name)) for c in config.clusters}
-        self.metrics.watch(lambda: self.clusters.values())
+        self.metrics.registry.register(TopologyCollector(lambda: self.clusters.values()))
         # Called by POST /reload on the admin server; None answers 404 there.
         self.reload_hook: Callable[[], Awaitable[object]] | None = self.reload_from_file if config_path else None
         self.cancels = CancelRegistry(worker_index)
@@ -134,7 +138,11 @@ class Proxy:
         self.draining = False
         self.console = ProxyConsole(self)
         self.hub: Hub | None = None  # made in run(): an epoll belongs to one process
-        self.metrics.watch_hub(lambda: self.hub)
+        self.metrics.registry.register(HubCollector(lambda: self.hub))
+
+    async def serve_console(self, client: Conn, startup: StartupMessage, reader: FrameReader, buf: bytearray,
+                            auth_timeout_s: float) -> None:
+        await serve_pg_console(client, startup, reader, buf, self.console, auth_timeout_s=auth_timeout_s)
 
     def _open_listener(self, cluster: ClusterRuntime, ep: EndpointConfig) -> _Listener:
         sock = open_listener(ep.listen, reuse_port=self.workers > 1)
@@ -203,7 +211,7 @@ class Proxy:
             max_message_bytes=srv.max_message_bytes,
             connect_timeout_s=srv.connect_timeout_ms / 1000,
             cancel_handler=self.handle_cancel,
-            console=self.console,
+            console=self.serve_console,
             hub=self.hub,
         )
 

@@ -22,9 +22,9 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from ..config import Address
 from ..routing.endpoints import members
-from .admin_page import STATUS_PAGE
-from .cluster import ClusterRuntime
-from .metrics import ProxyMetrics
+from ..server.cluster import ClusterRuntime
+from ..server.metrics import ProxyMetrics
+from .page import STATUS_PAGE
 
 log = structlog.get_logger("endpoint_proxy.admin")
 

@@ -1,0 +1,1 @@
+"""The admin plane: HTTP server, console, status page, metric collectors."""

@@ -1,0 +1,101 @@
+"""Prometheus collectors that read live state at scrape time: the topology and the relay hub.
+
+Nothing here is stored: the instance and endpoint gauges are computed from the live
+``ClusterRuntime`` objects when Prometheus scrapes, so they never drift from what the proxy
+routes by.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from ..relay.hub import Hub
+from ..routing.endpoints import members
+from ..server.cluster import ClusterRuntime
+from ..topology.state import Role
+
+ROLES = tuple(r.value for r in Role)
+
+
+class HubCollector:
+    """The relay hub's counts (see server/hub.py), read at scrape time."""
+
+    def __init__(self, hub: Callable[[], Hub | None]) -> None:
+        self.hub = hub
+
+    @staticmethod
+    def _families(events: int = 0, handbacks: int = 0, parked: int = 0) -> list[Metric]:
+        return [
+            CounterMetricFamily("endpoint_proxy_relay_events",
+                                "socket readiness events the relay hub served (a request or an answer, mostly)",
+                                value=events),
+            CounterMetricFamily("endpoint_proxy_relay_handbacks",
+                                "times the relay hub handed a session back to its own task (slow paths)",
+                                value=handbacks),
+            GaugeMetricFamily("endpoint_proxy_relay_parked", "sockets parked in the relay hub now", value=parked),
+        ]
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        hub = self.hub()
+        if hub is None:
+            return []
+        return self._families(hub.events, hub.handbacks, hub.parked)
+
+
+class TopologyCollector:
+    """Instance and endpoint gauges computed at scrape time from the live clusters."""
+
+    def __init__(self, clusters: Callable[[], Iterable[ClusterRuntime]]) -> None:
+        self.clusters = clusters
+
+    @staticmethod
+    def _families() -> dict[str, GaugeMetricFamily]:
+        def g(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=labels)
+
+        ci = ["cluster", "instance"]
+        return {
+            "up": g("endpoint_proxy_instance_up", "1 when the last probe of the instance succeeded", ci),
+            "role": g("endpoint_proxy_instance_role",
+                      "1 for the instance's current role (writer, reader, fenced, unknown), 0 for the others",
+                      [*ci, "role"]),
+            "lag_bytes": g("endpoint_proxy_instance_lag_bytes",
+                           "WAL the replica has not replayed yet, in bytes (0 on the writer)", ci),
+            "lag_seconds": g("endpoint_proxy_instance_lag_seconds",
+                             "how far the replica's replay is behind the writer, in seconds (0 on the writer)", ci),
+            "backends": g("endpoint_proxy_backend_connections",
+                          "session connections from the proxy to the instance", ci),
+            "writer_known": g("endpoint_proxy_cluster_writer_known",
+                              "1 when the cluster has a known writer", ["cluster"]),
+            "members": g("endpoint_proxy_endpoint_members",
+                         "instances the endpoint may route to right now", ["cluster", "endpoint"]),
+        }
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families().values())
+
+    def collect(self) -> Iterable[Metric]:
+        fam = self._families()
+        for cluster in self.clusters():
+            c = cluster.config.name
+            topo = cluster.topology
+            fam["writer_known"].add_metric([c], 0 if topo.writer is None else 1)
+            for name in topo.instance_names:
+                st = topo.instances[name]
+                fam["up"].add_metric([c, name], 1 if st.up else 0)
+                role = topo.role(name).value
+                for r in ROLES:
+                    fam["role"].add_metric([c, name, r], 1 if r == role else 0)
+                if st.lag_bytes is not None:
+                    fam["lag_bytes"].add_metric([c, name], st.lag_bytes)
+                if st.lag_ms is not None:
+                    fam["lag_seconds"].add_metric([c, name], st.lag_ms / 1000)
+                fam["backends"].add_metric([c, name], max(0, cluster.connections.get(name, 0)))
+            for ep in cluster.config.endpoints:
+                fam["members"].add_metric([c, ep.name], len(members(ep, topo)))
+        return list(fam.values())

@@ -1,0 +1,1 @@
+"""Byte transports and the relay hub: how session bytes move between sockets."""

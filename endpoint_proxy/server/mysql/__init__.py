@@ -1,0 +1,1 @@
+"""MySQL/MariaDB sessions: client login, server connections, the session shell."""

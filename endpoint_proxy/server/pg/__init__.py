@@ -1,0 +1,1 @@
+"""PostgreSQL sessions: client login, server connections, the session shell."""

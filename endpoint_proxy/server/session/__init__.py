@@ -1,0 +1,1 @@
+"""What PostgreSQL and MySQL sessions share: context, cancel registry, session info."""
