@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import select
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import outcome
@@ -57,11 +57,14 @@ READ = HandBack(0)
 
 
 class _Parked:
-    __slots__ = ("task", "callback")
+    """One parked descriptor; ``fds`` are all the descriptors its task parked at once."""
 
-    def __init__(self, task: trio.lowlevel.Task, callback: Callable[[], object]) -> None:
+    __slots__ = ("task", "callback", "fds")
+
+    def __init__(self, task: trio.lowlevel.Task, callback: Callable[[], object], fds: tuple[int, ...]) -> None:
         self.task = task
         self.callback = callback
+        self.fds = fds
 
 
 class _LoopHook:
@@ -181,8 +184,15 @@ class _LoopHook:
             pass
 
 
+# The buffer callbacks read into: one per process, since callbacks never overlap (a session
+# that must keep bytes copies them). An idle session holds no buffer at all.
+RECV_SIZE = 64 * 1024
+
+
 class Hub:
     def __init__(self, *, hooked: bool = True) -> None:
+        self.buffer = bytearray(RECV_SIZE)
+        self.view = memoryview(self.buffer)
         # hooked: serve from inside trio's I/O dispatch when this trio allows it (_LoopHook)
         self.hooked = hooked
         self.in_dispatch = False  # served from inside trio's I/O dispatch now
@@ -222,7 +232,7 @@ class Hub:
                 hook.uninstall()
             self.running = False
             for fd, entry in list(parked.items()):
-                self._wake(fd, entry, outcome.Value(READ))
+                self._wake(fd, entry, outcome.Value(READ))  # a task's other descriptors go with it
             epoll.close()
 
     def _serve_ready(self) -> None:
@@ -254,36 +264,62 @@ class Hub:
     def _wake(self, fd: int, entry: _Parked, result: outcome.Outcome[object]) -> None:
         if self._parked.get(fd) is not entry:
             return  # the callback's own work cancelled the task (a drain), which forgot it
-        del self._parked[fd]
+        self._forget(entry)
         self.handbacks += 1
-        try:
-            self._epoll.unregister(fd)
-        except OSError:
-            pass
         trio.lowlevel.reschedule(entry.task, result)
 
-    async def wait(self, fd: int, callback: Callable[[], object]) -> object:
-        """Park the calling task until ``callback`` (run by the hub each time ``fd`` is
-        readable) returns something other than None; return that. The caller must not read
-        ``fd`` while parked, nor close it (cancel the task first)."""
-        if not self.running:
-            return READ
-        if fd in self._parked:
-            raise RuntimeError(f"descriptor {fd} is already parked in the relay hub")
-        try:
-            self._epoll.register(fd, select.EPOLLIN)
-        except FileExistsError:  # still registered though nobody is parked on it: take it over
-            self._epoll.modify(fd, select.EPOLLIN)
-        entry = _Parked(trio.lowlevel.current_task(), callback)
-        self._parked[fd] = entry
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            if self._parked.get(fd) is entry:
+    def _forget(self, entry: _Parked) -> None:
+        """Unpark every descriptor of the entry's task."""
+        for fd in entry.fds:
+            if self._parked.get(fd) is not None and self._parked[fd].task is entry.task:
                 del self._parked[fd]
                 try:
                     self._epoll.unregister(fd)
                 except OSError:
                     pass
+
+    async def wait(self, fd: int, callback: Callable[[], object]) -> object:
+        """Park the calling task until ``callback`` (run by the hub each time ``fd`` is
+        readable) returns something other than None; return that. The caller must not read
+        ``fd`` while parked, nor close it (cancel the task first)."""
+        return await self.wait_any(((fd, callback),))
+
+    async def wait_any(self, parks: Sequence[tuple[int, Callable[[], object]]]) -> object:
+        """Park the calling task on several descriptors at once, each with its callback; the
+        first callback to return something other than None wakes the task with that value, and
+        every descriptor is unparked. Returns READ at once when the hub is not running."""
+        if not self.running or not parks:
+            await trio.lowlevel.checkpoint()
+            return READ
+        fds = tuple(fd for fd, _ in parks)
+        for fd in fds:
+            if fd in self._parked:
+                raise RuntimeError(f"descriptor {fd} is already parked in the relay hub")
+        task = trio.lowlevel.current_task()
+        first: _Parked | None = None
+        for fd, callback in parks:
+            try:
+                self._epoll.register(fd, select.EPOLLIN)
+            except FileExistsError:  # still registered though nobody is parked on it: take it over
+                self._epoll.modify(fd, select.EPOLLIN)
+            entry = _Parked(task, callback, fds)
+            self._parked[fd] = entry
+            first = first or entry
+        assert first is not None
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._forget(first)
             return trio.lowlevel.Abort.SUCCEEDED
 
         return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def forget_fd(self, fd: int) -> None:
+        """A descriptor is about to be closed: drop any registration of it (the kernel drops
+        its epoll entry on close, and a later descriptor with the same number must start clean)."""
+        entry = self._parked.get(fd)
+        if entry is not None:
+            raise RuntimeError(f"descriptor {fd} is closed while a task is parked on it")
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass

@@ -33,6 +33,11 @@ class Conn:
     async def recv_into_after_wait(self, buf: bytearray | memoryview) -> int:
         return await self.recv_into(buf)
 
+    async def recv_some(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` in a new bytes object (b"" at the end of the stream): for readers
+        that must not hold a buffer between reads."""
+        raise NotImplementedError
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         raise NotImplementedError
 
@@ -64,6 +69,16 @@ class RawConn(Conn):
                 return sock.recv_into(buf)
             except BlockingIOError:
                 self._spins = 0
+                await trio.lowlevel.wait_readable(sock)
+            except InterruptedError:
+                continue
+
+    async def recv_some(self, max_bytes: int) -> bytes:
+        sock = self.sock
+        while True:
+            try:
+                return sock.recv(max_bytes)
+            except BlockingIOError:
                 await trio.lowlevel.wait_readable(sock)
             except InterruptedError:
                 continue
@@ -129,6 +144,12 @@ class StreamConn(Conn):
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.closed = False
+
+    async def recv_some(self, max_bytes: int) -> bytes:
+        try:
+            return bytes(await self.stream.receive_some(max_bytes))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise ConnectionResetError(str(e)) from e
 
     async def recv_into(self, buf: bytearray | memoryview) -> int:
         try:

@@ -26,6 +26,20 @@ from .pg.backend import BackendError, ProbeConnection
 
 log = structlog.get_logger("endpoint_proxy.cluster")
 
+
+class InstanceVerdict:
+    """What the monitor says of an instance after a session lost its connection to it."""
+
+    def __init__(self, topology: ClusterTopology, name: str) -> None:
+        st = topology.instances.get(name)
+        self.up = st is not None and st.up and not st.fenced
+        self.is_writer = topology.writer == name
+        self.in_recovery = bool(st and st.in_recovery)
+
+    def same_role(self, was_writer: bool) -> bool:
+        """Up, not fenced, and still the writer (or still a replica)."""
+        return self.up and (self.is_writer if was_writer else self.in_recovery)
+
 # What the monitor asks each PostgreSQL instance: role, WAL positions as byte counts, the
 # age of the last replayed transaction, and (on a writable instance) its timeline.
 PG_PROBE_SQL = """
@@ -143,18 +157,19 @@ class ClusterRuntime:
         """Requests in flight per instance, then (as a fraction, to break ties) open backends."""
         return {n: self.inflight[n] + self.connections[n] / 1e6 for n in self.topology.instance_names}
 
-    def route(self, endpoint: EndpointConfig) -> Route:
+    def route(self, endpoint: EndpointConfig, exclude: frozenset[str] = frozenset()) -> Route:
         self._rotation += 1
         return route(endpoint, self.topology, self.load(),
                      fallback_to_writer=self.config.reader_fallback_to_writer,
-                     weights=self.weights, rotation=self._rotation)
+                     weights=self.weights, rotation=self._rotation, exclude=exclude)
 
-    async def wait_for_route(self, endpoint: EndpointConfig, timeout_s: float, *, held: bool = False) -> Route:
+    async def wait_for_route(self, endpoint: EndpointConfig, timeout_s: float, *, held: bool = False,
+                             exclude: frozenset[str] = frozenset()) -> Route:
         """Route now; if nothing qualifies, ask for fresh probes and wait up to ``timeout_s``.
 
         ``held``: the caller is a statement (not a new connection); while it waits for a
         writer it shows in the held-statement metrics."""
-        decision = self.route(endpoint)
+        decision = self.route(endpoint, exclude)
         if decision.instance is not None:
             return decision
         hold = self.metrics.holding() if held and decision.needs_writer else contextlib.nullcontext()
@@ -163,7 +178,7 @@ class ClusterRuntime:
                 changed = self._changed
                 self.request_probe()
                 await changed.wait()
-                decision = self.route(endpoint)
+                decision = self.route(endpoint, exclude)
         return decision
 
     def function_policy(self, database: str) -> FunctionPolicy:
@@ -211,6 +226,26 @@ class ClusterRuntime:
             self._functions[database] = (policy, trio.current_time())
             self._functions_loading.pop(database).set()
 
+    async def verdict(self, name: str, timeout_s: float | None = None) -> InstanceVerdict:
+        """The state of ``name`` as seen by a probe that started after this call (a session's
+        backend failed: is its instance still up in its role?). Bounded by the probe timeout."""
+        if timeout_s is None:
+            timeout_s = max(1.0, 4 * self.config.health_check_interval_ms / 1000) * 2 + 0.5
+        with trio.move_on_after(timeout_s):
+            for _ in range(2):  # the first probe to finish may have begun before the call
+                st = self.topology.instances.get(name)
+                if st is None:
+                    break
+                since = st.last_probe_at
+                while True:
+                    changed = self._changed
+                    self.request_probe(name)
+                    await changed.wait()
+                    st = self.topology.instances.get(name)
+                    if st is None or st.last_probe_at != since:
+                        break
+        return InstanceVerdict(self.topology, name)
+
     def request_probe(self, name: str | None = None) -> None:
         """Probe one instance (or all) now instead of at the next interval."""
         for n, ev in self._probe_now.items():
@@ -221,7 +256,6 @@ class ClusterRuntime:
         """A session could not reach an instance: stop routing there and probe it at once."""
         log.info("backend_failed", cluster=self.config.name, instance=name, error=error)
         self.metrics.error("backend_failed")
-        self._apply(self.topology.mark_suspect(name, trio.current_time(), error))
         self.request_probe(name)
 
     # --- monitor ------------------------------------------------------------------------------

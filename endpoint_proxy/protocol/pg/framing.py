@@ -101,7 +101,9 @@ class FrameReader:
 
 
 class MessageScanner:
-    """Walks a message stream chunk by chunk; returns (type, payload) for the wanted types only.
+    """Walks a message stream chunk by chunk; returns (type, payload, end) for the wanted types
+    only, ``end`` being the offset in the chunk just past the message's last byte (where the
+    next message starts: a request boundary, when the message ends a request).
 
     State survives chunk boundaries: a header split over two reads, a body skipped over
     many reads, a wanted payload collected over several.
@@ -126,8 +128,8 @@ class MessageScanner:
         """True when the bytes seen so far end exactly at a message boundary."""
         return not self._skip and not self._hdr and self._collect is None
 
-    def scan(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:
-        out: list[tuple[int, bytes]] = []
+    def scan(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes, int]]:
+        out: list[tuple[int, bytes, int]] = []
         n = len(data)
         pos = 0
         wanted = self._wanted
@@ -143,7 +145,7 @@ class MessageScanner:
                 collect += data[pos : pos + take]
                 pos += take
                 if len(collect) == self._need:
-                    out.append((self._ctype, bytes(collect)))
+                    out.append((self._ctype, bytes(collect), pos))
                     self._collect = None
                 continue
             if not self._hdr:
@@ -158,7 +160,7 @@ class MessageScanner:
                     if wanted[type_]:
                         if end > n:
                             break
-                        out.append((type_, bytes(data[pos + 5 : end])))
+                        out.append((type_, bytes(data[pos + 5 : end]), end))
                     elif end > n:
                         self._skip = end - n
                         return out
@@ -185,7 +187,7 @@ class MessageScanner:
                 self._skip = body
                 continue
             if n - pos >= body:
-                out.append((type_, bytes(data[pos : pos + body])))
+                out.append((type_, bytes(data[pos : pos + body]), pos + body))
                 pos += body
             else:
                 self._collect = bytearray()

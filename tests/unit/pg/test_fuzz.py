@@ -204,12 +204,19 @@ def reader_run(stream: bytes, max_length: int) -> tuple[list[tuple[int, bytes]],
     return out, False
 
 
-def scanner_run(chunks: list[bytes], wanted: bytes, max_length: int) -> tuple[list[tuple[int, bytes]], bool, bool]:
+def scanner_run(chunks: list[bytes], wanted: bytes, max_length: int,
+                ends: list[int] | None = None) -> tuple[list[tuple[int, bytes]], bool, bool]:
+    """Scan ``chunks``; ``ends`` (when given) collects each message's end as a stream offset."""
     scanner = MessageScanner(wanted, max_length=max_length)
     out: list[tuple[int, bytes]] = []
+    offset = 0
     try:
         for chunk in chunks:
-            out.extend(scanner.scan(chunk))
+            for type_, payload, end in scanner.scan(chunk):
+                out.append((type_, payload))
+                if ends is not None:
+                    ends.append(offset + end)
+            offset += len(chunk)
     except FrameError:
         return out, True, False
     return out, False, scanner.at_boundary
@@ -226,9 +233,18 @@ def test_scanner_matches_reader_on_valid_streams(
 ) -> None:
     stream = frames(messages)
     expected = [(t, p) for t, p in messages if t in wanted]
+    # Where each wanted message ends in the stream: the next one starts there.
+    expected_ends = []
+    offset = 0
+    for t, p in messages:
+        offset += 5 + len(p)
+        if t in wanted:
+            expected_ends.append(offset)
     for chunks in (chunked(stream, cuts), [stream], [stream[i : i + 1] for i in range(len(stream))]):
-        out, failed, at_boundary = scanner_run(chunks, wanted, DEFAULT_MAX_LENGTH)
+        ends: list[int] = []
+        out, failed, at_boundary = scanner_run(chunks, wanted, DEFAULT_MAX_LENGTH, ends)
         assert (out, failed, at_boundary) == (expected, False, True)
+        assert ends == expected_ends
     assert reader_run(stream, DEFAULT_MAX_LENGTH) == (messages, False)
 
 

@@ -1,0 +1,71 @@
+"""What a session core reads from the cluster and reports to it: routing rules, load, metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from ...config import EndpointConfig
+from ...routing.endpoints import members
+from ...routing.pg_classify import FunctionPolicy
+from ...sessioncore.actions import MAIN, READER, WRITER
+
+if TYPE_CHECKING:
+    from ..cluster import ClusterRuntime
+    from ..metrics import EndpointMetrics
+
+
+class SessionEnv:
+    """One session's view of its cluster, as the cores' ``PgEnv``/``MyEnv`` protocols ask.
+
+    Rules of this file: no I/O; every method is cheap (the relay calls ``request_started`` and
+    ``request_ended`` once per request)."""
+
+    __slots__ = ("cluster", "endpoint", "metrics", "database", "_roles", "busy")
+
+    def __init__(self, cluster: ClusterRuntime, endpoint: EndpointConfig, metrics: EndpointMetrics,
+                 database: str = "") -> None:
+        self.cluster = cluster
+        self.endpoint = endpoint
+        self.metrics = metrics
+        self.database = database
+        self._roles = {
+            MAIN: endpoint,
+            WRITER: dataclasses.replace(endpoint, kind="writer"),
+            READER: dataclasses.replace(endpoint, kind="reader"),
+        }
+        self.busy = False  # a request of this session is running (SHOW SESSIONS)
+
+    def rule(self, role: str) -> EndpointConfig:
+        """The routing rule of a role: the endpoint's own, or a readwrite endpoint's writer/reader half."""
+        return self._roles[role]
+
+    @property
+    def generation(self) -> int:
+        return self.cluster.topology.generation
+
+    def placement_ok(self, role: str, instance: str) -> bool:
+        cluster = self.cluster
+        endpoint = self._roles[role]
+        eligible = members(endpoint, cluster.topology)
+        if instance in eligible:
+            return True
+        return not eligible and cluster.route(endpoint).instance == instance
+
+    def function_policy(self) -> FunctionPolicy:
+        return self.cluster.function_policy(self.database)
+
+    def request_started(self, instance: str, in_recovery: bool) -> None:
+        self.cluster.inflight[instance] += 1
+        self.metrics.statement("reader" if in_recovery else "writer")
+        self.busy = True
+
+    def request_ended(self, instance: str) -> None:
+        self.cluster.inflight[instance] -= 1
+        self.busy = False
+
+    def pinned(self, reason: str) -> None:
+        self.metrics.session_pinned()
+
+    def error(self, kind: str) -> None:
+        self.cluster.metrics.error(kind)
