@@ -41,7 +41,7 @@ from ...protocol.mysql.framing import (
     encode_packet,
     read_row_value,
 )
-from ...protocol.mysql.handshake import HandshakeResponse41, SSLRequest, decode_handshake_v10
+from ...protocol.mysql.handshake import HandshakeResponse41, HandshakeV10, SSLRequest, decode_handshake_v10
 from ...protocol.mysql.packets import ERR_HEADER, decode_err, err_packet
 from ...protocol.mysql.response import ResponseTracker
 from ...relay.net import Conn, RawConn, connect_tcp, start_tls_client
@@ -156,19 +156,56 @@ async def open_my_backend(instance: str, address: Address, *, user: str, passwor
     1040...; or because the proxy cannot speak the account's method: 2059) and not when the
     instance failed (closed, malformed, no TLS under "require").
     """
+    greeting = await greet_my_backend(address)
+    return await login_my_backend(instance, greeting, user=user, password=password, database=database,
+                                  capabilities=capabilities, character_set=character_set,
+                                  connect_attrs=connect_attrs, tls_mode=tls_mode, tls_context=tls_context)
+
+
+@dataclass
+class MyGreeting:
+    """A server connection that has sent its greeting and waits for our login."""
+
+    conn: RawConn
+    address: Address
+    seq: int
+    hello: HandshakeV10
+
+
+async def greet_my_backend(address: Address) -> MyGreeting:
+    """Connect and read the server's greeting (its thread id, version, capabilities). Raises
+    MyBackendError (``err_payload`` set when the server refused at once) or OSError."""
     raw = await connect_tcp(address.host, address.port)
+    try:
+        reader = PacketReader(HANDSHAKE_MAX_PAYLOAD)
+        buf = bytearray(_RECV)
+        try:
+            seq, payload = await _read_packet(raw, reader, buf)
+            if payload[:1] == bytes((ERR_HEADER,)):
+                # Refused before the greeting: too many connections, host blocked...
+                raise MyBackendError.from_err_payload(payload)
+            hello = decode_handshake_v10(payload)
+        except MySQLProtocolError as e:
+            raise _protocol_error(e) from None
+        if reader.buffered:
+            raise MyBackendError("the server sent data after its greeting", errno=CR_MALFORMED_PACKET)
+        return MyGreeting(raw, address, seq, hello)
+    except BaseException:
+        await raw.aclose()
+        raise
+
+
+async def login_my_backend(instance: str, greeting: MyGreeting, *, user: str, password: str | None,
+                           database: str | None, capabilities: int, character_set: int,
+                           connect_attrs: dict[str, str] | None = None, tls_mode: str = "off",
+                           tls_context: ssl.SSLContext | None = None) -> MyBackendConnection:
+    """Log in over a greeted connection (see ``open_my_backend``); closes it on any failure."""
+    raw, address, seq, hello = greeting.conn, greeting.address, greeting.seq, greeting.hello
     conn: Conn = raw
     try:
         reader = PacketReader(HANDSHAKE_MAX_PAYLOAD)
         buf = bytearray(_RECV)
         try:
-            seq, payload = await _read_packet(conn, reader, buf)
-            if payload[:1] == bytes((ERR_HEADER,)):
-                # Refused before the greeting: too many connections, host blocked...
-                raise MyBackendError.from_err_payload(payload)
-            hello = decode_handshake_v10(payload)
-            if reader.buffered:
-                raise MyBackendError("the server sent data after its greeting", errno=CR_MALFORMED_PACKET)
             agreed = (capabilities & ~OWN_CAPABILITIES) | LOGIN_CAPABILITIES
             if database is not None:
                 agreed |= CLIENT_CONNECT_WITH_DB

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
@@ -55,8 +55,14 @@ async def _read_into(client: Conn, reader: FrameReader, buf: bytearray) -> None:
     reader.feed(memoryview(buf)[:n])
 
 
-async def login(ctx: SessionContext, client: Conn, logger: FilteringBoundLogger) -> Login:
-    """Run the startup phase; raises Fatal, ProtocolError or a network error."""
+class HasClient(Protocol):
+    client: Conn
+
+
+async def login(ctx: SessionContext, holder: HasClient, logger: FilteringBoundLogger) -> Login:
+    """Run the startup phase; raises Fatal, ProtocolError or a network error. A TLS upgrade
+    replaces ``holder.client`` at once, so an error after it goes over TLS too."""
+    client = holder.client
     reader = FrameReader(max_length=ctx.max_startup_bytes)
     buf = bytearray(STARTUP_BUFFER)
     while True:
@@ -77,7 +83,7 @@ async def login(ctx: SessionContext, client: Conn, logger: FilteringBoundLogger)
                 continue
             await client.send_all(b"S")
             assert isinstance(client, RawConn)
-            client = await start_tls_server(client, ctx.tls_context)
+            client = holder.client = await start_tls_server(client, ctx.tls_context)
             continue
         if isinstance(packet, GSSENCRequest):
             if reader.buffered:

@@ -21,7 +21,6 @@ from ...sessioncore.actions import (
     MAIN,
     READER,
     WRITER,
-    Action,
     Attach,
     AttachError,
     BackendFacts,
@@ -121,11 +120,10 @@ class PgSession(SessionShell):
         try:
             result = None
             with trio.move_on_after(self.ctx.startup_timeout_s):
-                result = await login(self.ctx, self.client, self.log)
+                result = await login(self.ctx, self, self.log)
             if result is None:
                 cluster.metrics.error("startup_timeout")
                 return
-            self.client = result.client
             if result.console is not None and result.startup is not None and self.ctx.console is not None:
                 # Outside the startup deadline: the console applies it to its login only.
                 self.is_console = True
@@ -256,7 +254,7 @@ class PgSession(SessionShell):
             if not verdict.up:
                 exclude = exclude | {name}
 
-    async def handle(self, action: Action) -> None:
+    async def handle(self, action: object) -> None:
         if isinstance(action, Attach):
             await self._attach(action)
         elif isinstance(action, Detach):

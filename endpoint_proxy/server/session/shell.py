@@ -23,7 +23,7 @@ import trio
 
 from ...relay.hub import READ, Hub
 from ...relay.net import Conn, RawConn
-from ...sessioncore.actions import FORWARD, Action, Close, ToClient, ToServer
+from ...sessioncore.actions import FORWARD, Close, ToClient, ToServer
 
 Buffer = bytes | bytearray | memoryview
 NETWORK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)
@@ -43,7 +43,7 @@ class Core(Protocol):
 
     def server_eof(self) -> None: ...
 
-    def next_action(self) -> Action | None: ...
+    def next_action(self) -> object | None: ...
 
     @property
     def wants_client(self) -> bool: ...
@@ -75,7 +75,7 @@ class SessionShell:
     def backend_conn(self) -> Conn | None:
         raise NotImplementedError
 
-    async def handle(self, action: Action) -> None:
+    async def handle(self, action: object) -> None:
         """Run an action other than a send or Close."""
         raise NotImplementedError
 
@@ -130,6 +130,9 @@ class SessionShell:
             elif isinstance(action, Close):
                 self.closed = True
             else:
+                # The action may talk to the backend itself: its reader task stops reading (the
+                # backend is idle at any point that asks for an action; the next wait restarts it).
+                self._stop_server_reader()
                 await self.handle(action)
 
     async def _send(self, side: int, data: Buffer) -> None:
@@ -234,9 +237,7 @@ class SessionShell:
         conn = self.backend_conn()
         current = self._server_reader
         if current is None or current[0] is not conn:
-            if current is not None:
-                current[1].cancel()
-            self._server_reader = None
+            self._stop_server_reader()
             if conn is not None:
                 scope = trio.CancelScope()
                 self._server_reader = (conn, scope)
@@ -257,6 +258,11 @@ class SessionShell:
             elif self.core.server_data(data) == FORWARD:
                 await self._send(_CLIENT, data)
         return True
+
+    def _stop_server_reader(self) -> None:
+        if self._server_reader is not None:
+            self._server_reader[1].cancel()
+            self._server_reader = None
 
     async def _reader(self, side: int, conn: Conn, scope: trio.CancelScope) -> None:
         assert self._inbox_send is not None
