@@ -316,8 +316,11 @@ class Proxy:
             pass  # not TCP (tests), or already reset: the session finds out
         session_class = MySession if cluster.config.protocol == "mysql" else PgSession
         assert self._session_nursery is not None
-        self._session_nursery.start_soon(
-            self._session, session_class(listener.ctx, conn, next(self._ids)), counts)
+        try:
+            self._session_nursery.start_soon(
+                self._session, session_class(listener.ctx, conn, next(self._ids)), counts)
+        except RuntimeError:  # the proxy is stopping: its session nursery takes no more
+            conn.close()
 
     async def _session(self, session: PgSession | MySession, counts: EndpointMetrics) -> None:
         counts.client_connected()
