@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,12 @@ class BackendSecurity:
     server_public_key: bytes | None = None
     allow_public_key_retrieval: bool = False
 
+    def __post_init__(self) -> None:
+        # A verifying mode never falls back to an unverified handshake: without a context
+        # of its own it verifies against the system's CAs.
+        if self.tls_context is None and self.tls_mode in (TLS_VERIFY_CA, TLS_VERIFY_FULL):
+            object.__setattr__(self, "tls_context", _system_context(self.tls_mode))
+
     @property
     def tls_wanted(self) -> bool:
         return self.tls_mode != TLS_OFF
@@ -52,6 +59,11 @@ def backend_tls_context(mode: str, ca_file: str | None) -> ssl.SSLContext | None
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.check_hostname = mode == TLS_VERIFY_FULL
     return ctx
+
+
+@functools.cache
+def _system_context(mode: str) -> ssl.SSLContext | None:
+    return backend_tls_context(mode, None)
 
 
 def make_backend_security(config: ClusterConfig) -> BackendSecurity:

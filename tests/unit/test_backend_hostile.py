@@ -387,3 +387,11 @@ async def test_the_proxy_marks_hostile_instances_down_and_stays_up(nursery: trio
     assert PASSWORD.encode() not in servers["cleartext"].connections[0].received
     assert proxy._nursery is not None
     proxy._nursery.cancel_scope.cancel()
+
+
+def test_a_verifying_mode_without_a_context_verifies_against_the_system_cas() -> None:
+    for mode in ("verify-ca", "verify-full"):
+        sec = BackendSecurity(tls_mode=mode)
+        assert sec.tls_context is not None and sec.tls_context.verify_mode == ssl.CERT_REQUIRED
+        assert sec.tls_context.check_hostname is (mode == "verify-full")
+    assert BackendSecurity(tls_mode="require").tls_context is None
