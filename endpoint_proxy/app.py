@@ -400,9 +400,14 @@ class Proxy:
             if isinstance(e, trio.TooSlowError):
                 raise ReloadError(f"worker {siblings[-1].index} did not answer the reload in time") from None
             raise
-        changes = await self._commit(prepared)
-        for client in siblings:
-            await client.finish({"op": "commit"})
+        decision = "abort"
+        try:
+            changes = await self._commit(prepared)
+            decision = "commit"
+        finally:
+            with trio.CancelScope(shield=True):
+                for client in siblings:  # never leave a sibling waiting, holding its reload lock
+                    await client.finish({"op": decision})
         return changes
 
     async def _prepare(self, new: Config) -> _PreparedReload:
@@ -617,7 +622,8 @@ class Proxy:
             decision: dict[str, Any] = {}
             try:
                 await channel.send({"ok": True})
-                decision = await channel.receive()
+                with trio.move_on_after(2 * CONTROL_TIMEOUT_S):  # worker 0 gone quiet: abort
+                    decision = await channel.receive()
             finally:
                 if decision.get("op") == "commit":
                     changes = await self._commit(prepared)
