@@ -1,27 +1,32 @@
-"""The proxy process: listeners per endpoint, cluster monitors, cancel routing between workers."""
+"""The proxy process: listeners per endpoint, cluster monitors, reload, cancel routing between workers."""
 
 from __future__ import annotations
 
 import itertools
 import os
+import pickle
 import select
 import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 import trio
 
 from .admin.collectors import HubCollector, TopologyCollector
 from .admin.console import AdminUsers, serve_pg_console
-from .admin.http import AdminServer
-from .config import Address, Config, ConfigError, EndpointConfig, load_config
+from .admin.http import AdminAccess, AdminServer
+from .config import Address, ClusterConfig, Config, ConfigError, EndpointConfig, load_config
 from .protocol.pg.framing import FrameReader
 from .protocol.pg.startup import CancelRequest, StartupMessage, encode_cancel_request, parse_startup_packet
 from .relay.hub import Hub
 from .relay.net import Conn, RawConn
-from .server.cluster import ClusterRuntime
+from .server.acceptwatch import AcceptWatch, accept_backlog
+from .server.cluster import ClusterRuntime, StagedCredentials
 from .server.metrics import EndpointMetrics, ProxyMetrics
 from .server.mysql.session import MySession
 from .server.pg.backend import send_cancel
@@ -39,6 +44,12 @@ def make_server_tls_context(config: Config) -> ssl.SSLContext | None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(config.tls.cert_file, config.tls.key_file)
     return ctx
+
+
+# How long a listener's accept queue may hold connections nobody takes before /healthz fails.
+STUCK_ACCEPT_S = 5.0
+# How long worker 0 waits for a sibling's answer during a reload.
+CONTROL_TIMEOUT_S = 30.0
 
 
 def open_listener(address: Address, *, reuse_port: bool) -> socket.socket:
@@ -67,18 +78,54 @@ class _Listener:
         self.ctx = ctx
         self.sock = sock
         self.scope = trio.CancelScope()
+        self.watch = AcceptWatch(STUCK_ACCEPT_S)  # the accept loop counts; /healthz looks
 
     @property
     def endpoint(self) -> EndpointConfig:
         return self.ctx.endpoint
 
-    def close(self) -> None:
+    def stop_accepting(self) -> None:
         self.scope.cancel()
         try:
             trio.lowlevel.notify_closing(self.sock)
         except (ValueError, OSError, RuntimeError):
             pass
+
+    def close(self) -> None:
+        self.stop_accepting()
         self.sock.close()
+
+    def take_waiting(self) -> list[socket.socket]:
+        """The connections already in the accept queue (before a close would reset them)."""
+        taken: list[socket.socket] = []
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return taken
+            except OSError:
+                return taken
+            taken.append(conn)
+
+
+@dataclass
+class _PreparedReload:
+    """Everything of a reload that can fail, done; nothing applied yet (``Proxy._prepare``)."""
+
+    new: Config
+    opened: dict[tuple[str, str], socket.socket] = field(default_factory=dict)
+    # Listener sockets of ours that got SO_REUSEPORT so that their port's new address could
+    # be bound beside them (unset again if the reload is abandoned).
+    shared: list[socket.socket] = field(default_factory=list)
+    tls_context: ssl.SSLContext | None = None
+    admin_users: AdminUsers | None = None
+    added: dict[str, ClusterRuntime] = field(default_factory=dict)
+    staged: dict[str, StagedCredentials] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class ReloadError(Exception):
+    """A reload was refused (by this worker or a sibling); nothing changed anywhere."""
 
 
 class ProxyConsole:
@@ -179,12 +226,16 @@ class Proxy:
                     await nursery.start(self.hub.run)
                 self._session_nursery = await nursery.start(self._hold_sessions)
                 if admin_sock is not None:
-                    await nursery.start(AdminServer(self, reload=self.reload_hook).serve, admin_sock)
-                    log.info("admin_listening", address=str(self.bound["admin"]))
+                    admin = AdminServer(self, reload=self.reload_hook, access=self.admin_access,
+                                        tls_context=self.admin_tls_context, liveness=self.stuck_endpoints)
+                    await nursery.start(admin.serve, admin_sock)
+                    log.info("admin_listening", address=str(self.bound["admin"]),
+                             tls=self.config.admin.tls, credentials=self.config.admin.requires_credentials)
                 for cluster in self.clusters.values():
                     await nursery.start(cluster.run)
                 if self.workers > 1 and self.runtime_dir:
                     await nursery.start(self._serve_cancel_forwarding)
+                    await nursery.start(self._serve_control)
                 for listener in pending:
                     self._register(listener)
                 pending = []
@@ -194,6 +245,29 @@ class Proxy:
                 listener.sock.close()
             if admin_sock is not None:
                 admin_sock.close()
+
+    def admin_access(self) -> AdminAccess:
+        admin = self.config.admin
+        return AdminAccess(token=admin.token, users={u.name: u for u in admin.users},
+                           metrics_public=admin.metrics_public)
+
+    def admin_tls_context(self) -> ssl.SSLContext | None:
+        return self.tls_context if self.config.admin.tls else None
+
+    def stuck_endpoints(self) -> list[str]:
+        """Endpoints whose accept queue holds connections that no accept loop has taken for
+        STUCK_ACCEPT_S (what /healthz fails on); each observation feeds the listener's watch."""
+        now = trio.current_time()
+        stuck = []
+        for (cname, ename), listener in list(self._listeners.items()):
+            backlog = accept_backlog(listener.sock)
+            if listener.watch.observe(backlog, now):
+                address = self.bound.get(f"{cname}/{ename}", listener.endpoint.listen)
+                stuck.append(f"endpoint {cname}/{ename} ({address}): {backlog} connection(s) wait in the"
+                             f" accept queue and none was accepted for {listener.watch.stuck_after_s:g} s")
+        if stuck:
+            log.error("endpoint_not_accepting", problems=stuck, worker=self.worker_index)
+        return stuck
 
     async def _hold_sessions(self, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED) -> None:
         """Sessions live here, not under their listener: closing a listener (reload, shutdown)
@@ -231,11 +305,22 @@ class Proxy:
                     log.warning("accept_failed", endpoint=listener.endpoint.name, error=str(e))
                     await trio.sleep(0.1)
                     continue
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                session_class = MySession if cluster.config.protocol == "mysql" else PgSession
-                assert self._session_nursery is not None
-                self._session_nursery.start_soon(
-                    self._session, session_class(listener.ctx, conn, next(self._ids)), counts)
+                listener.watch.accepted += 1
+                self._start_session(listener, conn, counts)
+
+    def _start_session(self, listener: _Listener, conn: socket.socket, counts: EndpointMetrics) -> None:
+        cluster = listener.cluster
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (tests), or already reset: the session finds out
+        session_class = MySession if cluster.config.protocol == "mysql" else PgSession
+        assert self._session_nursery is not None
+        try:
+            self._session_nursery.start_soon(
+                self._session, session_class(listener.ctx, conn, next(self._ids)), counts)
+        except RuntimeError:  # the proxy is stopping: its session nursery takes no more
+            conn.close()
 
     async def _session(self, session: PgSession | MySession, counts: EndpointMetrics) -> None:
         counts.client_connected()
@@ -256,8 +341,11 @@ class Proxy:
     # --- live reload --------------------------------------------------------------------------
 
     async def reload_from_file(self) -> list[str]:
-        """SIGHUP and POST /reload: read the config file again and apply it (see reload)."""
+        """SIGHUP, POST /reload and the console's RELOAD: read the config file again and apply
+        it, in every worker process (see reload)."""
         assert self.config_path is not None
+        if self._coordinated_elsewhere():
+            return await self._ask_worker_zero({"op": "reload_file"})
         try:
             new = load_config(self.config_path)
         except ConfigError as e:
@@ -266,96 +354,283 @@ class Proxy:
         return await self.reload(new)
 
     async def reload(self, new: Config) -> list[str]:
-        """Apply a new configuration without dropping sessions it does not affect.
+        """Apply a new configuration without dropping sessions it does not affect, all or
+        nothing: in this process and, with worker processes, in every one of them.
 
         Endpoints added get a listener, removed ones lose theirs (their sessions run on),
-        changed ones take the new rule (sessions re-check their placement at their next
-        statement). Instances, users and cluster settings change in place (see
-        ClusterRuntime.apply_config). Listen addresses are opened before anything changes,
-        so a reload that cannot bind leaves the old configuration whole. Settings of
-        [server], [tls] and [admin] need a restart; a change there is logged.
+        moved ones get the new address bound before the old one closes, changed ones take
+        the new rule (sessions re-check their placement at their next statement). Instances,
+        users and cluster settings change in place (ClusterRuntime.apply_config); new
+        passwords and verifiers apply to the next logins, to clients and to servers. The
+        [tls] certificate and key are read again. Everything that can fail — reading the
+        certificates, binding, preparing secrets, in every worker — happens before anything
+        changes; any failure leaves every worker as it was. Settings of [server] and [admin]
+        listen need a restart; a change there is logged.
         """
+        if self._coordinated_elsewhere():
+            return await self._ask_worker_zero({"op": "reload", "config": new})
         async with self._reload_lock:
             try:
-                changes = await self._reload(new)
+                changes = await self._reload_everywhere(new)
             except Exception as e:
                 log.error("config_reload_failed", error=str(e))
                 raise
             log.info("config_reloaded", changes=changes)
             return changes
 
-    async def _reload(self, new: Config) -> list[str]:
-        old = self.config
-        changes: list[str] = []
-        for section in ("server", "tls"):
-            if getattr(old, section) != getattr(new, section):
-                changes.append(f"[{section}] changed: takes effect at restart")
-        if old.admin.listen != new.admin.listen:
-            changes.append("[admin] listen changed: takes effect at restart")
-        admin_users = None
-        if old.admin.users != new.admin.users:
-            admin_users = self.console.admin_users.updated(new.admin.users)
-            await trio.to_thread.run_sync(admin_users.prepare)
-        new_clusters = {c.name: c for c in new.clusters}
-        # 1. Everything that can fail, before anything changes: new listeners, new secrets.
-        opened: dict[tuple[str, str], socket.socket] = {}
+    def _coordinated_elsewhere(self) -> bool:
+        return self.workers > 1 and self.runtime_dir is not None and self.worker_index != 0
+
+    async def _reload_everywhere(self, new: Config) -> list[str]:
+        """Prepare in this worker and every sibling; commit everywhere only if all succeeded."""
+        prepared = await self._prepare(new)
+        siblings: list[_ControlClient] = []
         try:
-            for cname, cc in new_clusters.items():
-                for ep in cc.endpoints:
-                    key = (cname, ep.name)
-                    current = self._listeners.get(key)
-                    if current is None or current.endpoint.listen != ep.listen:
-                        if current is not None and current.endpoint.listen.port == ep.listen.port:
-                            current.close()  # same port, new host: free it first
-                            self._listeners.pop(key)
-                        opened[key] = open_listener(ep.listen, reuse_port=self.workers > 1)
-        except OSError as e:
-            for sock in opened.values():
-                sock.close()
-            raise OSError(e.errno, f"cannot listen: {e.strerror or e}") from None
-        added_runtimes = {name: ClusterRuntime(cc, self.metrics.cluster(name))
-                          for name, cc in new_clusters.items() if name not in self.clusters}
-        for rt in added_runtimes.values():
-            await trio.to_thread.run_sync(rt.prepare_secrets)
-        # 2. Apply.
+            if self.workers > 1 and self.runtime_dir is not None:
+                for index in range(1, self.workers):
+                    client = _ControlClient(self._control_socket_path(index), index)
+                    siblings.append(client)
+                    with trio.fail_after(CONTROL_TIMEOUT_S):
+                        await client.request({"op": "prepare", "config": new})
+        except BaseException as e:
+            self._abort(prepared)
+            with trio.CancelScope(shield=True):
+                for client in siblings:
+                    await client.finish({"op": "abort"})
+            if isinstance(e, trio.TooSlowError):
+                raise ReloadError(f"worker {siblings[-1].index} did not answer the reload in time") from None
+            raise
+        decision = "abort"
+        try:
+            changes = await self._commit(prepared)
+            decision = "commit"
+        finally:
+            with trio.CancelScope(shield=True):
+                for client in siblings:  # never leave a sibling waiting, holding its reload lock
+                    await client.finish({"op": decision})
+        return changes
+
+    async def _prepare(self, new: Config) -> _PreparedReload:
+        """Do everything of a reload that can fail; on failure undo it and raise."""
+        prepared = _PreparedReload(new)
+        try:
+            await self._prepare_steps(prepared)
+        except BaseException:
+            self._abort(prepared)
+            raise
+        return prepared
+
+    async def _prepare_steps(self, prepared: _PreparedReload) -> None:
+        new, old = prepared.new, self.config
+        if old.server != new.server:
+            prepared.notes.append("[server] changed: takes effect at restart")
+        if old.admin.listen != new.admin.listen:
+            prepared.notes.append("[admin] listen changed: takes effect at restart")
+        try:
+            prepared.tls_context = await trio.to_thread.run_sync(make_server_tls_context, new)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            raise ReloadError(f"[tls]: cannot use the certificate or key: {e}") from None
+        if old.admin.users != new.admin.users:
+            prepared.admin_users = self.console.admin_users.updated(new.admin.users)
+            await trio.to_thread.run_sync(prepared.admin_users.prepare)
+        self._open_new_listeners(prepared)
+        for cc in new.clusters:
+            runtime = self.clusters.get(cc.name)
+            try:
+                if runtime is None:
+                    runtime = ClusterRuntime(cc, self.metrics.cluster(cc.name))
+                    prepared.added[cc.name] = runtime
+                    await trio.to_thread.run_sync(runtime.prepare_secrets)
+                else:
+                    prepared.staged[cc.name] = await trio.to_thread.run_sync(runtime.stage_credentials, cc)
+            except (OSError, ValueError) as e:
+                raise ReloadError(f"cluster {cc.name}: {e}") from None
+
+    def _open_new_listeners(self, prepared: _PreparedReload) -> None:
+        """Bind every new or moved endpoint's address while the old listeners still listen."""
+        new_keys = {(c.name, ep.name): ep for c in prepared.new.clusters for ep in c.endpoints}
+        # Listeners this reload takes away (moved or removed): their ports may be shared for
+        # the moment of the swap; ones that stay may not.
+        leaving = [lst for key, lst in self._listeners.items()
+                   if key not in new_keys or new_keys[key].listen != lst.endpoint.listen]
+        for key, ep in new_keys.items():
+            current = self._listeners.get(key)
+            if current is not None and current.endpoint.listen == ep.listen:
+                continue
+            share = ep.listen.port != 0 and any(lst.endpoint.listen.port == ep.listen.port for lst in leaving)
+            if share:
+                for lst in leaving:
+                    if lst.endpoint.listen.port == ep.listen.port and lst.sock not in prepared.shared \
+                            and not lst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+                        lst.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                        prepared.shared.append(lst.sock)
+            try:
+                prepared.opened[key] = open_listener(ep.listen, reuse_port=self.workers > 1 or share)
+            except OSError as e:
+                raise ReloadError(f"endpoint {key[1]}: cannot listen on {ep.listen}: {e.strerror or e}") from None
+
+    def _abort(self, prepared: _PreparedReload) -> None:
+        """Undo a prepared reload: close what it opened, give the old sockets back their flags."""
+        for sock in prepared.opened.values():
+            sock.close()
+        prepared.opened.clear()
+        for sock in prepared.shared:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+            except OSError:
+                pass
+        prepared.shared.clear()
+
+    async def _commit(self, prepared: _PreparedReload) -> list[str]:
+        """Apply a prepared reload (nothing here fails on a configuration)."""
+        new = prepared.new
+        changes = list(prepared.notes)
         assert self._nursery is not None
+        new_clusters = {c.name: c for c in new.clusters}
         for name in list(self.clusters):
             if name not in new_clusters:
                 for key in [k for k in self._listeners if k[0] == name]:
                     self._listeners.pop(key).close()
                 del self.clusters[name]  # its sessions drain; its monitors stop with them
                 changes.append(f"cluster {name} removed")
-        for name, rt in added_runtimes.items():
+        self.tls_context = prepared.tls_context
+        if new.tls != self.config.tls or new.tls.cert_file is not None:
+            changes.append("[tls] certificate and key read again" if new.tls.cert_file else "[tls] removed")
+        for name, rt in prepared.added.items():
             self.clusters[name] = rt
             await self._nursery.start(rt.run)
             changes.append(f"cluster {name} added")
         for name, cc in new_clusters.items():
             rt = self.clusters[name]
-            if name not in added_runtimes:
-                if rt.config.protocol != cc.protocol:
-                    changes.append(f"cluster {name}: protocol change takes effect at restart")
-                changes += [f"cluster {name}: {c}" for c in rt.apply_config(cc)]
-            new_eps = {ep.name: ep for ep in cc.endpoints}
-            for key in [k for k in self._listeners if k[0] == name and k[1] not in new_eps]:
-                self._listeners.pop(key).close()
-                changes.append(f"endpoint {key[1]} removed")
-            for ep in cc.endpoints:
-                key = (name, ep.name)
-                new_sock = opened.pop(key, None)
-                if new_sock is not None:
-                    old_listener = self._listeners.pop(key, None)
-                    if old_listener is not None:
-                        old_listener.close()
-                    self._register(_Listener(rt, self._context(rt, ep), new_sock))
-                    changes.append(f"endpoint {ep.name} {'moved' if old_listener else 'added'}")
-                elif self._listeners[key].endpoint != ep:
-                    self._listeners[key].ctx.endpoint = ep
-                    changes.append(f"endpoint {ep.name} changed")
-        if admin_users is not None:
-            self.console.admin_users = admin_users
+            if name not in prepared.added:
+                changes += self._update_cluster(rt, cc, prepared.staged[name])
+            changes += self._update_endpoints(rt, cc, prepared)
+        for listener in self._listeners.values():
+            listener.ctx.tls_context = self.tls_context
+        if prepared.admin_users is not None:
+            self.console.admin_users = prepared.admin_users
             changes.append("admin users changed")
+        if (new.admin.token, new.admin.metrics_public, new.admin.tls) != (
+                self.config.admin.token, self.config.admin.metrics_public, self.config.admin.tls):
+            changes.append("admin access changed")
         self.config = new
         return changes
+
+    def _update_cluster(self, rt: ClusterRuntime, cc: ClusterConfig, staged: StagedCredentials) -> list[str]:
+        changes = []
+        if rt.config.protocol != cc.protocol:
+            changes.append(f"cluster {cc.name}: protocol change takes effect at restart")
+        changes += [f"cluster {cc.name}: {c}" for c in rt.apply_config(cc)]
+        rt.install_credentials(staged)
+        return changes
+
+    def _update_endpoints(self, rt: ClusterRuntime, cc: ClusterConfig, prepared: _PreparedReload) -> list[str]:
+        changes = []
+        name = cc.name
+        new_eps = {ep.name: ep for ep in cc.endpoints}
+        for key in [k for k in self._listeners if k[0] == name and k[1] not in new_eps]:
+            self._listeners.pop(key).close()
+            changes.append(f"endpoint {key[1]} removed")
+        for ep in cc.endpoints:
+            key = (name, ep.name)
+            new_sock = prepared.opened.pop(key, None)
+            if new_sock is not None:
+                old_listener = self._listeners.pop(key, None)
+                listener = _Listener(rt, self._context(rt, ep), new_sock)
+                self._register(listener)
+                if old_listener is not None:
+                    self._retire(old_listener, listener)
+                changes.append(f"endpoint {ep.name} {'moved' if old_listener else 'added'}")
+            elif self._listeners[key].endpoint != ep:
+                self._listeners[key].ctx.endpoint = ep
+                changes.append(f"endpoint {ep.name} changed")
+        return changes
+
+    def _retire(self, old: _Listener, successor: _Listener) -> None:
+        """Close a moved endpoint's old listener; connections already in its accept queue are
+        served (by the endpoint's new rule), not reset."""
+        old.stop_accepting()
+        counts = successor.cluster.metrics.endpoint(successor.endpoint.name)
+        for conn in old.take_waiting():
+            self._start_session(successor, conn, counts)
+        old.sock.close()
+
+    # --- worker processes: one reload for all ---------------------------------------------------
+
+    def _control_socket_path(self, worker: int) -> str:
+        assert self.runtime_dir is not None
+        return os.path.join(self.runtime_dir, f"control-{worker}.sock")
+
+    async def _ask_worker_zero(self, message: dict[str, Any]) -> list[str]:
+        """A worker other than 0 got a reload: worker 0 runs it for all."""
+        client = _ControlClient(self._control_socket_path(0), 0)
+        try:
+            answer = await client.request(message)
+        finally:
+            await client.aclose()
+        changes: list[str] = answer.get("changes", [])
+        return changes
+
+    async def _serve_control(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reload requests between workers (a unix socket in the private runtime directory)."""
+        path = self._control_socket_path(self.worker_index)
+        Path(path).unlink(missing_ok=True)
+        lsock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await lsock.bind(path)
+        lsock.listen(16)
+        task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    conn, _ = await lsock.accept()
+                    nursery.start_soon(self._control_session, _Channel(conn))
+        finally:
+            lsock.close()
+
+    async def _control_session(self, channel: _Channel) -> None:
+        try:
+            message = await channel.receive()
+            op = message.get("op")
+            if op == "prepare" and self.worker_index != 0:
+                await self._prepared_by_worker_zero(channel, message["config"])
+            elif op in ("reload", "reload_file") and self.worker_index == 0:
+                try:
+                    if op == "reload":
+                        changes = await self.reload(message["config"])
+                    else:
+                        changes = await self.reload_from_file()
+                except Exception as e:
+                    await channel.send({"ok": False, "error": str(e) or type(e).__name__})
+                else:
+                    await channel.send({"ok": True, "changes": changes})
+            else:
+                await channel.send({"ok": False, "error": f"worker {self.worker_index} cannot {op!r}"})
+        except (OSError, EOFError, pickle.UnpicklingError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            log.warning("control_failed", worker=self.worker_index, error=str(e) or type(e).__name__)
+        finally:
+            channel.close()
+
+    async def _prepared_by_worker_zero(self, channel: _Channel, new: Config) -> None:
+        """Prepare a reload, say so, then commit or abort as worker 0 decides (abort if it is gone)."""
+        async with self._reload_lock:
+            try:
+                prepared = await self._prepare(new)
+            except Exception as e:
+                log.error("config_reload_failed", error=str(e), worker=self.worker_index)
+                await channel.send({"ok": False, "error": f"worker {self.worker_index}: {e}"})
+                return
+            decision: dict[str, Any] = {}
+            try:
+                await channel.send({"ok": True})
+                with trio.move_on_after(2 * CONTROL_TIMEOUT_S):  # worker 0 gone quiet: abort
+                    decision = await channel.receive()
+            finally:
+                if decision.get("op") == "commit":
+                    changes = await self._commit(prepared)
+                    log.info("config_reloaded", changes=changes, worker=self.worker_index)
+                    await channel.send({"ok": True, "changes": changes})
+                else:
+                    self._abort(prepared)
 
     # --- graceful shutdown --------------------------------------------------------------------
 
@@ -446,3 +721,86 @@ class Proxy:
             log.info("cancel_failed", error=str(e))
         finally:
             await conn.aclose()
+
+
+class _Channel:
+    """Length-prefixed pickles over a unix socket between this program's own worker processes
+    (the socket lives in a private 0700 directory: only the same user reaches it)."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+
+    async def send(self, message: dict[str, Any]) -> None:
+        data = pickle.dumps(message)
+        await self._send_all(struct.pack("!I", len(data)) + data)
+
+    async def _send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            sent = await self.sock.send(view)
+            view = view[sent:]
+
+    async def receive(self) -> dict[str, Any]:
+        (length,) = struct.unpack("!I", await self._exactly(4))
+        message = pickle.loads(await self._exactly(length))
+        if not isinstance(message, dict):
+            raise EOFError("not a control message")
+        return message
+
+    async def _exactly(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = await self.sock.recv(n - len(buf))
+            if not chunk:
+                raise EOFError("the other worker closed the control connection")
+            buf += chunk
+        return bytes(buf)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _ControlClient:
+    """Worker 0's (or a sibling's) side of one control conversation."""
+
+    def __init__(self, path: str, index: int) -> None:
+        self.path = path
+        self.index = index
+        self.channel: _Channel | None = None
+
+    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send, wait for the answer; raise ReloadError when it is a refusal."""
+        if self.channel is None:
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await sock.connect(self.path)
+            except OSError as e:
+                sock.close()
+                raise ReloadError(f"worker {self.index} is unreachable: {e.strerror or e}") from None
+            self.channel = _Channel(sock)
+        try:
+            await self.channel.send(message)
+            answer = await self.channel.receive()
+        except (OSError, EOFError, trio.BrokenResourceError) as e:
+            raise ReloadError(f"worker {self.index} failed during the reload: {e}") from None
+        if not answer.get("ok"):
+            raise ReloadError(str(answer.get("error", f"worker {self.index} refused the reload")))
+        return answer
+
+    async def finish(self, message: dict[str, Any]) -> None:
+        """Tell a prepared sibling the decision (best effort, bounded), then hang up."""
+        try:
+            if self.channel is not None:
+                with trio.move_on_after(CONTROL_TIMEOUT_S):
+                    await self.channel.send(message)
+                    if message.get("op") == "commit":
+                        await self.channel.receive()
+        except (OSError, EOFError, trio.BrokenResourceError) as e:
+            log.warning("control_failed", worker=self.index, error=str(e) or type(e).__name__)
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None

@@ -66,8 +66,8 @@ async def _drain_then_stop(proxy: Any, scope: trio.CancelScope) -> None:
 async def _reload_quietly(proxy: Any) -> None:
     try:
         await proxy.reload_from_file()
-    except (ConfigError, OSError):
-        pass  # logged by the proxy as config_reload_failed; the old configuration stays
+    except Exception:  # noqa: BLE001 - logged by the proxy as config_reload_failed
+        pass  # the old configuration stays, in every worker
 
 
 def _worker_main(config: Config, index: int, workers: int, runtime_dir: str, config_path: str) -> None:
@@ -131,9 +131,15 @@ def _run_workers(config: Config, workers: int, config_path: str) -> int:
             if p.pid is not None and p.is_alive():
                 os.kill(p.pid, signum)
 
+    def reload(_signum: int, _frame: object) -> None:
+        # Worker 0 runs every reload for all workers (all or nothing); the others would only
+        # ask it to.
+        if procs[0].pid is not None and procs[0].is_alive():
+            os.kill(procs[0].pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, forward)
+    signal.signal(signal.SIGHUP, reload)
     try:
         code = 0
         for p in procs:

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .protocol.pg.auth import parse_scram_verifier
 
 PROTOCOLS = ("postgresql", "mysql")
 ENDPOINT_KINDS = ("writer", "reader", "readwrite", "custom", "instance")
 CUSTOM_ROLES = ("reader", "any")
 TLS_MODES = ("off", "optional", "required")
-BACKEND_TLS_MODES = ("off", "prefer", "require")
+BACKEND_TLS_MODES = ("off", "prefer", "require", "verify-ca", "verify-full")
 CLIENT_AUTH_METHODS = ("scram-sha-256", "md5", "password")
 MYSQL_CLIENT_AUTH_METHODS = ("mysql_native_password", "caching_sha2_password")
+# How the servers may ask the proxy to authenticate (backend_auth); the first tuple of each is the default.
+PG_BACKEND_AUTH_METHODS = ("scram-sha-256", "md5", "password", "trust")
+PG_BACKEND_AUTH_DEFAULT = ("scram-sha-256",)
+MYSQL_BACKEND_AUTH_METHODS = ("mysql_native_password", "caching_sha2_password", "mysql_clear_password")
+MYSQL_BACKEND_AUTH_DEFAULT = ("mysql_native_password", "caching_sha2_password")
 CONSISTENCY_MODES = ("eventual", "session")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -37,11 +48,72 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+    @property
+    def is_loopback(self) -> bool:
+        """Only this host can reach it: localhost or a loopback IP (127.0.0.0/8, ::1)."""
+        if self.host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a host name other than localhost may resolve anywhere
+
+
+# --- secrets ---------------------------------------------------------------------------------
+
+# Stored forms of a password, as the servers keep them (detected in a configured ``password``).
+STORED_SCRAM = "scram-sha-256"  # SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey> (pg_authid)
+STORED_MD5 = "md5"  # "md5" + md5(password + user) in hex (pg_authid)
+STORED_MYSQL_NATIVE = "mysql_native_password"  # "*" + SHA1(SHA1(password)) in hex (mysql.user)
+
+_MD5_HASH = re.compile(r"md5[0-9a-f]{32}")
+_MYSQL_NATIVE_HASH = re.compile(r"\*[0-9A-Fa-f]{40}")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPassword:
+    """A password in the form a server stores it: the proxy can check a client against it
+    (and, for SCRAM and mysql_native_password, log in with what the client proved) without
+    ever knowing the password. ``text`` is the stored form itself; it never shows in a repr."""
+
+    kind: str  # STORED_SCRAM | STORED_MD5 | STORED_MYSQL_NATIVE
+    text: str = field(repr=False)
+
+    def __str__(self) -> str:
+        return f"<{self.kind} verifier>"
+
+
+def parse_stored_password(text: str, protocol: str) -> StoredPassword | None:
+    """The stored form ``text`` is, for a cluster of ``protocol`` ("postgresql" or "mysql"),
+    or None when it is a plain password. Raises ValueError for a SCRAM verifier that does not
+    parse (a typo must not turn it into a password nobody knows)."""
+    if protocol == "mysql":
+        if _MYSQL_NATIVE_HASH.fullmatch(text):
+            return StoredPassword(STORED_MYSQL_NATIVE, text.upper())
+        return None
+    if text.startswith("SCRAM-SHA-256$"):
+        parse_scram_verifier(text)  # ValueError when malformed
+        return StoredPassword(STORED_SCRAM, text)
+    if _MD5_HASH.fullmatch(text):
+        return StoredPassword(STORED_MD5, text)
+    return None
+
+
 @dataclass(frozen=True)
 class AdminConfig:
     listen: Address | None = None
-    # Who may log in to the admin console (any PostgreSQL endpoint, database "endpoint_proxy").
+    # Who may log in to the admin console (any PostgreSQL endpoint, database "endpoint_proxy")
+    # and, with basic auth, to the admin HTTP server.
     users: tuple[UserConfig, ...] = ()
+    # Bearer token for the admin HTTP server; with users or a token set, everything but
+    # /healthz and /readyz (and /metrics when metrics_public) needs a credential.
+    token: str | None = field(default=None, repr=False)
+    metrics_public: bool = False
+    tls: bool = False  # serve the admin HTTP server over TLS with the [tls] files
+
+    @property
+    def requires_credentials(self) -> bool:
+        return self.token is not None or bool(self.users)
 
 
 @dataclass(frozen=True)
@@ -68,15 +140,22 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class Credentials:
+    """A login the proxy makes on its own (the monitor): it needs the password itself."""
+
     user: str
-    password: str
+    password: str = field(repr=False)
 
 
 @dataclass(frozen=True)
 class UserConfig:
+    """Who may connect. ``password`` is the plain password when it is configured as one;
+    None when only its stored form is (``stored``: a SCRAM verifier, md5 hash or MySQL
+    native hash), and then the proxy logs in to the servers with what the client proves."""
+
     name: str
-    password: str
+    password: str | None = field(default=None, repr=False)
     auth: str | None = None  # overrides the cluster's client_auth
+    stored: StoredPassword | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -118,7 +197,14 @@ class ClusterConfig:
     failover_timeout_ms: int = 30_000
     reader_fallback_to_writer: bool = True
     backend_tls: str = "off"
+    backend_ca_file: str | None = None  # verify-ca / verify-full: the CAs to trust (default: the system's)
+    backend_auth: tuple[str, ...] = PG_BACKEND_AUTH_DEFAULT  # methods a server may ask the proxy for
+    server_public_key_file: str | None = None  # mysql: RSA key for caching_sha2 full auth without TLS
+    allow_public_key_retrieval: bool = False  # mysql: trust a key the server sends (MITM-able)
     client_auth: str = "scram-sha-256"
+    auth_query: str | None = None  # postgresql: look up users not in [[users]] ($1 = the name)
+    auth_cache_ms: int = 60_000
+    auth_database: str = "postgres"
     read_functions: tuple[str, ...] = ()
     write_functions: tuple[str, ...] = ()
     function_refresh_ms: int = 30_000
@@ -237,14 +323,83 @@ def _names(values: list[Any], path: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _parse_user(t: _Table, methods: tuple[str, ...]) -> UserConfig:
-    user = UserConfig(
-        name=t.string("name"),
-        password=t.get("password", str),
-        auth=t.string("auth", None, methods),
-    )
+def read_secret(t: _Table, key: str, environ: Mapping[str, str], *, required: bool = True) -> str | None:
+    """A secret given as ``key`` itself, ``<key>_file`` (a file's text, one trailing newline
+    removed) or ``<key>_env`` (an environment variable): at most one of them (exactly one
+    when ``required``). The value never appears in an error message."""
+    given = [k for k in (key, f"{key}_file", f"{key}_env") if k in t.data]
+    for k in (key, f"{key}_file", f"{key}_env"):
+        t.used.add(k)
+    if len(given) > 1:
+        raise ConfigError(t.sub(given[1]), f"give only one of {', '.join(given)}")
+    if not given:
+        if required:
+            raise ConfigError(t.sub(key), f"is required (or {key}_file, or {key}_env)")
+        return None
+    which = given[0]
+    value = t.data[which]
+    if not isinstance(value, str):
+        raise ConfigError(t.sub(which), "must be a string")
+    if which == key:
+        return value
+    if not value:
+        raise ConfigError(t.sub(which), "must not be empty")
+    if which.endswith("_env"):
+        if value not in environ:
+            raise ConfigError(t.sub(which), f"environment variable {value} is not set")
+        return environ[value]
+    try:
+        text = Path(value).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(t.sub(which), f"file not found: {value}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise ConfigError(t.sub(which), f"cannot read {value}: {reason}") from None
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _parse_password(t: _Table, protocol: str, environ: Mapping[str, str]) -> tuple[str | None, StoredPassword | None]:
+    text = read_secret(t, "password", environ)
+    assert text is not None
+    try:
+        stored = parse_stored_password(text, protocol)
+    except ValueError:
+        raise ConfigError(t.sub("password"), "starts like a SCRAM-SHA-256 verifier but is not one: "
+                          "SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>") from None
+    return (None, stored) if stored is not None else (text, None)
+
+
+def _parse_user(t: _Table, protocol: str, methods: tuple[str, ...], environ: Mapping[str, str]) -> UserConfig:
+    name = t.string("name")
+    password, stored = _parse_password(t, protocol, environ)
+    user = UserConfig(name=name, password=password, auth=t.string("auth", None, methods), stored=stored)
     t.check_unknown()
     return user
+
+
+# Which stored forms can check a client of each method (the plain password can check any).
+_CHECKS: dict[str, tuple[str, ...]] = {
+    "scram-sha-256": (STORED_SCRAM,),
+    "md5": (STORED_MD5,),
+    # A SCRAM verifier could check a cleartext password too, at the price of PBKDF2 per login.
+    "password": (STORED_MD5,),
+    "mysql_native_password": (STORED_MYSQL_NATIVE,),
+    "caching_sha2_password": (),
+}
+
+
+_STORED_NAMES = {STORED_SCRAM: "a SCRAM-SHA-256 verifier", STORED_MD5: "an md5 hash",
+                 STORED_MYSQL_NATIVE: "a mysql_native_password hash"}
+
+
+def _check_user_method(user: UserConfig, method: str, path: str) -> None:
+    if user.stored is None or user.stored.kind in _CHECKS[method]:
+        return
+    usable = " or ".join(("the password", *(_STORED_NAMES[k] for k in _CHECKS[method])))
+    raise ConfigError(path, f"{_STORED_NAMES[user.stored.kind]} cannot check {method} logins: "
+                            f"give {usable}")
 
 
 def _parse_instance(t: _Table) -> InstanceConfig:
@@ -301,7 +456,27 @@ def _parse_endpoint(t: _Table, instance_names: set[str]) -> EndpointConfig:
     )
 
 
-def _parse_cluster(t: _Table) -> ClusterConfig:
+def _file(t: _Table, key: str) -> str | None:
+    value: str | None = t.string(key, None)
+    if value is not None and not Path(value).is_file():
+        raise ConfigError(t.sub(key), f"file not found: {value}")
+    return value
+
+
+def _choices(t: _Table, key: str, allowed: tuple[str, ...], default: tuple[str, ...]) -> tuple[str, ...]:
+    if key not in t.data:
+        t.used.add(key)
+        return default
+    values = _names(t.array(key), t.sub(key))
+    if not values:
+        raise ConfigError(t.sub(key), "must name at least one method")
+    for i, v in enumerate(values):
+        if v not in allowed:
+            raise ConfigError(f"{t.sub(key)}[{i}]", f"must be one of {', '.join(allowed)} (got {v!r})")
+    return tuple(dict.fromkeys(values))
+
+
+def _parse_cluster(t: _Table, environ: Mapping[str, str]) -> ClusterConfig:
     name = t.string("name")
     protocol = t.string("protocol", choices=PROTOCOLS)
     instances: list[InstanceConfig] = []
@@ -314,11 +489,14 @@ def _parse_cluster(t: _Table) -> ClusterConfig:
         raise ConfigError(t.sub("instances"), "a cluster needs at least one instance")
     names = {i.name for i in instances}
     auth_methods = MYSQL_CLIENT_AUTH_METHODS if protocol == "mysql" else CLIENT_AUTH_METHODS
+    client_auth = t.string("client_auth", auth_methods[0], auth_methods)
     users: list[UserConfig] = []
     for i, raw in enumerate(t.array("users")):
-        user = _parse_user(_Table(raw, f"{t.sub('users')}[{i}]"), auth_methods)
+        where = f"{t.sub('users')}[{i}]"
+        user = _parse_user(_Table(raw, where), protocol, auth_methods, environ)
         if any(o.name == user.name for o in users):
-            raise ConfigError(f"{t.sub('users')}[{i}].name", f"duplicate user {user.name!r}")
+            raise ConfigError(f"{where}.name", f"duplicate user {user.name!r}")
+        _check_user_method(user, user.auth or client_auth, f"{where}.password")
         users.append(user)
     endpoints: list[EndpointConfig] = []
     for i, raw in enumerate(t.array("endpoints")):
@@ -329,8 +507,34 @@ def _parse_cluster(t: _Table) -> ClusterConfig:
     monitor = None
     if "monitor" in t.data:
         m = t.table("monitor")
-        monitor = Credentials(m.string("user"), m.get("password", str, ""))
+        monitor_password = read_secret(m, "password", environ, required=False) or ""
+        if parse_stored_password(monitor_password, protocol) is not None:
+            raise ConfigError(m.sub("password"), "the monitor logs in on its own: it needs the password, "
+                              "not a verifier (use password_file or password_env to keep it out of this file)")
+        monitor = Credentials(m.string("user"), monitor_password)
         m.check_unknown()
+    mysql = protocol == "mysql"
+    backend_tls = t.string("backend_tls", "off", BACKEND_TLS_MODES)
+    backend_ca_file = _file(t, "backend_ca_file")
+    if backend_ca_file is not None and not backend_tls.startswith("verify-"):
+        raise ConfigError(t.sub("backend_ca_file"), 'is used only with backend_tls = "verify-ca" or "verify-full"')
+    backend_methods = MYSQL_BACKEND_AUTH_METHODS if mysql else PG_BACKEND_AUTH_METHODS
+    backend_default = MYSQL_BACKEND_AUTH_DEFAULT if mysql else PG_BACKEND_AUTH_DEFAULT
+    backend_auth = _choices(t, "backend_auth", backend_methods, backend_default)
+    public_key_file = _file(t, "server_public_key_file")
+    retrieval = t.boolean("allow_public_key_retrieval", False)
+    if not mysql and (public_key_file is not None or retrieval):
+        key = "server_public_key_file" if public_key_file is not None else "allow_public_key_retrieval"
+        raise ConfigError(t.sub(key), "is for MySQL clusters (caching_sha2_password)")
+    auth_query = t.string("auth_query", None)
+    if auth_query is not None:
+        if mysql:
+            raise ConfigError(t.sub("auth_query"), "is for PostgreSQL clusters")
+        if "$1" not in auth_query:
+            raise ConfigError(t.sub("auth_query"), "must take the user name as its parameter $1")
+        if client_auth == "password":
+            raise ConfigError(t.sub("auth_query"), "needs client_auth scram-sha-256 or md5: the proxy logs in "
+                              "to the servers with what the client proves, which cleartext cannot pass on")
     cluster = ClusterConfig(
         name=name,
         protocol=protocol,
@@ -342,8 +546,15 @@ def _parse_cluster(t: _Table) -> ClusterConfig:
         max_replica_lag_ms=t.integer("max_replica_lag_ms", 1000, minimum=0),
         failover_timeout_ms=t.integer("failover_timeout_ms", 30_000, minimum=0),
         reader_fallback_to_writer=t.boolean("reader_fallback_to_writer", True),
-        backend_tls=t.string("backend_tls", "off", BACKEND_TLS_MODES),
-        client_auth=t.string("client_auth", auth_methods[0], auth_methods),
+        backend_tls=backend_tls,
+        backend_ca_file=backend_ca_file,
+        backend_auth=backend_auth,
+        server_public_key_file=public_key_file,
+        allow_public_key_retrieval=retrieval,
+        client_auth=client_auth,
+        auth_query=auth_query,
+        auth_cache_ms=t.integer("auth_cache_ms", 60_000, minimum=0, maximum=86_400_000),
+        auth_database=t.string("auth_database", "postgres"),
         allow_local_infile=t.boolean("allow_local_infile", False),
         read_functions=tuple(n.lower() for n in _names(t.array("read_functions"), t.sub("read_functions"))),
         write_functions=tuple(n.lower() for n in _names(t.array("write_functions"), t.sub("write_functions"))),
@@ -353,22 +564,47 @@ def _parse_cluster(t: _Table) -> ClusterConfig:
     return cluster
 
 
-def parse_config(data: dict[str, Any]) -> Config:
-    """Validate a parsed TOML document; raises ConfigError naming the first bad key."""
-    top = _Table(data, "")
-    admin_t = top.table("admin")
+def _parse_admin(admin_t: _Table, environ: Mapping[str, str]) -> AdminConfig:
     admin_listen = admin_t.string("listen", None)
     admin_users: list[UserConfig] = []
     for i, raw in enumerate(admin_t.array("users")):
         user_t = _Table(raw, f"admin.users[{i}]")
-        user = UserConfig(name=user_t.string("name"), password=user_t.string("password"))
+        name = user_t.string("name")
+        password, stored = _parse_password(user_t, "postgresql", environ)
+        if stored is not None and stored.kind != STORED_SCRAM:
+            raise ConfigError(user_t.sub("password"), "admin users log in with SCRAM-SHA-256: give the "
+                              "password or its SCRAM-SHA-256 verifier")
+        if password == "":
+            raise ConfigError(user_t.sub("password"), "must not be empty")
+        user = UserConfig(name=name, password=password, stored=stored)
         user_t.check_unknown()
         if any(o.name == user.name for o in admin_users):
             raise ConfigError(f"admin.users[{i}].name", f"duplicate user {user.name!r}")
         admin_users.append(user)
+    token = read_secret(admin_t, "token", environ, required=False)
+    if token == "":
+        given = next(k for k in ("token", "token_file", "token_env") if k in admin_t.data)
+        raise ConfigError(admin_t.sub(given), "must not be empty")
     admin = AdminConfig(parse_address(admin_listen, "admin.listen") if admin_listen else None,
-                        users=tuple(admin_users))
+                        users=tuple(admin_users), token=token,
+                        metrics_public=admin_t.boolean("metrics_public", False),
+                        tls=admin_t.boolean("tls", False))
     admin_t.check_unknown()
+    if admin.listen is not None and not admin.listen.is_loopback and not admin.requires_credentials:
+        raise ConfigError("admin.listen", f"{admin.listen} is not a loopback address: set admin.token "
+                          "(or token_file, token_env) or [[admin.users]] so that not anyone who can "
+                          "reach it can reload the proxy")
+    return admin
+
+
+def parse_config(data: dict[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed TOML document; raises ConfigError naming the first bad key.
+
+    ``environ`` (default: the process environment) resolves ``*_env`` keys; ``*_file`` keys
+    are read here."""
+    env = os.environ if environ is None else environ
+    top = _Table(data, "")
+    admin = _parse_admin(top.table("admin"), env)
     log_t = top.table("logging")
     logging_cfg = LoggingConfig(
         format=log_t.string("format", "console", LOG_FORMATS),
@@ -385,6 +621,8 @@ def parse_config(data: dict[str, Any]) -> Config:
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"tls.{key}", f"file not found: {value}")
     tls_t.check_unknown()
+    if admin.tls and tls.cert_file is None:
+        raise ConfigError("admin.tls", "needs [tls] cert_file and key_file")
     srv_t = top.table("server")
     server = ServerConfig(
         workers=srv_t.integer("workers", 1, minimum=1, maximum=64),
@@ -401,7 +639,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         raise ConfigError("clusters", "at least one [[clusters]] table is required")
     listens: dict[Address, str] = {}
     for i, raw in enumerate(raw_clusters):
-        cluster = _parse_cluster(_Table(raw, f"clusters[{i}]"))
+        cluster = _parse_cluster(_Table(raw, f"clusters[{i}]"), env)
         if any(c.name == cluster.name for c in clusters):
             raise ConfigError(f"clusters[{i}].name", f"duplicate cluster name {cluster.name!r}")
         for j, ep in enumerate(cluster.endpoints):

@@ -33,7 +33,7 @@ from .. import __version__
 from ..config import UserConfig
 from ..protocol.errors import AuthenticationError, FrameError, ProtocolError
 from ..protocol.pg import messages as m
-from ..protocol.pg.auth import ScramSecret, ScramServerAuth, make_scram_secret
+from ..protocol.pg.auth import ScramSecret, ScramServerAuth, make_scram_secret, parse_scram_verifier
 from ..protocol.pg.framing import FrameReader
 from ..protocol.pg.startup import StartupMessage
 from ..relay.net import Conn
@@ -97,12 +97,16 @@ class AdminUsers(Mapping[str, ScramSecret]):
     on purpose: call ``prepare`` in a thread; a lookup derives a missing one on the spot)."""
 
     def __init__(self, users: Iterable[UserConfig] = (), previous: AdminUsers | None = None) -> None:
-        self._passwords = {u.name: u.password for u in users}
+        self._users = {u.name: u for u in users}
         self._secrets: dict[str, ScramSecret] = {}
-        if previous is not None:
-            for name, password in self._passwords.items():
-                if previous._passwords.get(name) == password and name in previous._secrets:
-                    self._secrets[name] = previous._secrets[name]
+        for name, user in self._users.items():
+            if user.stored is not None:  # configured as a SCRAM verifier: nothing to derive
+                self._secrets[name] = parse_scram_verifier(user.stored.text)
+            elif previous is not None and previous._users.get(name) == user and name in previous._secrets:
+                self._secrets[name] = previous._secrets[name]
+
+    def user(self, name: str) -> UserConfig | None:
+        return self._users.get(name)
 
     def updated(self, users: Iterable[UserConfig]) -> AdminUsers:
         """The users of a new configuration, keeping the verifiers of unchanged passwords."""
@@ -112,7 +116,7 @@ class AdminUsers(Mapping[str, ScramSecret]):
         """Derive every verifier now (and the decoy for unknown users). A password SCRAM
         cannot use (SASLprep refuses it) is skipped here; nobody can log in with it."""
         _decoy_secret()
-        for name in self._passwords:
+        for name in self._users:
             try:
                 self[name]
             except ValueError:
@@ -121,15 +125,15 @@ class AdminUsers(Mapping[str, ScramSecret]):
     def __getitem__(self, name: str) -> ScramSecret:
         secret = self._secrets.get(name)
         if secret is None:
-            secret = make_scram_secret(self._passwords[name])  # KeyError for a stranger
+            secret = make_scram_secret(self._users[name].password or "")  # KeyError for a stranger
             self._secrets[name] = secret
         return secret
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._passwords)
+        return iter(self._users)
 
     def __len__(self) -> int:
-        return len(self._passwords)
+        return len(self._users)
 
 
 @functools.cache

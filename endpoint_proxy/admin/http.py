@@ -3,16 +3,30 @@
 HTTP/1.1 with one request per connection: the server reads one bounded request, answers
 with ``Connection: close`` and closes. Requests are parsed by ``RequestReader``, which does
 no I/O (bytes in, a ``Request`` or an ``HttpError`` out), so the parser is tested on its own.
-Each connection has its own task and deadline: a slow client holds only its own slot.
+Each connection has its own task and deadline: a slow client holds only its own slot, and
+when every slot is taken, the connection that has waited longest without a whole request is
+closed to make room, so sockets left idle can never starve a liveness probe.
+
+Access (``AdminAccess``): with a token or admin users configured, everything but ``GET
+/healthz``, ``GET /readyz`` (and ``/metrics`` when public) needs ``Authorization: Bearer
+<token>`` or basic auth (an admin user and password, or any name and the token); a POST that
+a browser marks as coming from another site is refused whatever it carries.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
 import json
 import re
+import secrets
 import socket
+import ssl
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
@@ -20,7 +34,8 @@ import trio
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from ..config import Address
+from ..config import Address, UserConfig
+from ..protocol.pg.auth import parse_scram_verifier, scram_keys_from_password
 from ..routing.endpoints import members
 from ..server.cluster import ClusterRuntime
 from ..server.metrics import ProxyMetrics
@@ -36,7 +51,8 @@ SEND_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 64
 
 REASONS = {
-    200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout",
     413: "Content Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
     501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
 }
@@ -295,17 +311,149 @@ def readiness(source: AdminSource) -> tuple[bool, list[str]]:
     return not missing, missing
 
 
+# --- access -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdminAccess:
+    """Who may use the admin server (read at each request: a reload may change it)."""
+
+    token: str | None = field(default=None, repr=False)
+    users: Mapping[str, UserConfig] = field(default_factory=dict, repr=False)
+    metrics_public: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.token is not None or bool(self.users)
+
+
+NO_ACCESS_CONTROL = AdminAccess()
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+CHALLENGE = (("WWW-Authenticate", 'Basic realm="endpoint_proxy admin", charset="UTF-8"'),
+             ("WWW-Authenticate", 'Bearer realm="endpoint_proxy admin"'))
+# Successful basic-auth checks against SCRAM verifiers, remembered so that PBKDF2 runs once
+# per (user, password), not per request; PBKDF2 runs in threads, at most this many at once.
+_VERIFIED_CACHE = 256
+_PBKDF2_LIMIT = trio.CapacityLimiter(2)
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant-time equality (of digests, so not even the length leaks)."""
+    return hmac.compare_digest(hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest(),
+                               hashlib.sha256(expected.encode("utf-8", "surrogateescape")).digest())
+
+
+def basic_credentials(value: str) -> tuple[str, str] | None:
+    """(user, password) of a basic-auth header value (after "Basic "), or None when malformed."""
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    user, sep, password = text.partition(":")
+    return (user, password) if sep else None
+
+
+class AccessChecker:
+    """Checks a request's Authorization header against an ``AdminAccess``."""
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)  # the cache holds HMACs of passwords, never them
+        self._verified: OrderedDict[bytes, bytes] = OrderedDict()
+
+    async def allowed(self, access: AdminAccess, authorization: str | None) -> bool:
+        if not access.required:
+            return True
+        if authorization is None:
+            return False
+        scheme, _, value = authorization.strip().partition(" ")
+        scheme = scheme.lower()
+        if scheme == "bearer":
+            return access.token is not None and _same(value.strip(), access.token)
+        if scheme != "basic":
+            return False
+        credentials = basic_credentials(value)
+        if credentials is None:
+            return False
+        name, password = credentials
+        if access.token is not None and _same(password, access.token):
+            return True
+        user = access.users.get(name)
+        if user is None:
+            return False
+        if user.password is not None:
+            return _same(password, user.password)
+        assert user.stored is not None
+        return await self._check_verifier(name, password, user.stored.text)
+
+    async def _check_verifier(self, name: str, password: str, verifier: str) -> bool:
+        secret = parse_scram_verifier(verifier)
+        key = hmac.new(self._key, f"{name}\0{password}".encode("utf-8", "surrogateescape"), "sha256").digest()
+        known = self._verified.get(key)
+        if known is not None and hmac.compare_digest(known, secret.stored_key):
+            self._verified.move_to_end(key)
+            return True
+        keys = await trio.to_thread.run_sync(scram_keys_from_password, password, secret.salt, secret.iterations,
+                                             limiter=_PBKDF2_LIMIT)
+        if not hmac.compare_digest(keys.stored_key, secret.stored_key):
+            return False
+        self._verified[key] = secret.stored_key
+        while len(self._verified) > _VERIFIED_CACHE:
+            self._verified.popitem(last=False)
+        return True
+
+
+def cross_site(head: RequestHead) -> bool:
+    """Does a browser say this request comes from another origin? (Browsers send Origin on a
+    cross-origin POST and Sec-Fetch-Site everywhere; other clients send neither.)"""
+    site = head.header("sec-fetch-site")
+    if site is not None and site.lower() not in ("same-origin", "none"):
+        return True
+    origin = head.header("origin")
+    if origin is None:
+        return False
+    host = head.header("host")
+    return host is None or origin.lower().partition("://")[2].rstrip("/") != host.lower()
+
+
 # --- the server -------------------------------------------------------------------------------
 
 
 ReloadCallback = Callable[[], Awaitable[object]]
 
 
+@dataclass(eq=False)
+class _Slot:
+    """One connection's place among MAX_CONNECTIONS; ``waiting`` while it has no whole
+    request (or is only sending an answer): then it may be closed to make room."""
+
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    waiting: bool = True
+
+
 class AdminServer:
-    def __init__(self, source: AdminSource, *, reload: ReloadCallback | None = None) -> None:
+    """The admin HTTP server. ``access`` (default: no access control), ``tls_context`` (None:
+    plain HTTP) and ``liveness`` (problems that fail /healthz, e.g. an endpoint whose
+    connections nobody accepts) are read at each connection or request."""
+
+    def __init__(self, source: AdminSource, *, reload: ReloadCallback | None = None,
+                 access: Callable[[], AdminAccess] | None = None,
+                 tls_context: Callable[[], ssl.SSLContext | None] | None = None,
+                 liveness: Callable[[], list[str]] | None = None) -> None:
         self.source = source
         self.reload = reload
-        self.active = 0
+        self.access = access or (lambda: NO_ACCESS_CONTROL)
+        self.tls_context = tls_context or (lambda: None)
+        self.liveness = liveness
+        self.checker = AccessChecker()
+        self._slots: OrderedDict[_Slot, None] = OrderedDict()  # oldest first
+
+    @property
+    def active(self) -> int:
+        return len(self._slots)
 
     # Routes: path -> method -> handler. HEAD is served wherever GET is.
     def _routes(self) -> dict[str, dict[str, Callable[[Request], Awaitable[Response]]]]:
@@ -320,7 +468,17 @@ class AdminServer:
             routes["/reload"] = {"POST": self._reload}
         return routes
 
+    def _public(self, request: Request, access: AdminAccess) -> bool:
+        if request.method not in ("GET", "HEAD"):
+            return False
+        return request.path in PUBLIC_PATHS or (access.metrics_public and request.path == "/metrics")
+
     async def respond(self, request: Request) -> Response:
+        access = self.access()
+        if not self._public(request, access) and not await self.checker.allowed(
+                access, request.head.header("authorization")):
+            return error_response(401, "authentication required: Authorization: Bearer <admin.token>, "
+                                       "or basic auth as an admin user", CHALLENGE)
         methods = self._routes().get(request.path)
         if methods is None:
             return error_response(404, f"no such resource: {request.path}")
@@ -330,18 +488,24 @@ class AdminServer:
             allowed = sorted({*methods, *(["HEAD"] if "GET" in methods else [])})
             return error_response(405, f"{request.method} is not allowed here",
                                   (("Allow", ", ".join(allowed)),))
+        if method not in ("GET", "HEAD") and cross_site(request.head):
+            return error_response(403, "cross-site requests may not change the proxy")
         return await handler(request)
 
     async def _page(self, request: Request) -> Response:
         return Response(200, STATUS_PAGE.encode(), "text/html; charset=utf-8", (
             ("Content-Security-Policy",
              "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"),
+            ("X-Frame-Options", "DENY"),
         ))
 
     async def _metrics(self, request: Request) -> Response:
         return Response(200, generate_latest(self.source.metrics.registry), CONTENT_TYPE_PLAIN_0_0_4)
 
     async def _healthz(self, request: Request) -> Response:
+        problems = self.liveness() if self.liveness is not None else []
+        if problems:
+            return Response(503, ("unhealthy: " + "; ".join(problems) + "\n").encode())
         return Response(200, b"ok\n")
 
     async def _readyz(self, request: Request) -> Response:
@@ -370,32 +534,55 @@ class AdminServer:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         await trio.serve_listeners(self.handle, [listener], task_status=task_status)
 
-    async def handle(self, stream: trio.abc.HalfCloseableStream) -> None:
+    def _take_slot(self) -> _Slot | None:
+        """A slot for a new connection: a free one, or the one of the connection that has
+        waited longest without a whole request (it is closed). None when every slot serves."""
+        if len(self._slots) >= MAX_CONNECTIONS:
+            victim = next((slot for slot in self._slots if slot.waiting), None)
+            if victim is None:
+                return None
+            victim.scope.cancel()
+            del self._slots[victim]
+        slot = _Slot()
+        self._slots[slot] = None
+        return slot
+
+    async def handle(self, tcp: trio.abc.HalfCloseableStream) -> None:
         """One connection: read one request, answer, close. Never raises (it would stop the proxy)."""
+        stream: trio.abc.Stream = tcp
         try:
-            if self.active >= MAX_CONNECTIONS:
+            slot = self._take_slot()
+            if slot is None:
                 with trio.move_on_after(1):
                     await self._send_and_linger(stream, error_response(503, "too many admin connections").encode())
                 return
-            self.active += 1
             try:
-                await self._exchange(stream)
+                with slot.scope:
+                    ctx = self.tls_context()
+                    if ctx is not None:
+                        stream = trio.SSLStream(tcp, ctx, server_side=True)
+                    await self._exchange(stream, slot)
             finally:
-                self.active -= 1
+                self._slots.pop(slot, None)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
             log.exception("admin_request_failed")
         finally:
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await stream.aclose()
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
 
-    async def _exchange(self, stream: trio.abc.HalfCloseableStream) -> None:
+    async def _exchange(self, stream: trio.abc.Stream, slot: _Slot) -> None:
         reader = RequestReader()
         request: Request | None = None
         response: Response | None = None
         with trio.move_on_after(REQUEST_TIMEOUT_S):
             try:
+                if isinstance(stream, trio.SSLStream):
+                    await stream.do_handshake()
                 while request is None:
                     data = await stream.receive_some(16384)
                     if not data:
@@ -407,21 +594,24 @@ class AdminServer:
             if request is None:
                 response = error_response(408, "the request took too long")
             else:
+                slot.waiting = False
                 try:
                     response = await self.respond(request)
                 except Exception:
                     log.exception("admin_request_failed", path=request.path)
                     response = error_response(500, "internal error; see the proxy's log")
+                slot.waiting = True
         include_body = request is None or request.method != "HEAD"
         with trio.move_on_after(SEND_TIMEOUT_S):
             await self._send_and_linger(stream, response.encode(include_body=include_body))
 
     @staticmethod
-    async def _send_and_linger(stream: trio.abc.HalfCloseableStream, data: bytes) -> None:
+    async def _send_and_linger(stream: trio.abc.Stream, data: bytes) -> None:
         """Send the answer, then let the client read it before the close: closing with unread
         input (a request we refused, or did not read) would reset the connection under it."""
         await stream.send_all(data)
-        await stream.send_eof()
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
         with trio.move_on_after(1):
             drained = 0
             while drained < 1 << 20 and (chunk := await stream.receive_some(65536)):

@@ -5,20 +5,42 @@ from __future__ import annotations
 import contextlib
 import math
 import secrets
-from collections import Counter
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 import trio
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ..config import ClusterConfig, EndpointConfig, UserConfig
+from ..config import (
+    STORED_MD5,
+    STORED_MYSQL_NATIVE,
+    STORED_SCRAM,
+    ClusterConfig,
+    EndpointConfig,
+    StoredPassword,
+    UserConfig,
+    parse_stored_password,
+)
 from ..protocol.errors import ProtocolError
-from ..protocol.mysql.auth import caching_sha2_digest, native_password_hash
-from ..protocol.pg.auth import ScramSecret, make_scram_secret
+from ..protocol.mysql.auth import MyCredential, caching_sha2_digest, native_password_hash, parse_native_hash
+from ..protocol.pg.auth import (
+    CleartextServerAuth,
+    Md5ServerAuth,
+    PgCredential,
+    ScramKeys,
+    ScramSecret,
+    ScramServerAuth,
+    ServerAuth,
+    make_scram_secret,
+    md5_stored_hash,
+    parse_scram_verifier,
+)
 from ..routing.endpoints import Route, route
 from ..routing.pg_classify import FunctionPolicy
 from ..topology.state import ClusterTopology, ProbeResult, TopologyEvent
+from .backend_security import BackendSecurity, make_backend_security
 from .metrics import ClusterMetrics, ProxyMetrics
 from .mysql.backend import MyBackendError, MyProbeConnection
 from .mysql.probe import probe_mariadb
@@ -62,6 +84,26 @@ where p.provolatile = 'v' and n.nspname not in ('pg_catalog', 'information_schem
 """
 
 
+# auth_query answers kept at most (least recently used go first), and how long one may run.
+AUTH_CACHE_ENTRIES = 10_000
+AUTH_QUERY_TIMEOUT_S = 5.0
+
+
+class AuthQueryError(Exception):
+    """auth_query could not be run (no writer, the query failed): the login cannot be judged."""
+
+
+@dataclass
+class StagedCredentials:
+    """What a configuration's credentials cost to prepare (PBKDF2, RSA, reading key files),
+    computed off the event loop before a reload commits (``ClusterRuntime.stage_credentials``)."""
+
+    security: BackendSecurity
+    scram: dict[str, tuple[UserConfig, ScramSecret]] = field(default_factory=dict)
+    mysql: dict[str, tuple[UserConfig, tuple[bytes, bytes]]] = field(default_factory=dict)
+    rsa_key: rsa.RSAPrivateKey | None = None
+
+
 def parse_probe_row(row: tuple[str | None, ...]) -> ProbeResult:
     def num(v: str | None) -> int | None:
         return None if v is None else int(float(v))
@@ -86,9 +128,17 @@ class ClusterRuntime:
         self.inflight: Counter[str] = Counter()  # requests running per instance
         self._changed = trio.Event()
         self._probe_now: dict[str, trio.Event] = {i.name: trio.Event() for i in config.instances}
-        self._scram: dict[str, ScramSecret] = {}
+        # Verifiers per user name, with the UserConfig they were made from (a reload that
+        # changes the user makes a new one).
+        self._scram: dict[str, tuple[UserConfig, ScramSecret]] = {}
         # A secret for users that do not exist, so their exchange looks like any other.
         self._unknown_user_secret = make_scram_secret(secrets.token_urlsafe(24))
+        self.backend_security: BackendSecurity = make_backend_security(config)
+        # auth_query: verifiers by user name (None: no such user) with their expiry time.
+        self._auth_cache: OrderedDict[str, tuple[float, StoredPassword | None]] = OrderedDict()
+        self._auth_pending: dict[str, trio.Event] = {}
+        self._auth_lock = trio.Lock()
+        self._auth_conn: tuple[str, ProbeConnection] | None = None  # (instance, connection)
         self.weights = {i.name: i.weight for i in config.instances}
         self._rotation = 0
         # Per database: the user functions that may write (volatile, from the writer's catalog).
@@ -99,45 +149,145 @@ class ClusterRuntime:
         # MySQL: password verifiers per user (native SHA1(SHA1()), caching_sha2 SHA256(SHA256())),
         # the RSA key for caching_sha2's full path without TLS, the server version to announce,
         # and the live sessions by connection id (for KILL).
-        self._mysql_secrets: dict[str, tuple[bytes, bytes]] = {}
+        self._mysql_secrets: dict[str, tuple[UserConfig, tuple[bytes, bytes]]] = {}
         self._rsa_key: rsa.RSAPrivateKey | None = None
         self.mysql_server_version: str | None = None
         self.mysql_sessions: dict[int, Any] = {}
 
     # --- credentials --------------------------------------------------------------------------
+    #
+    # What a session calls (the proxy never needs a user's plain password):
+    #   user = cluster.config.user(name) or await cluster.find_user(name)   # None: unknown
+    #   auth = cluster.pg_server_auth(name, user, method)   # or my_server_auth secrets below
+    #   ... run the exchange ...
+    #   credential = cluster.pg_backend_credential(name, auth)              # at each server login
+    #   open_backend(..., user=name, credential=credential, security=cluster.backend_security)
 
     def scram_secret(self, user: UserConfig | None) -> ScramSecret:
-        """The SCRAM verifier of a configured user, derived once (PBKDF2 is slow on purpose)."""
+        """The SCRAM verifier of a user: the configured one, or one derived once from the
+        password (PBKDF2 is slow on purpose: ``prepare_secrets`` does it off the event loop).
+        An unknown user, or one with only an md5 hash, gets a verifier nobody can match."""
         if user is None:
             return self._unknown_user_secret
-        secret = self._scram.get(user.name)
-        if secret is None:
-            secret = make_scram_secret(user.password)
-            self._scram[user.name] = secret
-        return secret
+        if user.stored is not None:
+            if user.stored.kind == STORED_SCRAM:
+                return parse_scram_verifier(user.stored.text)
+            return self._unknown_user_secret
+        entry = self._scram.get(user.name)
+        if entry is None or entry[0] != user:
+            entry = (user, make_scram_secret(user.password or ""))
+            self._scram[user.name] = entry
+        return entry[1]
+
+    def md5_hash(self, user: UserConfig | None) -> str:
+        """What PostgreSQL stores for md5 ('md5' + md5(password + name)); random for an unknown user."""
+        if user is None:
+            return "md5" + secrets.token_hex(16)
+        if user.stored is not None:
+            return user.stored.text if user.stored.kind == STORED_MD5 else "md5" + secrets.token_hex(16)
+        return md5_stored_hash(user.name, user.password or "")
+
+    def client_method(self, user: UserConfig | None) -> str:
+        """How a PostgreSQL client authenticates: the user's ``auth``, else ``client_auth``;
+        md5 becomes SCRAM for a user known by a SCRAM verifier only (as PostgreSQL does)."""
+        method = (user.auth if user is not None and user.auth else None) or self.config.client_auth
+        if method == "md5" and user is not None and user.stored is not None and user.stored.kind == STORED_SCRAM:
+            return "scram-sha-256"
+        return method
+
+    def pg_server_auth(self, name: str, user: UserConfig | None, method: str) -> ServerAuth:
+        """The exchange that checks a PostgreSQL client (``method`` from ``client_method``;
+        the caller refuses cleartext without TLS). An unknown user goes through the same
+        exchange and fails like a wrong password."""
+        if method == "password":
+            if user is not None and user.password is not None:
+                return CleartextServerAuth(name, user.password)
+            return CleartextServerAuth(name, md5_hash=self.md5_hash(user))
+        if method == "md5":
+            if user is not None and user.password is not None:
+                return Md5ServerAuth(name, user.password)
+            return Md5ServerAuth(name, md5_hash=self.md5_hash(user))
+        return ScramServerAuth(name, self.scram_secret(user))
+
+    def pg_backend_credential(self, name: str, login: ServerAuth | ScramKeys | None = None) -> PgCredential:
+        """What to log in to a server with for user ``name``, now: the configured password
+        (a reload's rotation applies to the next server login), its md5 hash, and the SCRAM
+        keys of the client's own login (``login``: its finished ``ScramServerAuth``, or the
+        keys taken from it), which log in wherever the server keeps the same verifier."""
+        keys = login.passthrough_keys() if isinstance(login, ScramServerAuth) else (
+            login if isinstance(login, ScramKeys) else None)
+        user = self.config.user(name)
+        password = user.password if user is not None else None
+        md5 = None
+        if user is not None and user.stored is not None and user.stored.kind == STORED_MD5:
+            md5 = user.stored.text
+        elif user is None:
+            cached = self._auth_cache.get(name)
+            stored = cached[1] if cached is not None else None
+            md5 = stored.text if stored is not None and stored.kind == STORED_MD5 else None
+        return PgCredential(password=password, md5_hash=md5, scram_keys=keys)
+
+    def my_backend_credential(self, name: str, native_stage1: bytes | None = None) -> MyCredential:
+        """MySQL: the configured password (now), or SHA1(password) from the client's own
+        mysql_native_password login (``NativePasswordServerAuth.passthrough_stage1()``)."""
+        user = self.config.user(name)
+        password = user.password if user is not None else None
+        return MyCredential(password=password, native_stage1=native_stage1 if password is None else None)
+
+    def stage_credentials(self, config: ClusterConfig) -> StagedCredentials:
+        """Everything costly about a configuration's credentials, computed without touching
+        this runtime (run it in a thread): verifiers derived from passwords, the RSA key for
+        caching_sha2, the backend TLS context and public key. Raises OSError or ssl.SSLError
+        when a file cannot be used."""
+        staged = StagedCredentials(security=make_backend_security(config))
+        for user in config.users:
+            if user.password is None:
+                continue
+            if config.protocol == "mysql":
+                old_my = self._mysql_secrets.get(user.name)
+                staged.mysql[user.name] = old_my if old_my is not None and old_my[0] == user else (
+                    user, (native_password_hash(user.password), caching_sha2_digest(user.password)))
+            else:
+                old = self._scram.get(user.name)
+                staged.scram[user.name] = old if old is not None and old[0] == user else (
+                    user, make_scram_secret(user.password))
+        if config.protocol == "mysql" and self._rsa_key is None and (
+                config.client_auth == "caching_sha2_password"
+                or any(u.auth == "caching_sha2_password" for u in config.users)):
+            staged.rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return staged
+
+    def install_credentials(self, staged: StagedCredentials) -> None:
+        """Take what ``stage_credentials`` made (cannot fail: part of a reload's commit)."""
+        self.backend_security = staged.security
+        self._scram.update(staged.scram)
+        self._mysql_secrets.update(staged.mysql)
+        if staged.rsa_key is not None and self._rsa_key is None:
+            self._rsa_key = staged.rsa_key
+        self._auth_cache.clear()  # auth_query or auth_cache_ms may have changed
 
     def prepare_secrets(self) -> None:
-        if self.config.protocol == "mysql":
-            for user in self.config.users:
-                self.mysql_secrets(user)
-            if self.config.client_auth == "caching_sha2_password" or any(
-                    u.auth == "caching_sha2_password" for u in self.config.users):
-                self.rsa_key()
-            return
-        for user in self.config.users:
-            self.scram_secret(user)
+        """Derive every configured user's secrets now (call in a thread at startup)."""
+        self.install_credentials(self.stage_credentials(self.config))
 
     def mysql_secrets(self, user: UserConfig | None) -> tuple[bytes, bytes]:
         """(native password hash, caching_sha2 digest) of a user; an unknown user gets
-        random ones, so its exchange looks like any other and fails with 1045."""
+        random ones, so its exchange looks like any other and fails with 1045. A user known
+        by its native hash only has a random caching_sha2 digest (config allows it only
+        mysql_native_password)."""
         if user is None:
             junk = secrets.token_bytes(32)
             return native_password_hash(junk), caching_sha2_digest(junk)
+        if user.stored is not None:
+            native = (parse_native_hash(user.stored.text) if user.stored.kind == STORED_MYSQL_NATIVE
+                      else native_password_hash(secrets.token_bytes(32)))
+            return native, caching_sha2_digest(secrets.token_bytes(32))
         entry = self._mysql_secrets.get(user.name)
-        if entry is None:
-            entry = (native_password_hash(user.password), caching_sha2_digest(user.password))
+        if entry is None or entry[0] != user:
+            password = user.password or ""
+            entry = (user, (native_password_hash(password), caching_sha2_digest(password)))
             self._mysql_secrets[user.name] = entry
-        return entry
+        return entry[1]
 
     def rsa_key(self) -> rsa.RSAPrivateKey:
         if self._rsa_key is None:
@@ -145,11 +295,105 @@ class ClusterRuntime:
         return self._rsa_key
 
     def monitor_credentials(self) -> tuple[str, str | None]:
+        """The monitor's login: [clusters.monitor], else the first user that has a password."""
         if self.config.monitor is not None:
             return self.config.monitor.user, self.config.monitor.password
-        if self.config.users:
-            return self.config.users[0].name, self.config.users[0].password
+        for user in self.config.users:
+            if user.password is not None:
+                return user.name, user.password
         return "postgres", None
+
+    # --- auth_query: users not in the configuration ---------------------------------------------
+
+    async def find_user(self, name: str) -> UserConfig | None:
+        """A configured user, else (with auth_query) one the writer knows, by its stored
+        verifier; None when there is no such user. Raises AuthQueryError when auth_query
+        cannot be run (the login cannot be judged: answer it like an unavailable server)."""
+        user = self.config.user(name)
+        if user is not None or self.config.auth_query is None:
+            return user
+        stored = await self.lookup_user(name)
+        return None if stored is None else UserConfig(name=name, stored=stored)
+
+    async def lookup_user(self, name: str) -> StoredPassword | None:
+        """The verifier auth_query returns for ``name`` (None: no such user, or no usable
+        verifier), run on the writer as the monitor user and cached for auth_cache_ms (a
+        bounded cache; concurrent lookups of one name run the query once)."""
+        if self.config.auth_query is None:
+            return None
+        while True:
+            hit = self._auth_cache.get(name)
+            if hit is not None and hit[0] > trio.current_time():
+                self._auth_cache.move_to_end(name)
+                return hit[1]
+            pending = self._auth_pending.get(name)
+            if pending is None:
+                break
+            await pending.wait()
+            if name not in self._auth_cache:  # the lookup we waited for failed
+                raise AuthQueryError(f"auth_query for user {name!r} failed")
+        done = self._auth_pending[name] = trio.Event()
+        try:
+            stored = await self._run_auth_query(name)
+            self._auth_cache[name] = (trio.current_time() + self.config.auth_cache_ms / 1000, stored)
+            self._auth_cache.move_to_end(name)
+            while len(self._auth_cache) > AUTH_CACHE_ENTRIES:
+                self._auth_cache.popitem(last=False)
+            return stored
+        finally:
+            del self._auth_pending[name]
+            done.set()
+
+    async def _run_auth_query(self, name: str) -> StoredPassword | None:
+        query = self.config.auth_query
+        assert query is not None
+        async with self._auth_lock:
+            writer = self.topology.writer
+            if writer is None:
+                raise AuthQueryError("auth_query: no writer is known")
+            try:
+                with trio.fail_after(AUTH_QUERY_TIMEOUT_S):
+                    conn = await self._auth_connection(writer)
+                    rows = await conn.query_params(query, (name,))
+            except (OSError, BackendError, ProtocolError, trio.TooSlowError) as e:
+                await self._close_auth_connection()
+                reason = "timed out" if isinstance(e, trio.TooSlowError) else str(e) or type(e).__name__
+                log.warning("auth_query_failed", cluster=self.config.name, instance=writer, error=reason)
+                raise AuthQueryError(f"auth_query failed on {writer}: {reason}") from None
+        return self._auth_row(name, rows)
+
+    def _auth_row(self, name: str, rows: list[tuple[str | None, ...]]) -> StoredPassword | None:
+        if not rows:
+            return None
+        row = rows[0]
+        if len(row) < 2 or row[0] != name or row[1] is None:
+            return None
+        try:
+            stored = parse_stored_password(row[1], "postgresql")
+        except ValueError:
+            stored = None
+        if stored is None:
+            log.warning("auth_query_unusable", cluster=self.config.name, user=name,
+                        detail="the second column is neither a SCRAM-SHA-256 verifier nor an md5 hash")
+        return stored
+
+    async def _auth_connection(self, writer: str) -> ProbeConnection:
+        if self._auth_conn is not None and self._auth_conn[0] != writer:
+            await self._close_auth_connection()  # the writer changed: ask the new one
+        if self._auth_conn is None:
+            user, password = self.monitor_credentials()
+            inst = self.config.instance_named(writer)
+            conn = await ProbeConnection.open(writer, inst.address, user=user, password=password,
+                                              database=self.config.auth_database, security=self.backend_security)
+            self._auth_conn = (writer, conn)
+        return self._auth_conn[1]
+
+    async def _close_auth_connection(self) -> None:
+        if self._auth_conn is not None:
+            conn = self._auth_conn[1]
+            self._auth_conn = None
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
 
     # --- routing ------------------------------------------------------------------------------
 
@@ -212,7 +456,7 @@ class ClusterRuntime:
                 user, password = self.monitor_credentials()
                 with trio.fail_after(5):
                     conn = await ProbeConnection.open(writer, inst.address, user=user, password=password,
-                                                      database=database, tls_mode=self.config.backend_tls)
+                                                      database=database, security=self.backend_security)
                     try:
                         rows = await conn.query(VOLATILE_FUNCTIONS_SQL)
                     finally:
@@ -281,14 +525,14 @@ class ClusterRuntime:
                 if mysql:
                     if conn is None:
                         conn = await MyProbeConnection.open(name, inst.address, user=user, password=password,
-                                                            tls_mode=self.config.backend_tls)
+                                                            security=self.backend_security)
                     result = await probe_mariadb(conn)
                     if self.mysql_server_version is None or not result.in_recovery:
                         self.mysql_server_version = conn.backend.server_version
                 else:
                     if conn is None:
                         conn = await ProbeConnection.open(name, inst.address, user=user, password=password,
-                                                          tls_mode=self.config.backend_tls)
+                                                          security=self.backend_security)
                     rows = await conn.query(PG_PROBE_SQL)
                     result = parse_probe_row(rows[0])
             self._apply(self.topology.probe_succeeded(name, trio.current_time(), result=result))

@@ -22,7 +22,10 @@ def configure_logging(cfg: LoggingConfig, *, worker: int | None = None) -> None:
     if cfg.format == "json":
         processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=False))
+        # Plain tracebacks: the default (rich, when installed) prints every frame's local
+        # variables, and those may hold passwords.
+        processors.append(structlog.dev.ConsoleRenderer(colors=False,
+                                                        exception_formatter=structlog.dev.plain_traceback))
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),

@@ -18,7 +18,13 @@ from endpoint_proxy.admin.console import (
 )
 from endpoint_proxy.config import Address, ConfigError, UserConfig, parse_config
 from endpoint_proxy.protocol.pg import messages as m
-from endpoint_proxy.protocol.pg.auth import BackendAuthenticator, ScramSecret, make_scram_secret
+from endpoint_proxy.protocol.pg.auth import (
+    BackendAuthenticator,
+    ScramSecret,
+    format_scram_verifier,
+    make_scram_secret,
+    parse_scram_verifier,
+)
 from endpoint_proxy.protocol.pg.framing import FrameReader
 from endpoint_proxy.protocol.pg.startup import StartupMessage
 from endpoint_proxy.relay.net import StreamConn
@@ -563,4 +569,29 @@ async def test_a_password_scram_cannot_use_lets_nobody_in(nursery: trio.Nursery)
     state.admin_users = users
     c = await open_console(nursery, state, user="bad")
     rest = await c.client.login("bad", "whatever")
+    assert [(e.severity, e.sqlstate) for e in rest if isinstance(e, m.ErrorResponse)] == [("FATAL", "28P01")]
+
+
+async def test_an_admin_user_configured_by_its_verifier_logs_in(nursery: trio.Nursery,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    verifier = format_scram_verifier(make_scram_secret("verified-admin-pw"))
+    config = parse_config({"admin": {"users": [{"name": "ops", "password": verifier}]}, "clusters": DOC["clusters"]})
+    assert config.admin.users[0].password is None
+    derived: list[str] = []
+
+    def counting(password: str) -> ScramSecret:
+        derived.append(password)
+        return make_scram_secret(password)
+
+    monkeypatch.setattr("endpoint_proxy.admin.console.make_scram_secret", counting)
+    users = AdminUsers(config.admin.users)
+    users.prepare()
+    assert "verified-admin-pw" not in derived and users["ops"] == parse_scram_verifier(verifier)
+    state = make_state()
+    state.admin_users = users
+    c = await open_console(nursery, state, user="ops")
+    hello = await c.client.login("ops", "verified-admin-pw")
+    assert isinstance(hello[-1], m.ReadyForQuery)
+    wrong = await open_console(nursery, state, user="ops")
+    rest = await wrong.client.login("ops", "not-it")
     assert [(e.severity, e.sqlstate) for e in rest if isinstance(e, m.ErrorResponse)] == [("FATAL", "28P01")]

@@ -272,19 +272,48 @@ async def test_a_slow_client_does_not_block_others(harness: Harness, monkeypatch
         assert out.startswith(b"HTTP/1.1 408 ")
 
 
-async def test_connection_limit(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(admin, "MAX_CONNECTIONS", 2)
-    idle = [await trio.open_tcp_stream("127.0.0.1", harness.port) for _ in range(2)]
+async def test_idle_sockets_cannot_starve_healthz(harness: Harness) -> None:
+    # Every request slot held by a socket that never sends a byte (64 of them used to turn
+    # /healthz into 503, and a liveness probe into a restart of a healthy proxy).
+    idle = [await trio.open_tcp_stream("127.0.0.1", harness.port) for _ in range(admin.MAX_CONNECTIONS)]
     try:
-        await trio.sleep(0.05)
-        status, _, _ = await harness.get("/healthz")
-        assert status == 503
+        with trio.fail_after(5):
+            while harness.server.active < admin.MAX_CONNECTIONS:
+                await trio.sleep(0.01)
+        for _ in range(3):
+            with trio.fail_after(1):  # a kubelet's default probe timeout
+                status, _, body = await harness.get("/healthz")
+            assert (status, body) == (200, b"ok\n")
+        assert harness.server.active <= admin.MAX_CONNECTIONS
+        # The room was made by closing the connections that waited longest.
+        with trio.fail_after(2):
+            assert await idle[0].receive_some(100) == b""
     finally:
         for s in idle:
             await s.aclose()
-    await trio.sleep(0.05)
-    status, _, _ = await harness.get("/healthz")
-    assert status == 200
+
+
+async def test_every_slot_serving_answers_503(nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(admin, "MAX_CONNECTIONS", 2)
+    release = trio.Event()
+
+    async def slow_reload() -> list[str]:
+        await release.wait()
+        return []
+
+    h = await start(nursery, reload=slow_reload)
+    for _ in range(2):
+        nursery.start_soon(h.get, "/reload", "POST")
+    with trio.fail_after(5):
+        while not (h.server.active == 2 and all(not slot.waiting for slot in h.server._slots)):
+            await trio.sleep(0.01)
+    status, _, _ = await h.get("/healthz")
+    assert status == 503  # nothing idle to close: every slot is answering a request
+    release.set()
+    with trio.fail_after(5):
+        while h.server.active:
+            await trio.sleep(0.01)
+    assert (await h.get("/healthz"))[0] == 200
 
 
 async def test_a_failing_handler_answers_500_and_the_server_lives_on(harness: Harness,

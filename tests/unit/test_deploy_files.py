@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -23,11 +24,50 @@ def admin_port() -> int:
     return int(config()["admin"]["listen"].rsplit(":", 1)[1])
 
 
+SECRET_ENV = ("ENDPOINT_PROXY_ADMIN_TOKEN", "APP_PASSWORD", "MONITOR_PASSWORD")
+
+
+def check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "endpoint_proxy", "check", "--config", str(DEPLOY / "config.toml")],
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+
+
 def test_config_passes_endpoint_proxy_check() -> None:
-    out = subprocess.run([sys.executable, "-m", "endpoint_proxy", "check", "--config", str(DEPLOY / "config.toml")],
-                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    base = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    out = check({**base, **{k: "example" for k in SECRET_ENV}})
     assert out.returncode == 0, out.stderr
     assert "OK" in out.stdout
+
+
+def test_config_holds_no_secret_and_protects_the_admin_server() -> None:
+    cfg = config()
+    # The admin server listens beyond loopback, so it must take a token; the secrets come
+    # from the environment, and a missing one is an error naming its key.
+    assert not cfg["admin"]["listen"].startswith("127.")
+    assert cfg["admin"]["token_env"] == "ENDPOINT_PROXY_ADMIN_TOKEN"
+    cluster = cfg["clusters"][0]
+    assert "password" not in cluster["monitor"] and all("password" not in u for u in cluster["users"])
+    assert set(SECRET_ENV) == {cfg["admin"]["token_env"], cluster["monitor"]["password_env"],
+                               *(u["password_env"] for u in cluster["users"])}
+    base = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    out = check({**base, "APP_PASSWORD": "x", "MONITOR_PASSWORD": "x"})
+    assert out.returncode == 2 and "admin.token_env: environment variable ENDPOINT_PROXY_ADMIN_TOKEN is not set" \
+        in out.stderr
+
+
+def test_compose_and_k8s_provide_the_secret_variables() -> None:
+    proxy = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["proxy"]
+    assert set(SECRET_ENV) <= set(proxy["environment"])
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "k8s-sidecar.yaml").read_text()) if d]
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "endpoint-proxy")
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert set(SECRET_ENV) <= set(env)
+    for ref in env.values():
+        assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert all(f"{name}=" in text for name in SECRET_ENV)  # the build-time check gets placeholders
 
 
 def test_compose_runs_a_primary_two_replicas_and_the_proxy() -> None:
@@ -83,7 +123,7 @@ def test_k8s_sidecar_probes_and_config() -> None:
     assert volume["configMap"]["name"] == configmap["metadata"]["name"]
     assert proxy["securityContext"]["runAsNonRoot"] is True
     # The app reaches the proxy inside the pod, on one of the config's endpoint ports.
-    env = {e["name"]: e["value"] for e in containers["app"]["env"]}
+    env = {e["name"]: e.get("value") for e in containers["app"]["env"]}
     ports = {int(ep["listen"].rsplit(":", 1)[1]) for ep in config()["clusters"][0]["endpoints"]}
     assert env["PGHOST"] == "127.0.0.1" and int(env["PGPORT"]) in ports
 

@@ -11,6 +11,11 @@ SHA256(SHA256(password)) (``caching_sha2_digest``), which serves both its fast p
 "cache") and its full path (a cleartext password over TLS, or one RSA-encrypted with the
 server's key, is hashed and compared).
 
+Passthrough: a client's mysql_native_password scramble, checked against SHA1(SHA1(password)),
+yields SHA1(password) (``NativePasswordServerAuth.passthrough_stage1``), and that is all a
+mysql_native_password login needs (``MyCredential(native_stage1=...)``): with a configured
+``*HEX`` hash the proxy logs in for the client without ever knowing the password.
+
 Cost: hashing is a few microseconds. RSA is not: decrypting with a 2048-bit private key
 takes about a millisecond (``CachingSha2ServerAuth`` without TLS on a cache miss), and
 encrypting a few tens of microseconds (``BackendAuthenticator`` without TLS); a caller on
@@ -22,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -59,6 +66,12 @@ PERFORM_FULL_AUTH_PACKET: Final = AuthMoreData(bytes((PERFORM_FULL_AUTHENTICATIO
 
 # CR_AUTH_PLUGIN_CANNOT_LOAD: what a client library reports for a plugin it does not have.
 CR_AUTH_PLUGIN_CANNOT_LOAD: Final = 2059
+# CR_AUTH_PLUGIN_ERR: what libmysqlclient reports when caching_sha2_password's full
+# authentication would need a key it may not ask the server for ("requires secure connection").
+CR_AUTH_PLUGIN_ERR: Final = 2061
+
+BACKEND_PLUGINS: Final = (MYSQL_NATIVE_PASSWORD, CACHING_SHA2_PASSWORD, MYSQL_CLEAR_PASSWORD)
+DEFAULT_BACKEND_PLUGINS: Final = (MYSQL_NATIVE_PASSWORD, CACHING_SHA2_PASSWORD)
 
 # Nonce bytes as servers make them: printable ASCII, no NUL (a C string ends there) and no '$'.
 _NONCE_ALPHABET: Final = bytes(c for c in range(0x21, 0x7F) if c != 0x24)
@@ -92,22 +105,39 @@ def native_password_hash(password: str | bytes) -> bytes:
     return hashlib.sha1(hashlib.sha1(_secret(password)).digest()).digest()
 
 
+def parse_native_hash(text: str) -> bytes:
+    """mysql.user's stored form ``*`` + 40 hex digits (``PASSWORD()``) as SHA1(SHA1(password)).
+    Raises ValueError for anything else."""
+    if len(text) != 41 or not text.startswith("*"):
+        raise ValueError("a mysql_native_password hash is '*' and 40 hex digits")
+    return bytes.fromhex(text[1:])
+
+
 def scramble_native_password(password: str | bytes, nonce: bytes) -> bytes:
     """The client's proof: SHA1(password) XOR SHA1(nonce + SHA1(SHA1(password))); empty for no password."""
     secret = _secret(password)
     if not secret:
         return b""
-    stage1 = hashlib.sha1(secret).digest()
+    return scramble_native_stage1(hashlib.sha1(secret).digest(), nonce)
+
+
+def scramble_native_stage1(stage1: bytes, nonce: bytes) -> bytes:
+    """The client's proof from SHA1(password) alone (passthrough)."""
     stage2 = hashlib.sha1(stage1).digest()
     return _xor(stage1, hashlib.sha1(_nonce20(nonce) + stage2).digest())
 
 
+def native_stage1(scramble: bytes, nonce: bytes, password_hash: bytes) -> bytes | None:
+    """SHA1(password), recovered from a client's proof, when it verifies against the hash."""
+    if len(scramble) != len(password_hash) or len(password_hash) != hashlib.sha1().digest_size:
+        return None
+    stage1 = _xor(scramble, hashlib.sha1(_nonce20(nonce) + password_hash).digest())
+    return stage1 if hmac.compare_digest(hashlib.sha1(stage1).digest(), password_hash) else None
+
+
 def check_native_scramble(scramble: bytes, nonce: bytes, password_hash: bytes) -> bool:
     """SHA1(scramble XOR SHA1(nonce + hash)) == hash: the proof without the password."""
-    if len(scramble) != len(password_hash) or len(password_hash) != hashlib.sha1().digest_size:
-        return False
-    stage1 = _xor(scramble, hashlib.sha1(_nonce20(nonce) + password_hash).digest())
-    return hmac.compare_digest(hashlib.sha1(stage1).digest(), password_hash)
+    return native_stage1(scramble, nonce, password_hash) is not None
 
 
 def caching_sha2_digest(password: str | bytes) -> bytes:
@@ -257,14 +287,25 @@ class NativePasswordServerAuth(_ServerAuthBase):
         super().__init__(user, host, nonce)
         self._hash = password_hash
         self._empty = hmac.compare_digest(password_hash, native_password_hash(b""))
+        self._stage1: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"NativePasswordServerAuth(user={self.user!r}, state={self._state!r})"
+
+    def passthrough_stage1(self) -> bytes | None:
+        """After a successful login with a password: SHA1(password), which logs in to servers
+        keeping the same hash (``MyCredential(native_stage1=...)``)."""
+        return self._stage1 if self._state == "done" else None
 
     def _verify(self, data: bytes) -> tuple[bytes | None, bool]:
         if not data:
             if self._empty:
                 return self._ok()
             raise self._denied(using_password=False)
-        if self._empty or not check_native_scramble(data, self.nonce, self._hash):
+        stage1 = None if self._empty else native_stage1(data, self.nonce, self._hash)
+        if stage1 is None:
             raise self._denied(using_password=True)
+        self._stage1 = stage1
         return self._ok()
 
 
@@ -342,70 +383,122 @@ class CachingSha2ServerAuth(_ServerAuthBase):
 # --- client side: the proxy authenticates to a backend ------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class MyCredential:
+    """What the proxy can log in to a server with, for one user: the password, or SHA1(password)
+    recovered from the client's own mysql_native_password login (enough for that plugin only).
+    Nothing of it shows in a repr."""
+
+    password: str | None = field(default=None, repr=False)
+    native_stage1: bytes | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        held = [n for n, v in (("password", self.password), ("native passthrough", self.native_stage1))
+                if v is not None]
+        return f"MyCredential({', '.join(held) or 'nothing'})"
+
+
 class BackendAuthenticator:
     """Logs in to a MySQL/MariaDB server as ``user``: mysql_native_password, caching_sha2_password, cleartext.
 
     ``start(plugin, nonce)`` with the HandshakeV10's values gives the plugin name and
-    auth response for HandshakeResponse41 (a plugin it does not speak is answered with
-    mysql_native_password, and the server switches or refuses). Then feed every packet the
-    server sends to ``respond``; send back what it returns unless None. ``done`` turns
-    True at the OK packet (kept as ``ok``); an ERR raises ``MySQLAuthenticationError``
+    auth response for HandshakeResponse41 (a plugin it does not speak or may not use is
+    answered with mysql_native_password, and the server switches or refuses). Then feed every
+    packet the server sends to ``respond``; send back what it returns unless None. ``done``
+    turns True at the OK packet (kept as ``ok``); an ERR raises ``MySQLAuthenticationError``
     carrying the server's errno, SQLSTATE and message.
 
-    caching_sha2_password's full authentication sends the password in clear only when
-    ``tls`` is True; otherwise it RSA-encrypts it with ``server_public_key`` (PEM) or, when
-    that is None, asks the server for its key first. mysql_clear_password requires ``tls``.
-    ``capabilities`` (those sent in HandshakeResponse41) decode the final OK's session state.
+    ``allowed`` (config's ``backend_auth``; None: ``DEFAULT_BACKEND_PLUGINS``) are the plugins
+    a server may switch the login to;
+    mysql_clear_password also needs ``tls``. caching_sha2_password's full authentication
+    sends the password in clear only when ``tls`` is True; otherwise it RSA-encrypts it with
+    ``server_public_key`` (PEM, configured), and asks the server for its key only when
+    ``allow_public_key_retrieval`` (a key from the server itself proves nothing: a
+    man in the middle would send its own). ``capabilities`` (those sent in
+    HandshakeResponse41) decode the final OK's session state.
     """
 
     def __init__(
         self,
         user: str,
-        password: str | None,
+        credential: MyCredential | str | None,
         *,
         tls: bool = False,
         server_public_key: bytes | None = None,
+        allow_public_key_retrieval: bool = False,
+        allowed: Collection[str] | None = None,
         capabilities: int = 0,
     ) -> None:
         self.user = user
         self.capabilities = capabilities
-        self.password = password or ""
+        self.credential = MyCredential(password=credential) if isinstance(credential, str) or credential is None \
+            else credential
         self.tls = tls
         self.server_public_key = server_public_key
+        self.allow_public_key_retrieval = allow_public_key_retrieval
+        self.allowed = frozenset(DEFAULT_BACKEND_PLUGINS if allowed is None else allowed)
         self.plugin = ""
         self.done = False
         self.ok: OkPacket | None = None
         self._nonce = b""
         self._sha2_state = "none"  # none -> scrambled -> fast_ok | full -> key_requested -> sent
 
+    def __repr__(self) -> str:
+        return f"BackendAuthenticator(user={self.user!r}, plugin={self.plugin!r}, done={self.done})"
+
     def start(self, plugin: str, auth_data: bytes) -> tuple[str, bytes]:
-        if plugin not in (MYSQL_NATIVE_PASSWORD, CACHING_SHA2_PASSWORD) and not (
-            plugin == MYSQL_CLEAR_PASSWORD and self.tls
-        ):
+        if plugin not in self.allowed or plugin == MYSQL_CLEAR_PASSWORD and not self.tls \
+                or plugin == CACHING_SHA2_PASSWORD and self.credential.password is None:
             plugin = MYSQL_NATIVE_PASSWORD
         return plugin, self._answer(plugin, auth_data)
 
     def _answer(self, plugin: str, nonce: bytes) -> bytes:
         self.plugin = plugin
         self._nonce = nonce
+        if plugin not in BACKEND_PLUGINS:
+            raise MySQLAuthenticationError(
+                f"Authentication plugin '{plugin}' cannot be loaded: not supported by the proxy",
+                errno=CR_AUTH_PLUGIN_CANNOT_LOAD,
+                sqlstate="HY000",
+            )
+        if plugin not in self.allowed:
+            raise MySQLAuthenticationError(
+                f"Authentication plugin '{plugin}' is not allowed by backend_auth "
+                f"(allowed: {', '.join(sorted(self.allowed))})",
+                errno=CR_AUTH_PLUGIN_CANNOT_LOAD,
+                sqlstate="HY000",
+            )
         if plugin == MYSQL_NATIVE_PASSWORD:
-            return scramble_native_password(self.password, nonce) if self.password else b""
+            return self._native(nonce)
         if plugin == CACHING_SHA2_PASSWORD:
             self._sha2_state = "scrambled"
-            return scramble_caching_sha2(self.password, nonce) if self.password else b""
-        if plugin == MYSQL_CLEAR_PASSWORD:
-            if not self.tls:
-                raise MySQLAuthenticationError(
-                    "the server asked for the password in clear (mysql_clear_password) over a connection without TLS",
-                    errno=CR_AUTH_PLUGIN_CANNOT_LOAD,
-                    sqlstate="HY000",
-                )
-            return self.password.encode("utf-8") + b"\0"
-        raise MySQLAuthenticationError(
-            f"Authentication plugin '{plugin}' cannot be loaded: not supported by the proxy",
-            errno=CR_AUTH_PLUGIN_CANNOT_LOAD,
-            sqlstate="HY000",
-        )
+            password = self._password(plugin)
+            return scramble_caching_sha2(password, nonce) if password else b""
+        if not self.tls:
+            raise MySQLAuthenticationError(
+                "the server asked for the password in clear (mysql_clear_password) over a connection without TLS",
+                errno=CR_AUTH_PLUGIN_CANNOT_LOAD,
+                sqlstate="HY000",
+            )
+        return self._password(plugin).encode("utf-8") + b"\0"
+
+    def _native(self, nonce: bytes) -> bytes:
+        if self.credential.password is not None:
+            password = self.credential.password
+            return scramble_native_password(password, nonce) if password else b""
+        if self.credential.native_stage1 is not None:
+            return scramble_native_stage1(self.credential.native_stage1, nonce)
+        return b""  # no password: the server says whether the account has none
+
+    def _password(self, plugin: str) -> str:
+        if self.credential.password is None:
+            raise MySQLAuthenticationError(
+                f"Authentication plugin '{plugin}' needs the password of '{self.user}', which the proxy does not know "
+                "(it has only what the client proved with mysql_native_password)",
+                errno=CR_AUTH_PLUGIN_ERR,
+                sqlstate="HY000",
+            )
+        return self.credential.password
 
     def respond(self, payload: bytes) -> bytes | None:
         """The server's next packet during authentication; returns the payload to answer with, or None."""
@@ -438,15 +531,23 @@ class BackendAuthenticator:
             self._sha2_state = "fast_ok"
             return None
         if state == "scrambled" and data == bytes((PERFORM_FULL_AUTHENTICATION,)):
+            password = self._password(CACHING_SHA2_PASSWORD)
             if self.tls:
                 self._sha2_state = "sent"
-                return self.password.encode("utf-8") + b"\0"
+                return password.encode("utf-8") + b"\0"
             if self.server_public_key is not None:
                 self._sha2_state = "sent"
-                return rsa_encrypt_password(self.password, self._nonce, self.server_public_key)
+                return rsa_encrypt_password(password, self._nonce, self.server_public_key)
+            if not self.allow_public_key_retrieval:
+                raise MySQLAuthenticationError(
+                    "Authentication plugin 'caching_sha2_password' reported error: Authentication requires secure "
+                    "connection (use backend_tls, or server_public_key_file, or allow_public_key_retrieval = true)",
+                    errno=CR_AUTH_PLUGIN_ERR,
+                    sqlstate="HY000",
+                )
             self._sha2_state = "key_requested"
             return bytes((REQUEST_PUBLIC_KEY,))
         if state == "key_requested":
             self._sha2_state = "sent"
-            return rsa_encrypt_password(self.password, self._nonce, data)
+            return rsa_encrypt_password(self._password(CACHING_SHA2_PASSWORD), self._nonce, data)
         raise MySQLProtocolError(f"Malformed communication packet: unexpected caching_sha2_password data in {state}")

@@ -9,7 +9,7 @@ from typing import Final
 import trio
 
 from ...config import Address
-from ...protocol.mysql.auth import BackendAuthenticator
+from ...protocol.mysql.auth import BackendAuthenticator, MyCredential
 from ...protocol.mysql.commands import COM_QUERY, COM_QUIT, ComQuery
 from ...protocol.mysql.constants import (
     CLIENT_COMPRESS,
@@ -45,6 +45,7 @@ from ...protocol.mysql.handshake import HandshakeResponse41, HandshakeV10, SSLRe
 from ...protocol.mysql.packets import ERR_HEADER, decode_err, err_packet
 from ...protocol.mysql.response import ResponseTracker
 from ...relay.net import Conn, RawConn, connect_tcp, start_tls_client
+from ..backend_security import BackendSecurity
 
 _RECV: Final = 16384
 
@@ -141,25 +142,33 @@ async def _read_packet(conn: Conn, reader: PacketReader, buf: bytearray) -> tupl
         reader.feed(memoryview(buf)[:n])
 
 
-async def open_my_backend(instance: str, address: Address, *, user: str, password: str | None,
+async def open_my_backend(instance: str, address: Address, *, user: str, password: str | None = None,
                           database: str | None, capabilities: int, character_set: int,
                           connect_attrs: dict[str, str] | None = None, tls_mode: str = "off",
-                          tls_context: ssl.SSLContext | None = None) -> MyBackendConnection:
+                          tls_context: ssl.SSLContext | None = None, credential: MyCredential | None = None,
+                          security: BackendSecurity | None = None) -> MyBackendConnection:
     """Connect, read the greeting, negotiate TLS, authenticate, and stop at the login's OK.
 
     ``capabilities`` are what the caller wants (typically what it agreed with its client);
     the connection's ``capabilities`` are those the server also has, with the bits of
-    ``OWN_CAPABILITIES`` decided here. ``tls_mode``: "off", "prefer" (TLS when the server
-    offers it) or "require". The caller bounds the time (a cancel scope). Raises
-    MyBackendError or OSError for network failures; the connection is closed on any failure.
+    ``OWN_CAPABILITIES`` decided here. ``credential`` (or a plain ``password``) is what the
+    proxy may log in with. ``security`` (default: ``tls_mode``/``tls_context`` without
+    verification, mysql_native_password and caching_sha2_password, no key from the server)
+    says how far the server is trusted: TLS "off", "prefer" (when the server offers it),
+    "require", "verify-ca", "verify-full"; which plugins it may switch to; where
+    caching_sha2_password's full authentication gets its RSA key. The caller bounds the
+    time (a cancel scope). Raises MyBackendError or OSError for network failures; the
+    connection is closed on any failure.
     ``err_payload`` is set when the login itself was refused (by the server: 1045, 1044, 1049,
-    1040...; or because the proxy cannot speak the account's method: 2059) and not when the
-    instance failed (closed, malformed, no TLS under "require").
+    1040...; or because the proxy cannot log in this way: 2059, 2061) and not when the
+    instance failed (closed, malformed, no TLS where required); then the message names the
+    instance.
     """
-    greeting = await greet_my_backend(address)
+    greeting = await greet_my_backend(address, instance)
     return await login_my_backend(instance, greeting, user=user, password=password, database=database,
                                   capabilities=capabilities, character_set=character_set,
-                                  connect_attrs=connect_attrs, tls_mode=tls_mode, tls_context=tls_context)
+                                  connect_attrs=connect_attrs, tls_mode=tls_mode, tls_context=tls_context,
+                                  credential=credential, security=security)
 
 
 @dataclass
@@ -172,9 +181,20 @@ class MyGreeting:
     hello: HandshakeV10
 
 
-async def greet_my_backend(address: Address) -> MyGreeting:
+async def greet_my_backend(address: Address, instance: str = "") -> MyGreeting:
     """Connect and read the server's greeting (its thread id, version, capabilities). Raises
-    MyBackendError (``err_payload`` set when the server refused at once) or OSError."""
+    MyBackendError (``err_payload`` set when the server refused at once; else the message
+    names the instance) or OSError."""
+    try:
+        return await _greet(address)
+    except MyBackendError as e:
+        if e.err_payload is not None:
+            raise
+        where = f"instance {instance} ({address})" if instance else str(address)
+        raise MyBackendError(f"{where}: {e.message}", errno=e.errno, sqlstate=e.sqlstate) from None
+
+
+async def _greet(address: Address) -> MyGreeting:
     raw = await connect_tcp(address.host, address.port)
     try:
         reader = PacketReader(HANDSHAKE_MAX_PAYLOAD)
@@ -195,11 +215,28 @@ async def greet_my_backend(address: Address) -> MyGreeting:
         raise
 
 
-async def login_my_backend(instance: str, greeting: MyGreeting, *, user: str, password: str | None,
+async def login_my_backend(instance: str, greeting: MyGreeting, *, user: str, password: str | None = None,
                            database: str | None, capabilities: int, character_set: int,
                            connect_attrs: dict[str, str] | None = None, tls_mode: str = "off",
-                           tls_context: ssl.SSLContext | None = None) -> MyBackendConnection:
+                           tls_context: ssl.SSLContext | None = None, credential: MyCredential | None = None,
+                           security: BackendSecurity | None = None) -> MyBackendConnection:
     """Log in over a greeted connection (see ``open_my_backend``); closes it on any failure."""
+    sec = security if security is not None else BackendSecurity(tls_mode=tls_mode, tls_context=tls_context)
+    cred = credential if credential is not None else MyCredential(password=password)
+    try:
+        return await _login(instance, greeting, user=user, credential=cred, database=database,
+                            capabilities=capabilities, character_set=character_set, connect_attrs=connect_attrs,
+                            sec=sec)
+    except MyBackendError as e:
+        if e.err_payload is not None:
+            raise
+        raise MyBackendError(f"instance {instance} ({greeting.address}): {e.message}", errno=e.errno,
+                             sqlstate=e.sqlstate) from None
+
+
+async def _login(instance: str, greeting: MyGreeting, *, user: str, credential: MyCredential,
+                 database: str | None, capabilities: int, character_set: int,
+                 connect_attrs: dict[str, str] | None, sec: BackendSecurity) -> MyBackendConnection:
     raw, address, seq, hello = greeting.conn, greeting.address, greeting.seq, greeting.hello
     conn: Conn = raw
     try:
@@ -212,16 +249,18 @@ async def login_my_backend(instance: str, greeting: MyGreeting, *, user: str, pa
             if connect_attrs is not None:
                 agreed |= CLIENT_CONNECT_ATTRS
             agreed &= hello.capabilities
-            if tls_mode != "off":
+            if sec.tls_wanted:
                 if hello.capabilities & CLIENT_SSL:
                     agreed |= CLIENT_SSL
                     seq = (seq + 1) & 0xFF
                     await raw.send_all(encode_packet(seq, SSLRequest(agreed, character_set=character_set).encode()))
-                    conn = await _start_tls(raw, address, tls_context)
-                elif tls_mode == "require":
-                    raise MyBackendError(f"server {address} does not offer TLS (backend_tls = \"{tls_mode}\")",
+                    conn = await _start_tls(raw, address, sec)
+                elif sec.tls_required:
+                    raise MyBackendError(f"the server does not offer TLS (backend_tls = \"{sec.tls_mode}\")",
                                          errno=CR_SSL_CONNECTION_ERROR)
-            auth = BackendAuthenticator(user, password, tls=conn.is_tls, capabilities=agreed)
+            auth = BackendAuthenticator(
+                user, credential, tls=conn.is_tls, capabilities=agreed, server_public_key=sec.server_public_key,
+                allow_public_key_retrieval=sec.allow_public_key_retrieval, allowed=sec.auth_methods)
             plugin, auth_response = auth.start(hello.auth_plugin_name, hello.auth_plugin_data)
             response = HandshakeResponse41(
                 agreed,
@@ -270,11 +309,11 @@ async def login_my_backend(instance: str, greeting: MyGreeting, *, user: str, pa
         raise
 
 
-async def _start_tls(raw: RawConn, address: Address, ctx: ssl.SSLContext | None) -> Conn:
+async def _start_tls(raw: RawConn, address: Address, sec: BackendSecurity) -> Conn:
     try:
-        return await start_tls_client(raw, ctx, address.host)
-    except trio.BrokenResourceError as e:
-        raise MyBackendError(f"TLS handshake with {address} failed: {e.__cause__ or e}",
+        return await start_tls_client(raw, sec.tls_context, address.host)
+    except (trio.BrokenResourceError, ssl.SSLError, ssl.CertificateError) as e:
+        raise MyBackendError(f"TLS handshake failed (backend_tls = \"{sec.tls_mode}\"): {e.__cause__ or e}",
                              errno=CR_SSL_CONNECTION_ERROR) from None
 
 
@@ -315,11 +354,14 @@ class MyProbeConnection:
 
     @classmethod
     async def open(cls, instance: str, address: Address, *, user: str, password: str | None,
-                   tls_mode: str = "off", tls_context: ssl.SSLContext | None = None) -> MyProbeConnection:
+                   tls_mode: str = "off", tls_context: ssl.SSLContext | None = None,
+                   credential: MyCredential | None = None,
+                   security: BackendSecurity | None = None) -> MyProbeConnection:
         backend = await open_my_backend(
             instance, address, user=user, password=password, database=None,
             capabilities=PROBE_CAPABILITIES, character_set=UTF8MB4_GENERAL_CI,
             connect_attrs={"program_name": "endpoint_proxy monitor"}, tls_mode=tls_mode, tls_context=tls_context,
+            credential=credential, security=security,
         )
         return cls(backend)
 
@@ -385,15 +427,16 @@ class MyProbeConnection:
         await conn.aclose()
 
 
-async def kill_query(address: Address, *, user: str, password: str | None, thread_id: int,
-                     tls_mode: str = "off", tls_context: ssl.SSLContext | None = None) -> None:
+async def kill_query(address: Address, *, user: str, password: str | None = None, thread_id: int,
+                     tls_mode: str = "off", tls_context: ssl.SSLContext | None = None,
+                     credential: MyCredential | None = None, security: BackendSecurity | None = None) -> None:
     """Interrupt the statement running on connection ``thread_id`` (``KILL QUERY``) from a new connection.
 
     ``user`` needs to own that connection or hold CONNECTION ADMIN. A connection that has
     gone raises MyBackendError 1094 (unknown thread id); a connection that is idle is left alone.
     """
     probe = await MyProbeConnection.open("kill", address, user=user, password=password, tls_mode=tls_mode,
-                                         tls_context=tls_context)
+                                         tls_context=tls_context, credential=credential, security=security)
     try:
         await probe.query(f"KILL QUERY {int(thread_id)}")
     finally:

@@ -211,9 +211,9 @@ def test_caching_sha2_full_path_over_tls_sends_the_password() -> None:
     assert login(sha2(tls=True, cached=False), a.BackendAuthenticator("app", "secret", tls=True)) == 2
 
 
-def test_caching_sha2_full_path_without_tls_requests_the_key() -> None:
+def test_caching_sha2_full_path_without_tls_requests_the_key_when_allowed() -> None:
     server = sha2(tls=False, cached=False)
-    client = a.BackendAuthenticator("app", "secret")
+    client = a.BackendAuthenticator("app", "secret", allow_public_key_retrieval=True)
     plugin, nonce = server.start()
     name, response = client.start(plugin, nonce)
     reply, _ = server.step(response, name)
@@ -226,7 +226,20 @@ def test_caching_sha2_full_path_without_tls_requests_the_key() -> None:
     assert encrypted is not None and len(encrypted) == 256
     assert a.rsa_decrypt_password(encrypted, NONCE, KEY) == b"secret"
     assert server.step(encrypted) == (None, True)
-    assert login(sha2(tls=False, cached=False), a.BackendAuthenticator("app", "secret")) == 3
+    assert login(sha2(tls=False, cached=False),
+                 a.BackendAuthenticator("app", "secret", allow_public_key_retrieval=True)) == 3
+
+
+def test_caching_sha2_full_path_never_trusts_a_key_from_the_server_by_default() -> None:
+    server = sha2(tls=False, cached=False)
+    client = a.BackendAuthenticator("app", "secret")
+    plugin, nonce = server.start()
+    name, response = client.start(plugin, nonce)
+    reply, _ = server.step(response, name)
+    with pytest.raises(MySQLAuthenticationError) as info:
+        client.respond(reply)  # perform full authentication: no TLS, no configured key
+    assert info.value.errno == 2061
+    assert "secure connection" in info.value.message and "secret" not in info.value.message
 
 
 def test_caching_sha2_full_path_with_a_known_key() -> None:
@@ -301,7 +314,67 @@ def test_client_refuses_unknown_switches_and_cleartext_without_tls() -> None:
         client.respond(hs.AuthSwitchRequest("mysql_clear_password", b"").encode())
     tls_client = a.BackendAuthenticator("app", "secret", tls=True)
     tls_client.start("mysql_native_password", NONCE)
-    assert tls_client.respond(hs.AuthSwitchRequest("mysql_clear_password", b"").encode()) == b"secret\0"
+    with pytest.raises(MySQLAuthenticationError) as info:  # not in backend_auth by default
+        tls_client.respond(hs.AuthSwitchRequest("mysql_clear_password", b"").encode())
+    assert "backend_auth" in info.value.message
+    clear_ok = a.BackendAuthenticator("app", "secret", tls=True, allowed=a.BACKEND_PLUGINS)
+    clear_ok.start("mysql_native_password", NONCE)
+    assert clear_ok.respond(hs.AuthSwitchRequest("mysql_clear_password", b"").encode()) == b"secret\0"
+
+
+def test_client_refuses_a_switch_to_a_plugin_not_allowed() -> None:
+    client = a.BackendAuthenticator("app", "secret", allowed=("mysql_native_password",))
+    assert client.start("caching_sha2_password", NONCE)[0] == "mysql_native_password"
+    with pytest.raises(MySQLAuthenticationError) as info:
+        client.respond(hs.AuthSwitchRequest("caching_sha2_password", NONCE).encode())
+    assert "backend_auth" in info.value.message
+
+
+# --- passthrough: logging in with what the client proved ------------------------------------------
+
+
+def test_parse_native_hash() -> None:
+    stored = "*" + a.native_password_hash("secret").hex().upper()
+    assert a.parse_native_hash(stored) == a.native_password_hash("secret")
+    for bad in ("secret", "*abc", stored[1:] + "0"):
+        with pytest.raises(ValueError):
+            a.parse_native_hash(bad)
+
+
+def test_native_passthrough_logs_in_without_the_password() -> None:
+    front = a.NativePasswordServerAuth("app", "%", a.native_password_hash("secret"))
+    assert front.passthrough_stage1() is None
+    assert login(front, a.BackendAuthenticator("app", "secret")) == 1
+    stage1 = front.passthrough_stage1()
+    assert stage1 == hashlib.sha1(b"secret").digest()
+    back = a.BackendAuthenticator("app", a.MyCredential(native_stage1=stage1))
+    assert login(native(), back) == 1
+    assert back.done
+
+
+def test_native_passthrough_after_a_failed_login_has_nothing() -> None:
+    front = a.NativePasswordServerAuth("app", "%", a.native_password_hash("secret"))
+    with pytest.raises(MySQLAuthenticationError):
+        login(front, a.BackendAuthenticator("app", "wrong"))
+    assert front.passthrough_stage1() is None
+
+
+def test_native_passthrough_cannot_answer_caching_sha2() -> None:
+    stage1 = hashlib.sha1(b"secret").digest()
+    client = a.BackendAuthenticator("app", a.MyCredential(native_stage1=stage1))
+    # offered caching_sha2 in the greeting, it answers native; a switch to it is refused clearly
+    assert client.start("caching_sha2_password", NONCE)[0] == "mysql_native_password"
+    with pytest.raises(MySQLAuthenticationError) as info:
+        client.respond(hs.AuthSwitchRequest("caching_sha2_password", NONCE).encode())
+    assert info.value.errno == 2061
+
+
+def test_my_reprs_hold_no_secret() -> None:
+    stage1 = hashlib.sha1(b"secret").digest()
+    credential = a.MyCredential(password="secret", native_stage1=stage1)
+    for obj in (credential, a.BackendAuthenticator("app", credential),
+                a.NativePasswordServerAuth("app", "%", a.native_password_hash("secret"))):
+        assert "secret" not in repr(obj) and stage1.hex() not in repr(obj) and repr(stage1) not in repr(obj)
 
 
 def test_client_reports_the_server_error() -> None:
@@ -324,7 +397,7 @@ def test_client_refuses_stray_packets() -> None:
     sha2_client.start("caching_sha2_password", NONCE)
     with pytest.raises(MySQLProtocolError):
         sha2_client.respond(h("01 07"))
-    keyless = a.BackendAuthenticator("app", "secret")
+    keyless = a.BackendAuthenticator("app", "secret", allow_public_key_retrieval=True)
     keyless.start("caching_sha2_password", NONCE)
     assert keyless.respond(h("01 04")) == h("02")
     with pytest.raises(MySQLProtocolError):

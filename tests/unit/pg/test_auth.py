@@ -124,7 +124,11 @@ def test_our_client_against_scramp_server() -> None:
     assert first is not None
     mechanism, data = m.decode_sasl_initial_response(password_payload(first))
     assert mechanism == "SCRAM-SHA-256" and data is not None
-    server.set_client_first(data.decode())
+    # Like libpq, our client sends no user name; scramp's server wants one, so hand it one and
+    # put back the bare message that enters the signatures.
+    assert data.startswith(b"n,,n=,r=")
+    server.set_client_first(data.decode().replace("n=,", "n=app,", 1))
+    server.client_first_bare = data.decode()[3:]
     final = client.respond(m.AuthenticationSASLContinue(server.get_server_first().encode()))
     assert final is not None
     server.set_client_final(password_payload(final).decode())
@@ -297,6 +301,11 @@ def test_channel_binding_is_refused_at_construction() -> None:
 # --- md5 and cleartext ----------------------------------------------------------------------
 
 
+def any_method_client(user: str, credential: a.PgCredential | str | None) -> a.BackendAuthenticator:
+    """A client that may answer every method (backend_auth allowing them all)."""
+    return a.BackendAuthenticator(user, credential, allowed=a.BACKEND_METHODS)
+
+
 def test_md5_hash_vector() -> None:
     # md5("postgres" + "postgres") is the well-known stored hash md53175bce1d3201d16594cebf9d7eb3f9d.
     salt = b"\x01\x02\x03\x04"
@@ -308,21 +317,21 @@ def test_md5_both_ways() -> None:
     server = a.Md5ServerAuth("app", "pw", salt=b"abcd")
     assert backend_messages(server.start()) == [m.AuthenticationMD5Password(b"abcd")]
     server = a.Md5ServerAuth("app", "pw")
-    assert authenticate(server, a.BackendAuthenticator("app", "pw")) == 1
+    assert authenticate(server, any_method_client("app", "pw")) == 1
     with pytest.raises(AuthenticationError) as info:
-        authenticate(a.Md5ServerAuth("app", "pw"), a.BackendAuthenticator("app", "bad"))
+        authenticate(a.Md5ServerAuth("app", "pw"), any_method_client("app", "bad"))
     assert info.value.sqlstate == "28P01"
     # The user name is part of the hash.
     with pytest.raises(AuthenticationError):
-        authenticate(a.Md5ServerAuth("app", "pw"), a.BackendAuthenticator("other", "pw"))
+        authenticate(a.Md5ServerAuth("app", "pw"), any_method_client("other", "pw"))
 
 
 def test_cleartext_both_ways() -> None:
     server = a.CleartextServerAuth("app", "pw")
     assert backend_messages(server.start()) == [m.AuthenticationCleartextPassword()]
-    assert authenticate(a.CleartextServerAuth("app", "pw"), a.BackendAuthenticator("app", "pw")) == 1
+    assert authenticate(a.CleartextServerAuth("app", "pw"), any_method_client("app", "pw")) == 1
     with pytest.raises(AuthenticationError) as info:
-        authenticate(a.CleartextServerAuth("app", "pw"), a.BackendAuthenticator("app", "pW"))
+        authenticate(a.CleartextServerAuth("app", "pw"), any_method_client("app", "pW"))
     assert info.value.message == 'password authentication failed for user "app"'
 
 
@@ -355,7 +364,7 @@ def test_password_servers_reject_malformed_and_empty(cls: type[a.CleartextServer
 
 
 def test_trust() -> None:
-    client = a.BackendAuthenticator("app", None)
+    client = any_method_client("app", None)
     assert client.respond(m.AuthenticationOk()) is None and client.done
     with pytest.raises(ProtocolError):
         client.respond(m.AuthenticationOk())
@@ -371,7 +380,7 @@ def test_trust() -> None:
 )
 def test_password_required(msg: m.AuthenticationMessage) -> None:
     with pytest.raises(AuthenticationError):
-        a.BackendAuthenticator("app", None).respond(msg)
+        any_method_client("app", None).respond(msg)
 
 
 @pytest.mark.parametrize(
@@ -386,13 +395,203 @@ def test_password_required(msg: m.AuthenticationMessage) -> None:
 )
 def test_unsupported_methods(msg: m.AuthenticationMessage) -> None:
     with pytest.raises(AuthenticationError) as info:
-        a.BackendAuthenticator("app", "pw").respond(msg)
+        any_method_client("app", "pw").respond(msg)
     assert info.value.sqlstate == "28000"
 
 
 def test_client_answers() -> None:
-    client = a.BackendAuthenticator("app", "pw")
-    clear = client.respond(m.AuthenticationCleartextPassword())
+    clear = any_method_client("app", "pw").respond(m.AuthenticationCleartextPassword())
     assert clear == m.PasswordMessage("pw").encode()
-    md5 = client.respond(m.AuthenticationMD5Password(b"abcd"))
+    md5 = any_method_client("app", "pw").respond(m.AuthenticationMD5Password(b"abcd"))
     assert md5 == m.PasswordMessage(a.md5_password_hash("app", "pw", b"abcd")).encode()
+
+
+def test_a_second_request_is_refused() -> None:
+    client = any_method_client("app", "pw")
+    client.respond(m.AuthenticationCleartextPassword())
+    with pytest.raises(ProtocolError):
+        client.respond(m.AuthenticationMD5Password(b"abcd"))
+
+
+# --- backend_auth: what a server may ask for --------------------------------------------------
+
+
+@pytest.mark.parametrize(("msg", "method"), [
+    (m.AuthenticationCleartextPassword(), "password"),
+    (m.AuthenticationMD5Password(b"abcd"), "md5"),
+    (m.AuthenticationOk(), "trust"),
+])
+def test_by_default_only_scram_is_answered(msg: m.AuthenticationMessage, method: str) -> None:
+    client = a.BackendAuthenticator("app", "s3cret-pw")
+    with pytest.raises(a.UntrustedServerError) as info:
+        client.respond(msg)
+    assert method in info.value.message and "backend_auth" in info.value.message
+    assert "s3cret-pw" not in info.value.message
+    assert info.value.sqlstate == "28000"
+    assert not client.done
+
+
+@pytest.mark.parametrize(("msg", "method"), [
+    (m.AuthenticationCleartextPassword(), "password"),
+    (m.AuthenticationMD5Password(b"abcd"), "md5"),
+])
+def test_an_allowed_method_is_answered(msg: m.AuthenticationMessage, method: str) -> None:
+    assert a.BackendAuthenticator("app", "pw", allowed=(method,)).respond(msg) is not None
+    with pytest.raises(a.UntrustedServerError):
+        a.BackendAuthenticator("app", "pw", allowed=("scram-sha-256", "trust")).respond(msg)
+
+
+def test_trust_when_allowed() -> None:
+    client = a.BackendAuthenticator("app", "pw", allowed=("scram-sha-256", "trust"))
+    client.respond(m.AuthenticationOk())
+    assert client.done and client.method == "trust"
+
+
+def test_scram_login_completes_with_default_policy() -> None:
+    client = a.BackendAuthenticator("app", "s3cret")
+    assert authenticate(a.ScramServerAuth("app", SECRET), client) == 2
+    assert client.method == "scram-sha-256"
+
+
+def test_iteration_counts_beyond_the_cap_are_refused() -> None:
+    client = a.BackendAuthenticator("app", "pw")
+    first = client.respond(m.AuthenticationSASL(("SCRAM-SHA-256",)))
+    assert first is not None
+    _, data = m.decode_sasl_initial_response(password_payload(first))
+    assert data is not None
+    nonce = data.decode().split("r=", 1)[1]
+    with pytest.raises(ProtocolError):
+        client.respond(m.AuthenticationSASLContinue(f"r={nonce}xyz,s=MDEyMzQ1Njc4OWFi,i=100000000".encode()))
+
+
+def test_server_error_in_server_final() -> None:
+    client, _ = started_client()
+    with pytest.raises(AuthenticationError) as info:
+        client.respond(m.AuthenticationSASLFinal(b"e=invalid-proof"))
+    assert info.value.sqlstate == "28P01"
+
+
+# --- SCRAM passthrough -------------------------------------------------------------------------
+
+
+def client_login(server: a.ScramServerAuth, password: str) -> None:
+    assert authenticate(server, a.BackendAuthenticator("app", password)) == 2
+
+
+def test_scram_server_recovers_the_client_key() -> None:
+    server = a.ScramServerAuth("app", SECRET)
+    assert server.passthrough_keys() is None
+    client_login(server, "s3cret")
+    keys = server.passthrough_keys()
+    assert keys is not None
+    assert keys == a.scram_keys_from_password("s3cret", SECRET.salt, SECRET.iterations)
+    assert keys.matches(SECRET)
+    assert "client_key" not in repr(keys) and repr(keys.client_key) not in repr(keys)
+
+
+def test_scram_server_recovers_the_key_of_a_scramp_client() -> None:
+    server = a.ScramServerAuth("app", SECRET)
+    scramp_client_exchange(server, scramp.ScramClient(["SCRAM-SHA-256"], "app", "s3cret"), empty_name=True)
+    assert server.passthrough_keys() == a.scram_keys_from_password("s3cret", SECRET.salt, SECRET.iterations)
+
+
+def test_no_keys_after_a_failed_login() -> None:
+    server = a.ScramServerAuth("app", SECRET)
+    with pytest.raises(AuthenticationError):
+        client_login(server, "wrong")
+    assert server.passthrough_keys() is None
+
+
+def test_passthrough_logs_in_without_the_password() -> None:
+    # The proxy checks a client against a verifier, then logs in to a server keeping the same
+    # verifier with the recovered key: it never had the password.
+    verifier = a.parse_scram_verifier(a.format_scram_verifier(SECRET))
+    front = a.ScramServerAuth("app", verifier)
+    client_login(front, "s3cret")
+    keys = front.passthrough_keys()
+    assert keys is not None
+    back = a.BackendAuthenticator("app", a.PgCredential(scram_keys=keys))
+    assert authenticate(a.ScramServerAuth("app", SECRET), back) == 2
+    assert back.done
+
+
+def test_passthrough_refuses_a_server_with_another_salt() -> None:
+    front = a.ScramServerAuth("app", SECRET)
+    client_login(front, "s3cret")
+    keys = front.passthrough_keys()
+    other = a.make_scram_secret("s3cret", salt=b"another-salt-16b")
+    with pytest.raises(AuthenticationError) as info:
+        authenticate(a.ScramServerAuth("app", other), a.BackendAuthenticator("app", a.PgCredential(scram_keys=keys)))
+    assert "another verifier" in info.value.message and info.value.sqlstate == "28P01"
+
+
+def test_passthrough_falls_back_to_the_password_for_another_salt() -> None:
+    keys = a.scram_keys_from_password("s3cret", SECRET.salt, SECRET.iterations)
+    other = a.make_scram_secret("s3cret", salt=b"another-salt-16b")
+    credential = a.PgCredential(password="s3cret", scram_keys=keys)
+    assert authenticate(a.ScramServerAuth("app", other), a.BackendAuthenticator("app", credential)) == 2
+
+
+def test_passthrough_refuses_a_server_that_does_not_know_the_verifier() -> None:
+    # An impostor answers with its own ServerKey: the signature check fails.
+    keys = a.scram_keys_from_password("s3cret", SECRET.salt, SECRET.iterations)
+    impostor = a.ScramSecret(SECRET.salt, SECRET.iterations, SECRET.stored_key, b"\x01" * 32)
+    client = a.BackendAuthenticator("app", a.PgCredential(scram_keys=keys))
+    with pytest.raises(a.UntrustedServerError):
+        authenticate(a.ScramServerAuth("app", impostor), client)
+
+
+def test_wrong_keys_fail_like_a_wrong_password() -> None:
+    keys = a.scram_keys_from_password("not-it", SECRET.salt, SECRET.iterations)
+    with pytest.raises(AuthenticationError) as info:
+        authenticate(a.ScramServerAuth("app", SECRET), a.BackendAuthenticator("app", a.PgCredential(scram_keys=keys)))
+    assert info.value.sqlstate == "28P01"
+
+
+def test_keys_alone_cannot_answer_md5_or_cleartext() -> None:
+    keys = a.scram_keys_from_password("s3cret", SECRET.salt, SECRET.iterations)
+    for msg in (m.AuthenticationMD5Password(b"abcd"), m.AuthenticationCleartextPassword()):
+        with pytest.raises(AuthenticationError) as info:
+            any_method_client("app", a.PgCredential(scram_keys=keys)).respond(msg)
+        assert info.value.sqlstate == "28P01"
+
+
+def test_verifier_round_trip() -> None:
+    text = a.format_scram_verifier(SECRET)
+    assert text.startswith("SCRAM-SHA-256$4096:")
+    assert a.parse_scram_verifier(text) == SECRET
+
+
+def test_reprs_hold_no_secret() -> None:
+    keys = a.scram_keys_from_password("s3cret", SECRET.salt, SECRET.iterations)
+    credential = a.PgCredential(password="s3cret", md5_hash=a.md5_stored_hash("app", "s3cret"), scram_keys=keys)
+    for obj in (credential, keys, SECRET, a.BackendAuthenticator("app", credential),
+                a.ScramServerAuth("app", SECRET), a.Md5ServerAuth("app", "s3cret")):
+        text = repr(obj)
+        assert "s3cret" not in text
+        for secret in (keys.client_key, keys.server_key, SECRET.stored_key):
+            assert secret.hex() not in text and repr(secret) not in text
+    assert repr(credential) == "PgCredential(password, md5 hash, SCRAM keys)"
+
+
+# --- md5 against the stored hash -----------------------------------------------------------------
+
+
+def test_md5_server_checks_against_the_stored_hash() -> None:
+    stored = a.md5_stored_hash("app", "pw")
+    assert authenticate(a.Md5ServerAuth("app", md5_hash=stored), any_method_client("app", "pw")) == 1
+    with pytest.raises(AuthenticationError):
+        authenticate(a.Md5ServerAuth("app", md5_hash=stored), any_method_client("app", "nope"))
+
+
+def test_md5_client_logs_in_with_the_stored_hash() -> None:
+    stored = a.md5_stored_hash("app", "pw")
+    client = any_method_client("app", a.PgCredential(md5_hash=stored))
+    assert authenticate(a.Md5ServerAuth("app", "pw"), client) == 1
+
+
+def test_cleartext_server_checks_against_the_stored_hash() -> None:
+    stored = a.md5_stored_hash("app", "pw")
+    assert authenticate(a.CleartextServerAuth("app", md5_hash=stored), any_method_client("app", "pw")) == 1
+    with pytest.raises(AuthenticationError):
+        authenticate(a.CleartextServerAuth("app", md5_hash=stored), any_method_client("app", "pW"))
