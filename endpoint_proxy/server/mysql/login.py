@@ -63,6 +63,7 @@ class MyLogin:
     attrs: dict[str, str] | None
     ok_seq: int  # the sequence id of the OK that ends the login
     nonce: bytes
+    stage1: bytes | None = None  # SHA1(password), recovered from a mysql_native_password login
 
 
 class ClientPackets:
@@ -147,7 +148,12 @@ async def login(ctx: SessionContext, holder: HasClient, logger: FilteringBoundLo
     if packets.reader.buffered:
         raise MySQLProtocolError("Malformed communication packet: data before the login ended", errno=1835)
     return MyLogin(client, user, response.capabilities & offered, response.character_set or charset,
-                   response.database or None, response.connect_attrs, seq, nonce)
+                   response.database or None, response.connect_attrs, seq, nonce, _stage1(auth))
+
+
+def _stage1(auth: ServerAuth) -> bytes | None:
+    """What a mysql_native_password login lets the proxy log in to servers with, unknown to it."""
+    return auth.passthrough_stage1() if isinstance(auth, NativePasswordServerAuth) else None
 
 
 async def _exchange(client: Conn, packets: ClientPackets, auth: ServerAuth, seq: int, data: bytes,
@@ -169,7 +175,7 @@ async def _exchange(client: Conn, packets: ClientPackets, auth: ServerAuth, seq:
 
 
 async def change_user(ctx: SessionContext, client: Conn, payload: bytes, capabilities: int, nonce: bytes,
-                      logger: FilteringBoundLogger) -> tuple[c.ComChangeUser, UserConfig, int]:
+                      logger: FilteringBoundLogger) -> tuple[c.ComChangeUser, UserConfig, int, bytes | None]:
     """COM_CHANGE_USER: authenticate the new user here (the client answers the greeting's nonce,
     not a server's). Returns the request, the user and the sequence id for the final answer."""
     request = c.decode_command(payload, capabilities)
@@ -181,4 +187,4 @@ async def change_user(ctx: SessionContext, client: Conn, payload: bytes, capabil
     user = ctx.cluster.config.user(request.user)
     if user is None:
         raise Fatal(1045, "28000", f"Access denied for user '{request.user}'@'%'", seq=seq)
-    return request, user, seq
+    return request, user, seq, _stage1(auth)

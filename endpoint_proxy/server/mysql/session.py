@@ -231,10 +231,11 @@ class MySession(SessionShell):
         assert self.login is not None and self.user is not None
         cluster = self.ctx.cluster
         backend = await login_my_backend(
-            name, greeting, user=self.user.name, password=self.user.password, database=schema,
+            name, greeting, user=self.user.name, database=schema,
             capabilities=(self.login.capabilities & ~PER_LEG) | k.CLIENT_CONNECT_WITH_DB,
             character_set=self.login.character_set, connect_attrs=self.login.attrs,
-            tls_mode=cluster.config.backend_tls)
+            credential=cluster.my_backend_credential(self.user.name, self.login.stage1),
+            security=cluster.backend_security)
         backend.in_recovery = bool(cluster.topology.instances[name].in_recovery)
         return self.backends.count(backend)
 
@@ -255,7 +256,7 @@ class MySession(SessionShell):
             attempts[name] = attempts.get(name, 0) + 1
             try:
                 with trio.fail_after(self.ctx.connect_timeout_s):
-                    greeting = await greet_my_backend(cluster.config.instance_named(name).address)
+                    greeting = await greet_my_backend(cluster.config.instance_named(name).address, name)
                     return await self._login_backend(name, greeting, schema)
             except MyBackendError as e:
                 if e.err_payload is not None:
@@ -421,9 +422,10 @@ class MySession(SessionShell):
                 return encode_packet(seq, OkPacket(status=active.status).encode(self.login.capabilities))
             cluster = self.ctx.cluster
             with trio.fail_after(self.ctx.connect_timeout_s):
-                probe = await MyProbeConnection.open(instance, cluster.config.instance_named(instance).address,
-                                                     user=self.user.name, password=self.user.password,
-                                                     tls_mode=cluster.config.backend_tls)
+                probe = await MyProbeConnection.open(
+                    instance, cluster.config.instance_named(instance).address, user=self.user.name, password=None,
+                    credential=cluster.my_backend_credential(self.user.name, self.login.stage1),
+                    security=cluster.backend_security)
             try:
                 await probe.query(sql)
             finally:
@@ -449,14 +451,15 @@ class MySession(SessionShell):
         logged in as that user."""
         assert self.login is not None
         try:
-            request, user, seq = await change_user(self.ctx, self.client, payload, self.login.capabilities,
-                                                   self.login.nonce, self.log)
+            request, user, seq, stage1 = await change_user(self.ctx, self.client, payload,
+                                                           self.login.capabilities, self.login.nonce, self.log)
         except Fatal as e:
             await send_quietly(self.client, encode_packet(e.seq, err_packet(e.errno, e.sqlstate, str(e))))
             self.closed = True
             return
         await self.backends.close_all(_QUIT)
         self.user = user
+        self.login.stage1 = stage1
         if request.character_set:
             self.login.character_set = request.character_set
         if request.connect_attrs is not None:

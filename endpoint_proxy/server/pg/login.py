@@ -7,18 +7,19 @@ error as a wrong password.
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
+from ...config import UserConfig
 from ...protocol.errors import AuthenticationError, ProtocolError
 from ...protocol.pg import messages as m
-from ...protocol.pg.auth import CleartextServerAuth, Md5ServerAuth, ScramServerAuth, ServerAuth
+from ...protocol.pg.auth import ServerAuth
 from ...protocol.pg.framing import FrameReader
 from ...protocol.pg.startup import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, parse_startup_packet
 from ...relay.net import Conn, RawConn, start_tls_server
+from ..cluster import AuthQueryError
 from ..session.context import CONSOLE_DATABASE, SessionContext
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ class Login:
     startup: StartupMessage | None = None  # logged in (or asking for the console)
     console: tuple[FrameReader, bytearray] | None = None  # the console was asked for
     leftover: bytes = b""  # what the client sent right behind its last authentication message
+    user: UserConfig | None = None  # who logged in
+    auth: ServerAuth | None = None  # the finished exchange (its SCRAM keys log in to servers)
 
 
 async def _read_into(client: Conn, reader: FrameReader, buf: bytearray) -> None:
@@ -107,26 +110,23 @@ async def login(ctx: SessionContext, holder: HasClient, logger: FilteringBoundLo
         if "replication" in packet.parameters and packet.parameters["replication"].lower() not in ("false", "off",
                                                                                                     "no", "0"):
             raise Fatal("08P01", "replication connections are not supported through endpoint_proxy")
-        await _authenticate(ctx, client, packet, reader, buf, logger)
-        return Login(client, packet, leftover=reader.take_buffered())
-
-
-def _server_auth(ctx: SessionContext, client: Conn, user_name: str) -> ServerAuth:
-    cluster = ctx.cluster
-    user = cluster.config.user(user_name)
-    method = (user.auth if user and user.auth else None) or cluster.config.client_auth
-    if method == "password":
-        if not client.is_tls:
-            raise Fatal("28000", "cleartext password authentication requires TLS")
-        return CleartextServerAuth(user_name, user.password if user else secrets.token_hex(16))
-    if method == "md5":
-        return Md5ServerAuth(user_name, user.password if user else secrets.token_hex(16))
-    return ScramServerAuth(user_name, cluster.scram_secret(user))
+        user, auth = await _authenticate(ctx, client, packet, reader, buf, logger)
+        return Login(client, packet, leftover=reader.take_buffered(), user=user, auth=auth)
 
 
 async def _authenticate(ctx: SessionContext, client: Conn, startup: StartupMessage, reader: FrameReader,
-                        buf: bytearray, logger: FilteringBoundLogger) -> None:
-    auth = _server_auth(ctx, client, startup.user)
+                        buf: bytearray, logger: FilteringBoundLogger) -> tuple[UserConfig, ServerAuth]:
+    """Check the client's password; returns its user (configured, or found by auth_query) and the
+    finished exchange (whose SCRAM keys log in to the servers for it, see pg_backend_credential)."""
+    cluster = ctx.cluster
+    try:
+        user = await cluster.find_user(startup.user)
+    except AuthQueryError as e:
+        raise Fatal("08006", f"cannot check the login now: {e}") from None
+    method = cluster.client_method(user)
+    if method == "password" and not client.is_tls:
+        raise Fatal("28000", "cleartext password authentication requires TLS")
+    auth = cluster.pg_server_auth(startup.user, user, method)
     await client.send_all(auth.start())
     while True:
         # Judge the type byte before waiting for the body: a second StartupMessage would
@@ -144,10 +144,11 @@ async def _authenticate(ctx: SessionContext, client: Conn, startup: StartupMessa
         except AuthenticationError as e:
             logger.info("client_auth_failed", user=startup.user)
             raise Fatal(e.sqlstate, e.message) from None
-        if done and ctx.cluster.config.user(startup.user) is None:
+        if done and user is None:
             # Only reachable if a method accepted an unknown user: never let one in.
             raise Fatal("28P01", f'password authentication failed for user "{startup.user}"')
         if reply:
             await client.send_all(reply)
         if done:
-            return
+            assert user is not None
+            return user, auth

@@ -15,6 +15,7 @@ import trio
 from ...config import Address, UserConfig
 from ...protocol.errors import FrameError, ProtocolError
 from ...protocol.pg import messages as m
+from ...protocol.pg.auth import ServerAuth
 from ...protocol.pg.framing import FrameReader
 from ...relay.net import Conn, RawConn, send_quietly
 from ...sessioncore.actions import (
@@ -80,6 +81,7 @@ class PgSession(SessionShell):
         self.backends: BackendSet[BackendConnection] = BackendSet(ctx.cluster)
         self.env = SessionEnv(ctx.cluster, ctx.endpoint, self.metrics)
         self.cancel_key: tuple[int, int] | None = None
+        self._login: ServerAuth | None = None  # the client's finished authentication exchange
         self._core: PgSessionCore | None = None
 
     # --- what the proxy asks of a session -----------------------------------------------------
@@ -132,6 +134,8 @@ class PgSession(SessionShell):
                 return
             if result.startup is None:
                 return
+            assert result.user is not None
+            self.user, self._login = result.user, result.auth
             await self._attach_first(result.startup.user, result.startup.parameters)
             if result.leftover:
                 await self._feed_leftover(result.leftover)
@@ -173,9 +177,6 @@ class PgSession(SessionShell):
         """The first backend, during startup: any failure is FATAL, as a server's would be."""
         ctx = self.ctx
         cluster = ctx.cluster
-        user = cluster.config.user(user_name)
-        assert user is not None
-        self.user = user
         params = {k: v for k, v in parameters.items() if k not in _NOT_FORWARDED and not k.startswith("_pq_.")}
         params.setdefault("database", user_name)
         self.backend_params = params
@@ -238,7 +239,8 @@ class PgSession(SessionShell):
             try:
                 with trio.fail_after(ctx.connect_timeout_s):
                     backend = await open_backend(name, address, self.backend_params, user=user.name,
-                                                 password=user.password, tls_mode=cluster.config.backend_tls)
+                                                 credential=cluster.pg_backend_credential(user.name, self._login),
+                                                 security=cluster.backend_security)
             except BackendError as e:
                 if e.raw_error is not None:
                     raise Refused(e.sqlstate, str(e), e.raw_error) from None
