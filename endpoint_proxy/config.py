@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ MYSQL_CLIENT_AUTH_METHODS = ("mysql_native_password", "caching_sha2_password")
 CONSISTENCY_MODES = ("eventual", "session")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+PROMOTION_METHODS = ("none", "sql", "command")
 
 
 class ConfigError(ValueError):
@@ -106,6 +108,25 @@ class EndpointConfig:
 
 
 @dataclass(frozen=True)
+class PromotionConfig:
+    """``[clusters.promotion]``: how a planned switchover promotes a replica (see README "Drills").
+
+    ``none`` refuses switchovers; ``sql`` promotes, fences and re-points with SQL as ``user``;
+    ``command`` runs ``command`` (argv; a TOML string runs through ``/bin/sh -c``) with the old
+    and new writer in its environment."""
+
+    method: str = "none"
+    user: str | None = None
+    password: str | None = None
+    command: tuple[str, ...] | None = None
+    # Replication credentials for CHANGE MASTER on an old MariaDB primary (and, for PostgreSQL,
+    # instead of reusing the replicas' primary_conninfo).
+    replication_user: str | None = None
+    replication_password: str | None = None
+    timeout_ms: int = 30_000  # promoting and seeing the new writer elected, after the hold
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     name: str
     protocol: str
@@ -123,6 +144,10 @@ class ClusterConfig:
     write_functions: tuple[str, ...] = ()
     function_refresh_ms: int = 30_000
     allow_local_infile: bool = False  # mysql: let clients use LOAD DATA LOCAL INFILE
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    # A switchover holds new writer work at most this long (running transactions finishing,
+    # the candidate catching up) before it is abandoned and traffic resumes.
+    switchover_timeout_ms: int = 10_000
 
     def user(self, name: str) -> UserConfig | None:
         for u in self.users:
@@ -348,9 +373,75 @@ def _parse_cluster(t: _Table) -> ClusterConfig:
         read_functions=tuple(n.lower() for n in _names(t.array("read_functions"), t.sub("read_functions"))),
         write_functions=tuple(n.lower() for n in _names(t.array("write_functions"), t.sub("write_functions"))),
         function_refresh_ms=t.integer("function_refresh_ms", 30_000, minimum=0),
+        **_parse_drills(t),
     )
     t.check_unknown()
     return cluster
+
+
+def secret_value(t: _Table, key: str = "password", *, required: bool = False) -> str | None:
+    """A secret given as ``key`` itself, ``key_file`` (the file's text, one trailing newline
+    dropped) or ``key_env`` (an environment variable): at most one of them."""
+    given = [k for k in (key, f"{key}_file", f"{key}_env") if k in t.data]
+    if len(given) > 1:
+        raise ConfigError(t.sub(given[1]), f"give only one of {key}, {key}_file and {key}_env")
+    if not given:
+        if required:
+            raise ConfigError(t.sub(key), f"is required (or {key}_file, or {key}_env)")
+        return None
+    which = given[0]
+    if which == key:
+        return str(t.get(key, str))
+    source = t.string(which)
+    if which.endswith("_env"):
+        value = os.environ.get(source)
+        if value is None:
+            raise ConfigError(t.sub(which), f"environment variable {source} is not set")
+        return value
+    try:
+        text = Path(source).read_text()
+    except OSError as e:
+        raise ConfigError(t.sub(which), f"cannot read {source}: {e.strerror or e}") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _parse_promotion(t: _Table) -> PromotionConfig:
+    method = t.string("method", "none", PROMOTION_METHODS)
+    user = t.string("user", None)
+    password = secret_value(t)
+    replication_user = t.string("replication_user", None)
+    replication_password = secret_value(t, "replication_password")
+    command: tuple[str, ...] | None = None
+    if "command" in t.data:
+        raw = t.get("command", (str, list))
+        if isinstance(raw, str):
+            if not raw.strip():
+                raise ConfigError(t.sub("command"), "must not be empty")
+            command = ("/bin/sh", "-c", raw)
+        else:
+            command = _names(raw, t.sub("command"))
+            if not command:
+                raise ConfigError(t.sub("command"), "must not be empty")
+    if method == "sql" and user is None:
+        raise ConfigError(t.sub("user"), 'method = "sql" needs the user the proxy promotes with')
+    if method == "command" and command is None:
+        raise ConfigError(t.sub("command"), 'method = "command" needs the command to run')
+    if method != "command" and command is not None:
+        raise ConfigError(t.sub("command"), 'is only used with method = "command"')
+    promotion = PromotionConfig(
+        method=method, user=user, password=password, command=command,
+        replication_user=replication_user, replication_password=replication_password,
+        timeout_ms=t.integer("timeout_ms", 30_000, minimum=1),
+    )
+    t.check_unknown()
+    return promotion
+
+
+def _parse_drills(t: _Table) -> dict[str, Any]:
+    """The cluster keys of planned switchovers: ``[clusters.promotion]`` and ``switchover_timeout_ms``."""
+    promotion = _parse_promotion(t.table("promotion")) if "promotion" in t.data else PromotionConfig()
+    return {"promotion": promotion,
+            "switchover_timeout_ms": t.integer("switchover_timeout_ms", 10_000, minimum=0)}
 
 
 def parse_config(data: dict[str, Any]) -> Config:
