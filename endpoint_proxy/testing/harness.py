@@ -386,22 +386,20 @@ class EpCluster:
 
     def crash(self, instance: str, *, promote: bool | None = None) -> str | None:
         """Kill -9 an instance. When it was the primary (and ``promote`` is not False), play
-        the HA authority as Aurora does: promote the most caught-up live replica and point the
-        others at it; returns the new primary's name (None when nothing was promoted). The
-        crashed instance stays down until ``restart``."""
+        the HA authority as Aurora does: promote the most caught-up replica (as the proxy saw
+        them) and point the other replicas at it; returns the new primary's name (None when
+        nothing was promoted). The crashed instance stays down until ``restart``."""
         local = self._local()
         was_primary = instance == local.primary_name
+        replicas: dict[str, int | None] = {i["name"]: i["lag_bytes"] for i in self.topology()["instances"]
+                    if i["role"] == "reader" and i["health"] == "up" and i["name"] != instance}
         local.kill(instance)
         self.crashed.add(instance)
-        if not was_primary or promote is False:
+        if not was_primary or promote is False or not replicas:
             return None
-        lag = {i["name"]: i["lag_bytes"] for i in self.topology()["instances"]}
-        alive = [n for n in self.instances if n not in self.crashed]
-        if not alive:
-            return None
-        new = min(alive, key=lambda n: (lag.get(n) is None, lag.get(n) or 0))
+        new: str = min(replicas, key=lambda n: (replicas[n] is None, replicas[n] or 0))
         local.promote(new)
-        for other in alive:
+        for other in replicas:
             if other != new:
                 local.follow(other, new)
         return new
