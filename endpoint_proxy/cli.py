@@ -207,12 +207,16 @@ def _demo(args: argparse.Namespace) -> int:
         reader_port = _free_port() if not args.port else args.port + 1
         doc = {
             "logging": {"format": "console", "level": "info"},
-            "admin": {"listen": f"127.0.0.1:{_free_port()}"},
+            "admin": {"listen": f"127.0.0.1:{_free_port()}",
+                      "users": [{"name": "admin", "password": "admin-secret"}]},
             "clusters": [{
                 "name": "demo",
                 "protocol": "postgresql",
                 "health_check_interval_ms": 250,
                 "monitor": {"user": cluster.monitor_user, "password": cluster.monitor_password},
+                # Drills: SWITCHOVER and a simulated writer failure promote a replica with SQL.
+                "promotion": {"method": "sql", "user": cluster.promotion_user,
+                              "password": cluster.promotion_password},
                 "users": [{"name": cluster.app_user, "password": cluster.app_password}],
                 "instances": [{"name": i.name, "host": i.host, "port": i.port} for i in cluster.instances],
                 "endpoints": [
@@ -237,6 +241,12 @@ def _demo(args: argparse.Namespace) -> int:
                 port = addr.rsplit(":", 1)[1]
                 print(f"  {name:9}  PGPASSWORD={pw} psql -h 127.0.0.1 -p {port} -U {cluster.app_user} "
                       f"{cluster.database} -c 'select inet_server_port(), pg_is_in_recovery()'")
+            writer_port = bound["writer"].rsplit(":", 1)[1]
+            console = f"PGPASSWORD=admin-secret psql -h 127.0.0.1 -p {writer_port} -U admin endpoint_proxy -c"
+            print("\nDrills, from the admin console (see README \"Drills\"):")
+            print(f"  switchover  {console} 'SWITCHOVER'")
+            print(f"  failure     {console} 'SIMULATE INSTANCE FAILURE pg1 FOR 30 SECONDS'")
+            print(f"  faults      {console} 'SHOW FAULTS'")
             print(f"\nStatus page and metrics: http://{bound['admin']}/  (/topology, /metrics)", flush=True)
             if args.exit_after_ready:
                 raise KeyboardInterrupt

@@ -6,7 +6,7 @@ one ``bisect`` over a tuple of ints, two integer additions and no allocation: th
 passes the duration in nanoseconds (``time.perf_counter_ns()`` differences).
 
 Buckets follow the R10 preferred-number series (1, 1.25, 1.6, 2, 2.5, 3.2, 4, 5, 6.3, 8 per
-decade) from 10 µs to 100 s, so a quantile read from them is within one step (about 25%)
+decade) from 10 µs to 100 s, so a quantile read from them is within one step (at most 28%)
 before interpolation. The Prometheus buckets are the 1-2.5-5 subset of the same bounds, so
 exposing them merges fine buckets exactly.
 """

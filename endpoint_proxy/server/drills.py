@@ -18,13 +18,14 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 import trio
 
+from ..config import ClusterConfig
 from ..drills.faults import Fault, FaultError, FaultKind, FaultSet, FaultSpec, Toxics, routing_fails
 from ..drills.latency import EndpointSeries, merged
 from ..drills.switchover import (
@@ -85,6 +86,8 @@ class ClusterDrills:
         self.series: dict[str, EndpointSeries] = {}
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None  # for switchovers a fault starts
+        # How a switchover promotes (server.promotion); tests put a fake here.
+        self.make_promotion: Callable[[ClusterConfig, str, str], Promotion] = make_promotion
 
     @property
     def name(self) -> str:
@@ -253,7 +256,7 @@ class ClusterDrills:
             raise SwitchoverRefused(f"a switchover of cluster {self.name} is already running")
         config = self.runtime.config
         plan = plan_switchover(self.name, self.runtime.topology, config.promotion.method, to, writer)
-        promotion = make_promotion(config, plan.old, plan.new)
+        promotion = self.make_promotion(config, plan.old, plan.new)
         self.switchover_running = True
         try:
             record = await self._switchover(plan, promotion, reason, drain)

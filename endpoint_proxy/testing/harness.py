@@ -388,11 +388,20 @@ class EpCluster:
         """Kill -9 an instance. When it was the primary (and ``promote`` is not False), play
         the HA authority as Aurora does: promote the most caught-up replica (as the proxy saw
         them) and point the other replicas at it; returns the new primary's name (None when
-        nothing was promoted). The crashed instance stays down until ``restart``."""
+        nothing was promoted). Like Aurora, no acknowledged write is lost: before killing a
+        primary this waits (up to 10 s) until the replicas have replayed it. The crashed
+        instance stays down until ``restart``."""
         local = self._local()
         was_primary = instance == local.primary_name
         replicas: dict[str, int | None] = {i["name"]: i["lag_bytes"] for i in self.topology()["instances"]
-                    if i["role"] == "reader" and i["health"] == "up" and i["name"] != instance}
+                                           if i["role"] == "reader" and i["health"] == "up" and i["name"] != instance}
+        if was_primary and replicas:
+            # Aurora loses no acknowledged write in a crash (shared storage): let the replicas
+            # replay what the primary has before it dies.
+            try:
+                local.wait_caught_up(*replicas, timeout=10)
+            except (TimeoutError, OSError, subprocess.CalledProcessError):
+                pass
         local.kill(instance)
         self.crashed.add(instance)
         if not was_primary or promote is False or not replicas:

@@ -109,14 +109,32 @@ def entry_point_dist(site: Path) -> None:
         "[pytest11]\n" + "".join(f"{name} = {target}\n" for name, target in entry_points.items()))
 
 
-def test_a_sample_suite_runs_against_both_protocols(tmp_path: Path) -> None:
+def readme_example() -> str:
+    """The worked example of README's plugin section, as printed."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("```python\n# test_orders.py")
+    return text[start + len("```python\n"):text.index("```\n", start + 10)]
+
+
+def run_suite(tmp_path: Path, files: dict[str, str]) -> subprocess.CompletedProcess[str]:
     project = tmp_path / "app"
     project.mkdir()
     (project / "pytest.ini").write_text("[pytest]\n")  # its own rootdir: none of our conftest or settings
-    (project / "test_app.py").write_text(SAMPLE)
+    for name, text in files.items():
+        (project / name).write_text(text)
     entry_point_dist(tmp_path / "site")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path / "site")])}
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_app.py"],
-                         cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_sample_suite_runs_against_both_protocols(tmp_path: Path) -> None:
+    out = run_suite(tmp_path, {"test_app.py": SAMPLE})
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     assert "7 passed" in out.stdout, out.stdout[-3000:]
+
+
+def test_the_readme_example_runs_as_printed(tmp_path: Path) -> None:
+    out = run_suite(tmp_path, {"test_orders.py": readme_example()})
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    assert "3 passed" in out.stdout, out.stdout[-3000:]

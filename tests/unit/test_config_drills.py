@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from endpoint_proxy.config import ClusterConfig, ConfigError, PromotionConfig, parse_config
+from endpoint_proxy.config import ClusterConfig, ConfigError, PromotionConfig, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 BASE: dict[str, Any] = {
     "clusters": [{
@@ -88,3 +90,10 @@ def test_bad_promotion_config_names_the_key(keys: dict[str, Any], path: str, mes
         cluster(**keys)
     assert info.value.path == path
     assert message in info.value.detail
+
+
+def test_the_example_configs_show_promotion_and_load() -> None:
+    pg = load_config(REPO / "config" / "example-postgresql.toml").clusters[0]
+    assert (pg.promotion.method, pg.promotion.user, pg.switchover_timeout_ms) == ("sql", "promoter", 10_000)
+    my = load_config(REPO / "config" / "example-mysql.toml").clusters[0]
+    assert (my.promotion.method, my.promotion.replication_user) == ("sql", "replicator")
