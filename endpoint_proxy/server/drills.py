@@ -6,9 +6,10 @@ places only: ``check_probe`` before each monitor probe (an instance under INSTAN
 fails its probes), ``note_topology`` with the topology's events, and ``run`` as one more
 monitor task (fault expiry, sampling once a second).
 
-What sessions call (see the report of issue 13 and each method): ``gate`` (server.gate),
-``check_connect``, ``reader_routing_fails``, ``toxics`` / ``wrap`` (relay.toxics), and the
-latency histograms of ``server.metrics.EndpointMetrics``.
+What sessions use (each method says how): ``gate`` (server.gate), ``check_connect``,
+``reader_routing_fails``, ``toxics`` / ``wrap`` (relay.toxics), ``faults_changed`` (to drop
+server connections an INSTANCE FAILURE or RESET now covers), and the latency histograms of
+``server.metrics.EndpointMetrics``.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ class ClusterDrills:
         self.events: deque[TimelineEvent] = deque(maxlen=EVENTS_KEEP)
         self.series: dict[str, EndpointSeries] = {}
         self._wake = trio.Event()
+        # Set (and replaced) whenever a fault starts or lifts: a session that parked its server
+        # connection where no ToxicConn sees it waits on this to re-check ``toxics()``.
+        self.faults_changed = trio.Event()
         self._nursery: trio.Nursery | None = None  # for switchovers a fault starts
         # How a switchover promotes (server.promotion); tests put a fake here.
         self.make_promotion: Callable[[ClusterConfig, str, str], Promotion] = make_promotion
@@ -175,9 +179,11 @@ class ClusterDrills:
 
     def _sync_topology(self, now: float) -> None:
         """Hand the REPLICA LAG faults to the topology and probe at once, so that failures and
-        lags show (and go) without waiting for the next interval."""
+        lags show (and go) without waiting for the next interval; wake whoever watches faults."""
         self.runtime.topology.simulated_lag_ms = self.faults.lag_ms(now)
         self.runtime.request_probe()
+        self.faults_changed.set()
+        self.faults_changed = trio.Event()
 
     def _failover_drill(self, writer: str) -> None:
         if self.runtime.config.promotion.method == "none" or self.switchover_running:

@@ -259,9 +259,13 @@ async def test_faults_expire_on_their_own_and_leave_a_timeline(autojump_clock: t
 
 async def test_clear_lifts_faults_at_once(autojump_clock: trio.testing.MockClock) -> None:
     rt = runtime()
+    changed = rt.drills.faults_changed
     a = rt.drills.inject(FaultSpec(FaultKind.LATENCY, "b", 60, latency_ms=5))
+    assert changed.is_set() and not rt.drills.faults_changed.is_set()  # watchers wake, the next wait is fresh
     rt.drills.inject(FaultSpec(FaultKind.LATENCY, "c", 60, latency_ms=5))
+    changed = rt.drills.faults_changed
     assert [f.id for f in rt.drills.clear(a.id)] == [a.id]
+    assert changed.is_set()
     assert len(rt.drills.active_faults()) == 1
     assert len(rt.drills.clear()) == 1 and rt.drills.active_faults() == []
 
