@@ -1,9 +1,11 @@
-"""The ``endpoint-proxy`` command: run, check and demo."""
+"""The ``endpoint-proxy`` command: run, check, demo, and switchover (through a running proxy)."""
 
 from __future__ import annotations
 
 import argparse
 import gc
+import http.client
+import json
 import multiprocessing
 import os
 import shutil
@@ -152,6 +154,48 @@ def _run_workers(config: Config, workers: int, config_path: str) -> int:
         shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
+def _switchover(args: argparse.Namespace) -> int:
+    """Ask the running proxy (its admin HTTP server, from the config) for a planned switchover;
+    exit 0 when it completed, 1 when it was refused, abandoned or failed, 2 on a bad config."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"endpoint-proxy: invalid config: {e}", file=sys.stderr)
+        return 2
+    listen = config.admin.listen
+    if listen is None or listen.port == 0:
+        print(f"endpoint-proxy: {args.config} has no [admin] listen address with a fixed port: the switchover "
+              "command asks the running proxy through its admin HTTP server", file=sys.stderr)
+        return 2
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen.host, listen.host)
+    body = json.dumps({k: v for k, v in (("cluster", args.cluster), ("to", args.to)) if v is not None})
+    conn = http.client.HTTPConnection(host, listen.port, timeout=args.timeout)
+    try:
+        conn.request("POST", "/switchover", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        answer = response.read()
+    except OSError as e:
+        print(f"endpoint-proxy: cannot reach the proxy's admin server at {listen}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    try:
+        doc = json.loads(answer)
+    except ValueError:
+        print(f"endpoint-proxy: unexpected answer ({response.status}): {answer[:200]!r}", file=sys.stderr)
+        return 1
+    record = doc.get("switchover") if isinstance(doc, dict) else None
+    if isinstance(record, dict):
+        line = (f"switchover of cluster {record.get('cluster')}: {record.get('from')} -> {record.get('to')}: "
+                f"{record.get('outcome')}, writes paused {record.get('pause_ms')} ms")
+        detail = record.get("detail")
+        print(line + (f" ({detail})" if detail else ""), file=sys.stdout if doc.get("ok") else sys.stderr)
+    else:
+        print(f"endpoint-proxy: switchover refused: {doc.get('error') if isinstance(doc, dict) else doc}",
+              file=sys.stderr)
+    return 0 if isinstance(doc, dict) and doc.get("ok") is True else 1
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -169,12 +213,16 @@ def _demo(args: argparse.Namespace) -> int:
         reader_port = _free_port() if not args.port else args.port + 1
         doc = {
             "logging": {"format": "console", "level": "info"},
-            "admin": {"listen": f"127.0.0.1:{_free_port()}"},
+            "admin": {"listen": f"127.0.0.1:{_free_port()}",
+                      "users": [{"name": "admin", "password": "admin-secret"}]},
             "clusters": [{
                 "name": "demo",
                 "protocol": "postgresql",
                 "health_check_interval_ms": 250,
                 "monitor": {"user": cluster.monitor_user, "password": cluster.monitor_password},
+                # Drills: SWITCHOVER and a simulated writer failure promote a replica with SQL.
+                "promotion": {"method": "sql", "user": cluster.promotion_user,
+                              "password": cluster.promotion_password},
                 "users": [{"name": cluster.app_user, "password": cluster.app_password}],
                 "instances": [{"name": i.name, "host": i.host, "port": i.port} for i in cluster.instances],
                 "endpoints": [
@@ -199,6 +247,12 @@ def _demo(args: argparse.Namespace) -> int:
                 port = addr.rsplit(":", 1)[1]
                 print(f"  {name:9}  PGPASSWORD={pw} psql -h 127.0.0.1 -p {port} -U {cluster.app_user} "
                       f"{cluster.database} -c 'select inet_server_port(), pg_is_in_recovery()'")
+            writer_port = bound["writer"].rsplit(":", 1)[1]
+            console = f"PGPASSWORD=admin-secret psql -h 127.0.0.1 -p {writer_port} -U admin endpoint_proxy -c"
+            print("\nDrills, from the admin console (see README \"Drills\"):")
+            print(f"  switchover  {console} 'SWITCHOVER'")
+            print(f"  failure     {console} 'SIMULATE INSTANCE FAILURE pg1 FOR 30 SECONDS'")
+            print(f"  faults      {console} 'SHOW FAULTS'")
             print(f"\nStatus page and metrics: http://{bound['admin']}/  (/topology, /metrics)", flush=True)
             if args.exit_after_ready:
                 raise KeyboardInterrupt
@@ -223,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file and exit")
     check.add_argument("--config", required=True, type=Path)
     check.set_defaults(func=_check)
+    switch = sub.add_parser("switchover", help="planned switchover through the running proxy (admin HTTP)")
+    switch.add_argument("--config", required=True, type=Path, help="the running proxy's config (for admin.listen)")
+    switch.add_argument("--to", default=None, help="the replica to promote (default: the least lagging)")
+    switch.add_argument("--cluster", default=None, help="the cluster (default: the only one)")
+    switch.add_argument("--timeout", type=float, default=120.0, help=argparse.SUPPRESS)
+    switch.set_defaults(func=_switchover)
     demo = sub.add_parser("demo", help="start a local primary + 2 replicas with the proxy in front")
     demo.add_argument("--port", type=int, default=None, help="writer port (reader gets the next one)")
     demo.add_argument("--exit-after-ready", action="store_true", help=argparse.SUPPRESS)

@@ -28,6 +28,7 @@ MYSQL_BACKEND_AUTH_DEFAULT = ("mysql_native_password", "caching_sha2_password")
 CONSISTENCY_MODES = ("eventual", "session")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+PROMOTION_METHODS = ("none", "sql", "command")
 
 
 class ConfigError(ValueError):
@@ -185,6 +186,25 @@ class EndpointConfig:
 
 
 @dataclass(frozen=True)
+class PromotionConfig:
+    """``[clusters.promotion]``: how a planned switchover promotes a replica (see README "Drills").
+
+    ``none`` refuses switchovers; ``sql`` promotes, fences and re-points with SQL as ``user``;
+    ``command`` runs ``command`` (argv; a TOML string runs through ``/bin/sh -c``) with the old
+    and new writer in its environment."""
+
+    method: str = "none"
+    user: str | None = None
+    password: str | None = None
+    command: tuple[str, ...] | None = None
+    # Replication credentials for CHANGE MASTER on an old MariaDB primary (and, for PostgreSQL,
+    # instead of reusing the replicas' primary_conninfo).
+    replication_user: str | None = None
+    replication_password: str | None = None
+    timeout_ms: int = 30_000  # promoting and seeing the new writer elected, after the hold
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     name: str
     protocol: str
@@ -209,6 +229,10 @@ class ClusterConfig:
     write_functions: tuple[str, ...] = ()
     function_refresh_ms: int = 30_000
     allow_local_infile: bool = False  # mysql: let clients use LOAD DATA LOCAL INFILE
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    # A switchover holds new writer work at most this long (running transactions finishing,
+    # the candidate catching up) before it is abandoned and traffic resumes.
+    switchover_timeout_ms: int = 10_000
 
     def user(self, name: str) -> UserConfig | None:
         for u in self.users:
@@ -559,9 +583,49 @@ def _parse_cluster(t: _Table, environ: Mapping[str, str]) -> ClusterConfig:
         read_functions=tuple(n.lower() for n in _names(t.array("read_functions"), t.sub("read_functions"))),
         write_functions=tuple(n.lower() for n in _names(t.array("write_functions"), t.sub("write_functions"))),
         function_refresh_ms=t.integer("function_refresh_ms", 30_000, minimum=0),
+        **_parse_drills(t, environ),
     )
     t.check_unknown()
     return cluster
+
+
+def _parse_promotion(t: _Table, environ: Mapping[str, str]) -> PromotionConfig:
+    method = t.string("method", "none", PROMOTION_METHODS)
+    user = t.string("user", None)
+    password = read_secret(t, "password", environ, required=False)
+    replication_user = t.string("replication_user", None)
+    replication_password = read_secret(t, "replication_password", environ, required=False)
+    command: tuple[str, ...] | None = None
+    if "command" in t.data:
+        raw = t.get("command", (str, list))
+        if isinstance(raw, str):
+            if not raw.strip():
+                raise ConfigError(t.sub("command"), "must not be empty")
+            command = ("/bin/sh", "-c", raw)
+        else:
+            command = _names(raw, t.sub("command"))
+            if not command:
+                raise ConfigError(t.sub("command"), "must not be empty")
+    if method == "sql" and user is None:
+        raise ConfigError(t.sub("user"), 'method = "sql" needs the user the proxy promotes with')
+    if method == "command" and command is None:
+        raise ConfigError(t.sub("command"), 'method = "command" needs the command to run')
+    if method != "command" and command is not None:
+        raise ConfigError(t.sub("command"), 'is only used with method = "command"')
+    promotion = PromotionConfig(
+        method=method, user=user, password=password, command=command,
+        replication_user=replication_user, replication_password=replication_password,
+        timeout_ms=t.integer("timeout_ms", 30_000, minimum=1),
+    )
+    t.check_unknown()
+    return promotion
+
+
+def _parse_drills(t: _Table, environ: Mapping[str, str]) -> dict[str, Any]:
+    """The cluster keys of planned switchovers: ``[clusters.promotion]`` and ``switchover_timeout_ms``."""
+    promotion = _parse_promotion(t.table("promotion"), environ) if "promotion" in t.data else PromotionConfig()
+    return {"promotion": promotion,
+            "switchover_timeout_ms": t.integer("switchover_timeout_ms", 10_000, minimum=0)}
 
 
 def _parse_admin(admin_t: _Table, environ: Mapping[str, str]) -> AdminConfig:

@@ -1,4 +1,5 @@
-"""Prometheus collectors that read live state at scrape time: the topology and the relay hub.
+"""Prometheus collectors that read live state at scrape time: the topology, the relay hub, statement
+latency and injected faults.
 
 Nothing here is stored: the instance and endpoint gauges are computed from the live
 ``ClusterRuntime`` objects when Prometheus scrapes, so they never drift from what the proxy
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from ..drills.faults import FAULT_KINDS
+from ..drills.latency import LatencyHistogram
 from ..relay.hub import Hub
 from ..routing.endpoints import members
 from ..server.cluster import ClusterRuntime
@@ -99,3 +102,60 @@ class TopologyCollector:
             for ep in cluster.config.endpoints:
                 fam["members"].add_metric([c, ep.name], len(members(ep, topo)))
         return list(fam.values())
+
+
+class LatencyCollector:
+    """``endpoint_proxy_statement_duration_seconds{cluster,endpoint,route}`` from the histograms
+    sessions record into (server.metrics.EndpointMetrics)."""
+
+    def __init__(self, clusters: Callable[[], Iterable[ClusterRuntime]]) -> None:
+        self.clusters = clusters
+
+    @staticmethod
+    def _family() -> HistogramMetricFamily:
+        return HistogramMetricFamily("endpoint_proxy_statement_duration_seconds",
+                                     "statement duration through the proxy, request to ReadyForQuery / OK",
+                                     labels=["cluster", "endpoint", "route"])
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        for cluster in self.clusters():
+            for em in cluster.metrics.endpoints():
+                for route, histogram in (("writer", em.writer_latency), ("reader", em.reader_latency)):
+                    family.add_metric([em.cluster, em.endpoint, route], _buckets(histogram),
+                                      histogram.sum_ns / 1e9)
+        return [family]
+
+
+def _buckets(histogram: LatencyHistogram) -> list[tuple[str, float]]:
+    return [("+Inf" if bound == float("inf") else f"{bound:g}", float(count))
+            for bound, count in histogram.cumulative()]
+
+
+class FaultsCollector:
+    """``endpoint_proxy_faults_active{kind}``: injected faults active now, over every cluster
+    (each kind present, 0 when none)."""
+
+    def __init__(self, clusters: Callable[[], Iterable[ClusterRuntime]]) -> None:
+        self.clusters = clusters
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily("endpoint_proxy_faults_active", "injected faults active now, by kind",
+                                 labels=["kind"])
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        counts = dict.fromkeys(FAULT_KINDS, 0)
+        for cluster in self.clusters():
+            for fault in cluster.drills.active_faults():
+                counts[fault.kind.value] += 1
+        family = self._family()
+        for kind, n in counts.items():
+            family.add_metric([kind], n)
+        return [family]

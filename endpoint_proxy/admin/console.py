@@ -9,7 +9,9 @@ SCRAM-SHA-256 against ``[[admin.users]]`` and then answers simple-protocol queri
 
 Commands (case-insensitive, an optional trailing ``;``, several in one query string run in
 order and stop at the first error): ``SHOW CLUSTERS``, ``SHOW INSTANCES``, ``SHOW ENDPOINTS``,
-``SHOW SESSIONS``, ``SHOW HELP`` and ``RELOAD``. Every result column is text (type oid 25);
+``SHOW SESSIONS``, ``SHOW FAULTS``, ``SHOW HELP``, ``RELOAD``, and the drills:
+``SWITCHOVER [cluster] [TO instance]``, ``SIMULATE ...`` (drills/faults.py has the grammar),
+``CLEAR FAULTS`` and ``CLEAR FAULT <id>``. Every result column is text (type oid 25);
 unknown values are NULL. Anything else is an ERROR (42601, or 0A000 for an unsupported
 ``SHOW``) and the session goes on. Extended-protocol messages get one ERROR ("the admin
 console speaks the simple query protocol only") and are skipped up to Sync, as a server
@@ -31,6 +33,8 @@ import trio
 
 from .. import __version__
 from ..config import UserConfig
+from ..drills.faults import Fault, FaultError
+from ..drills.switchover import ABANDONED, SwitchoverRefused
 from ..protocol.errors import AuthenticationError, FrameError, ProtocolError
 from ..protocol.pg import messages as m
 from ..protocol.pg.auth import ScramSecret, ScramServerAuth, make_scram_secret, parse_scram_verifier
@@ -38,6 +42,7 @@ from ..protocol.pg.framing import FrameReader
 from ..protocol.pg.startup import StartupMessage
 from ..relay.net import Conn
 from ..server.session.info import SessionInfo
+from . import drills
 from .http import AdminSource, topology_document
 
 log = structlog.get_logger("endpoint_proxy.console")
@@ -224,8 +229,10 @@ def show_endpoints(state: ConsoleState) -> Result:
             ep = configs.get(e["name"])
             rows.append((c["name"], e["name"], e["kind"], e["listen"], ",".join(e["members"]),
                          ep.tls if ep is not None else None,
-                         ep.consistency if ep is not None and ep.kind == "readwrite" else None))
-    return _show(("cluster", "name", "kind", "listen", "members", "tls", "consistency"), rows)
+                         ep.consistency if ep is not None and ep.kind == "readwrite" else None,
+                         e["statements"], e["p50_ms"], e["p99_ms"]))
+    return _show(("cluster", "name", "kind", "listen", "members", "tls", "consistency", "statements", "p50_ms",
+                  "p99_ms"), rows)
 
 
 def show_sessions(state: ConsoleState) -> Result:
@@ -235,13 +242,37 @@ def show_sessions(state: ConsoleState) -> Result:
                   for s in sessions))
 
 
+FAULT_COLUMNS: Final = ("id", "cluster", "kind", "instance", "description", "expires_in_s")
+
+
+def _fault_rows(faults: Iterable[Fault]) -> list[tuple[Value, ...]]:
+    now = trio.current_time()
+    return [(f.id, f.cluster, f.kind.value, f.instance, f.spec.describe(), round(max(0.0, f.expires_at - now), 1))
+            for f in faults]
+
+
+def show_faults(state: ConsoleState) -> Result:
+    return _show(FAULT_COLUMNS, _fault_rows(drills.active_faults(state.clusters)))
+
+
 HELP: Final = (
     ("SHOW CLUSTERS", "each cluster: protocol, status, writer, number of instances and endpoints"),
     ("SHOW INSTANCES", "each instance: address, role, health, replication lag, timeline, connections"),
     ("SHOW ENDPOINTS", "each endpoint: kind, listening address, the instances it routes to now"),
     ("SHOW SESSIONS", "each client session: endpoint, user, database, instance, state"),
+    ("SHOW FAULTS", "the injected faults now active, and when each lifts"),
     ("SHOW HELP", "this list"),
     ("RELOAD", "re-read the configuration file"),
+    ("SWITCHOVER [cluster] [TO instance]", "planned switchover: hold new writes, promote the replica, resume"),
+    ("SIMULATE INSTANCE FAILURE <name> FOR <n> SECONDS", "the instance looks dead through the proxy"),
+    ("SIMULATE <p> PERCENT READ REPLICA FAILURE [TO <name>] FOR <n> SECONDS", "that share of reader routings fail"),
+    ("SIMULATE LATENCY <ms> [JITTER <ms>] TO <name> FOR <n> SECONDS", "delay the instance's server traffic"),
+    ("SIMULATE BANDWIDTH <kB/s> TO <name> FOR <n> SECONDS", "throttle the instance's server traffic"),
+    ("SIMULATE SLICER [SIZE <bytes>] [VARIATION <bytes>] [DELAY <ms>] TO <name> FOR <n> SECONDS",
+     "deliver the instance's bytes in small pieces"),
+    ("SIMULATE RESET [AFTER <ms>] TO <name> FOR <n> SECONDS", "reset the instance's server connections"),
+    ("SIMULATE REPLICA LAG <name> <ms> FOR <n> SECONDS", "treat the replica as that far behind"),
+    ("CLEAR FAULTS | CLEAR FAULT <id>", "lift injected faults now"),
 )
 
 
@@ -254,6 +285,7 @@ SHOW_COMMANDS: Final[dict[str, Callable[[ConsoleState], Result]]] = {
     "INSTANCES": show_instances,
     "ENDPOINTS": show_endpoints,
     "SESSIONS": show_sessions,
+    "FAULTS": show_faults,
     "HELP": show_help,
 }
 
@@ -277,7 +309,52 @@ async def run_command(state: ConsoleState, command: str) -> Result:
         return show(state)
     if words == ["RELOAD"]:
         return await _reload(state)
+    if words[0] == "SWITCHOVER":
+        return await _switchover(state, command.split(" ")[1:])
+    if words[0] == "SIMULATE":
+        try:
+            faults = drills.inject_command(state.clusters, command)
+        except FaultError as e:
+            raise ConsoleError("22023", str(e), "SHOW HELP lists the SIMULATE commands.") from None
+        return Result("SIMULATE", FAULT_COLUMNS, tuple(_fault_rows(faults)))
+    if words[0] == "CLEAR":
+        return _clear(state, words)
     raise ConsoleError("42601", f"unrecognized admin console command: {command}", _HINT)
+
+
+async def _switchover(state: ConsoleState, args: list[str]) -> Result:
+    """SWITCHOVER [cluster] [TO instance]: a row when it completed; an ERROR (55000 refused,
+    55006 abandoned, 58000 a step failed) otherwise."""
+    cluster: str | None = None
+    to: str | None = None
+    if args and args[0].upper() != "TO":
+        cluster, args = args[0], args[1:]
+    if args:
+        if len(args) != 2 or args[0].upper() != "TO":
+            raise ConsoleError("42601", "usage: SWITCHOVER [cluster] [TO instance]")
+        to = args[1]
+    try:
+        record = await drills.switchover(state.clusters, cluster, to)
+    except SwitchoverRefused as e:
+        raise ConsoleError("55000", f"switchover refused: {e}") from None
+    if not record.ok:
+        sqlstate = "55006" if record.outcome == ABANDONED else "58000"
+        raise ConsoleError(sqlstate, f"switchover of cluster {record.cluster} from {record.from_} to {record.to} "
+                                     f"{record.outcome} after {record.pause_ms} ms: {record.detail}")
+    return Result("SWITCHOVER", ("cluster", "from", "to", "outcome", "pause_ms", "detail"),
+                  ((record.cluster, record.from_, record.to, record.outcome, record.pause_ms, record.detail),))
+
+
+def _clear(state: ConsoleState, words: list[str]) -> Result:
+    if words == ["CLEAR", "FAULTS"]:
+        removed = drills.clear(state.clusters)
+    elif len(words) == 3 and words[1] == "FAULT" and words[2].isdigit():
+        removed = drills.clear(state.clusters, int(words[2]))
+        if not removed:
+            raise ConsoleError("42704", f"no active fault #{words[2]}", "SHOW FAULTS lists them.")
+    else:
+        raise ConsoleError("42601", "usage: CLEAR FAULTS | CLEAR FAULT <id>")
+    return Result("CLEAR", notices=tuple(f"cleared fault #{f.id}: {f.spec.describe()}" for f in removed))
 
 
 async def _reload(state: ConsoleState) -> Result:
@@ -367,9 +444,11 @@ class _Conversation:
             return m.EmptyQueryResponse().encode()
         out: list[bytes] = []
         for command in commands:
-            # SHOW is what monitoring scripts poll: log it only at debug; RELOAD always.
+            # SHOW is what monitoring scripts poll: log it only at debug; RELOAD and drills always.
             if command.upper() == "RELOAD":
                 self.log.info("console_reload")
+            elif command.split(" ")[0].upper() in ("SWITCHOVER", "SIMULATE", "CLEAR"):
+                self.log.info("console_command", command=command)
             else:
                 self.log.debug("console_command", command=command)
             try:

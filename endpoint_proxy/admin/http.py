@@ -1,4 +1,5 @@
-"""The admin HTTP server: /metrics, /healthz, /readyz, /topology, /reload and the status page.
+"""The admin HTTP server: /metrics, /healthz, /readyz, /topology, /reload, the status page, and
+the drills: /switchover, /faults, /history.
 
 HTTP/1.1 with one request per connection: the server reads one bounded request, answers
 with ``Connection: close`` and closes. Requests are parsed by ``RequestReader``, which does
@@ -24,6 +25,7 @@ import re
 import secrets
 import socket
 import ssl
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,10 +37,13 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from ..config import Address, UserConfig
+from ..drills.faults import FaultError
+from ..drills.switchover import SwitchoverRefused
 from ..protocol.pg.auth import parse_scram_verifier, scram_keys_from_password
 from ..routing.endpoints import members
 from ..server.cluster import ClusterRuntime
 from ..server.metrics import ProxyMetrics
+from . import drills
 from .page import STATUS_PAGE
 
 log = structlog.get_logger("endpoint_proxy.admin")
@@ -52,7 +57,7 @@ MAX_CONNECTIONS = 64
 
 REASONS = {
     200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 408: "Request Timeout",
+    405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
     413: "Content Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
     501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
 }
@@ -285,7 +290,7 @@ def topology_document(source: AdminSource, now: float) -> dict[str, Any]:
         for ep in cfg.endpoints:
             listen = source.bound.get(f"{cfg.name}/{ep.name}", ep.listen)
             doc: dict[str, Any] = {"name": ep.name, "kind": ep.kind, "listen": str(listen),
-                                   "members": members(ep, topo)}
+                                   "members": members(ep, topo), **cluster.drills.endpoint_stats(ep.name)}
             if ep.kind == "custom":
                 doc["role"] = ep.role
                 doc["static_members"] = list(ep.members) if ep.members is not None else None
@@ -302,8 +307,31 @@ def topology_document(source: AdminSource, now: float) -> dict[str, Any]:
             "max_replica_lag_ms": cfg.max_replica_lag_ms,
             "instances": instances,
             "endpoints": endpoints,
+            "promotion": cfg.promotion.method,
+            "switchover_running": cluster.drills.switchover_running,
+            "last_switchover": cluster.drills.last_switchover_json(),
+            "faults": [f.to_json(now) for f in cluster.drills.active_faults()],
         })
     return {"clusters": clusters}
+
+
+def history_document(source: AdminSource) -> dict[str, Any]:
+    """/history: per cluster, each endpoint's points ``[at, statements/s, p50_ms, p99_ms]`` over
+    the last minutes (one a second, ``at`` in epoch seconds) and the events timeline."""
+    return {"now": round(time.time(), 3), "clusters": [c.drills.history_json() for c in source.clusters.values()]}
+
+
+def _json_body(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object ({} when empty); HttpError 400 otherwise."""
+    if not request.body.strip():
+        return {}
+    try:
+        doc = json.loads(request.body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HttpError(400, f"the body is not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise HttpError(400, "the body must be a JSON object")
+    return doc
 
 
 def readiness(source: AdminSource) -> tuple[bool, list[str]]:
@@ -466,6 +494,10 @@ class AdminServer:
         }
         if self.reload is not None:
             routes["/reload"] = {"POST": self._reload}
+        # Drills. These change the cluster: they belong behind the admin credentials.
+        routes["/switchover"] = {"POST": self._switchover}
+        routes["/faults"] = {"GET": self._faults, "POST": self._inject, "DELETE": self._clear_faults}
+        routes["/history"] = {"GET": self._history}
         return routes
 
     def _public(self, request: Request, access: AdminAccess) -> bool:
@@ -490,7 +522,10 @@ class AdminServer:
                                   (("Allow", ", ".join(allowed)),))
         if method not in ("GET", "HEAD") and cross_site(request.head):
             return error_response(403, "cross-site requests may not change the proxy")
-        return await handler(request)
+        try:
+            return await handler(request)
+        except HttpError as e:  # a body the handler cannot use
+            return error_response(e.status, e.message)
 
     async def _page(self, request: Request) -> Response:
         return Response(200, STATUS_PAGE.encode(), "text/html; charset=utf-8", (
@@ -525,6 +560,46 @@ class AdminServer:
             log.warning("admin_reload_failed", error=str(e))
             return json_response(400, {"ok": False, "error": str(e) or type(e).__name__})
         return json_response(200, {"ok": True})
+
+    async def _history(self, request: Request) -> Response:
+        return json_response(200, history_document(self.source))
+
+    async def _switchover(self, request: Request) -> Response:
+        """``{"cluster": ..., "to": ...}`` (both optional): 200 with the record when it
+        completed, 409 when refused or abandoned, 500 when a step failed."""
+        doc = _json_body(request)
+        cluster, to = doc.get("cluster"), doc.get("to")
+        if not all(v is None or isinstance(v, str) for v in (cluster, to)) or set(doc) - {"cluster", "to"}:
+            return json_response(400, {"ok": False, "error": 'the body is {"cluster": name, "to": instance}, '
+                                                            "both optional"})
+        try:
+            record = await drills.switchover(self.source.clusters, cluster, to)
+        except SwitchoverRefused as e:
+            return json_response(409, {"ok": False, "error": str(e)})
+        status = 200 if record.ok else 409 if record.outcome == "abandoned" else 500
+        return json_response(status, {"ok": record.ok, "switchover": record.to_json()})
+
+    async def _faults(self, request: Request) -> Response:
+        return json_response(200, {"faults": drills.faults_json(self.source.clusters)})
+
+    async def _inject(self, request: Request) -> Response:
+        """``{"kind": ..., "instance": ..., "seconds": ..., ...}`` or ``{"command": "SIMULATE ..."}``."""
+        try:
+            faults = drills.inject_json(self.source.clusters, _json_body(request))
+        except FaultError as e:
+            return json_response(400, {"ok": False, "error": str(e)})
+        now = trio.current_time()
+        return json_response(200, {"ok": True, "faults": [f.to_json(now) for f in faults]})
+
+    async def _clear_faults(self, request: Request) -> Response:
+        """All faults, or ``{"id": n}``."""
+        doc = _json_body(request)
+        fault_id = doc.get("id")
+        if (fault_id is not None and (isinstance(fault_id, bool) or not isinstance(fault_id, int))) or \
+                set(doc) - {"id"}:
+            return json_response(400, {"ok": False, "error": 'the body is empty or {"id": fault id}'})
+        removed = drills.clear(self.source.clusters, fault_id)
+        return json_response(200, {"ok": True, "cleared": [f.id for f in removed]})
 
     # --- connections --------------------------------------------------------------------------
 

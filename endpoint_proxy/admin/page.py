@@ -1,10 +1,13 @@
-"""The admin status page: one self-contained HTML document that renders /topology every second."""
+"""The admin status page: one self-contained HTML document that renders /topology and /history
+every second: clusters, instances, endpoints with live charts (statements/s, p99), the drills
+(last switchover, active faults) and a timeline of events."""
 
 from __future__ import annotations
 
 # Rules of this page: no external resources (the CSP forbids them), no innerHTML with data
 # from the server (names and errors go in as text nodes), and it keeps working when a fetch
-# fails (the last good view stays, dimmed, under a banner).
+# fails (the last good view stays, dimmed, under a banner). Charts are SVG built with the DOM;
+# every chart and event mark carries a data- attribute the browser test reads.
 STATUS_PAGE = """<!doctype html>
 <html lang="en">
 <head>
@@ -65,6 +68,25 @@ STATUS_PAGE = """<!doctype html>
   .chip.w { background: var(--blue-bg); color: var(--blue); font-weight: 600; }
   .none { color: var(--red); font-weight: 600; }
   .empty { color: var(--muted); padding: 30px 0; }
+  .drills { display: flex; flex-wrap: wrap; gap: 8px 18px; align-items: center; margin: -4px 0 8px;
+            font-size: 13px; color: var(--muted); }
+  .drills b { color: var(--ink); }
+  .fault { display: inline-block; padding: 1px 9px; border-radius: 999px; background: var(--amber-bg);
+           color: var(--amber); font-weight: 600; font-size: 12px; margin-right: 6px; }
+  td.chart { width: 210px; padding-top: 4px; padding-bottom: 2px; }
+  .chart-box { display: flex; align-items: center; gap: 8px; }
+  .chart-box svg { width: 140px; height: 34px; background: #f7f9fc; border: 1px solid var(--line);
+                   border-radius: 4px; flex: none; }
+  .chart-val { font-variant-numeric: tabular-nums; font-size: 13px; white-space: nowrap; min-width: 60px; }
+  .timeline svg { width: 100%; height: 46px; background: #f7f9fc; border: 1px solid var(--line);
+                  border-radius: 6px; }
+  .events { list-style: none; margin: 8px 0 0; padding: 0; font-size: 13px; max-height: 190px; overflow: auto; }
+  .events li { display: flex; gap: 10px; padding: 2px 0; border-bottom: 1px dashed var(--line); }
+  .events .t { color: var(--muted); font-variant-numeric: tabular-nums; white-space: nowrap; }
+  .events .d { word-break: break-word; }
+  .legend { font-size: 12px; color: var(--muted); display: flex; gap: 12px; margin-top: 4px; flex-wrap: wrap; }
+  .sw { display: inline-block; width: 9px; height: 9px; border-radius: 2px; margin-right: 4px;
+        vertical-align: -1px; }
 </style>
 </head>
 <body>
@@ -128,16 +150,135 @@ function instance(c, i) {
       h("dd", {}, i.last_probe_age_ms === null ? "never" : ms(i.last_probe_age_ms) + " ago")),
     i.last_error ? h("div", {class: "err"}, i.last_error) : null);
 }
+const SVG = "http://www.w3.org/2000/svg";
+function svg(tag, attrs, ...children) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, v);
+  for (const c of children) if (c) el.append(c);
+  return el;
+}
+const WINDOW_S = 300;  // the charts and the timeline show at most the last five minutes
+const MIN_SPAN_S = 60;  // ... and at least one, so a young proxy's charts are not squeezed
+let history = {now: null, clusters: []};
+// The time span shown: from the first sample or event (at most WINDOW_S ago) to now.
+function span() {
+  const now = history.now || Date.now() / 1000;
+  let first = now;
+  for (const c of history.clusters) {
+    for (const e of c.endpoints) if (e.points.length) first = Math.min(first, e.points[0][0]);
+    for (const e of c.events) first = Math.min(first, e.at);
+  }
+  const width = Math.min(WINDOW_S, Math.max(MIN_SPAN_S, now - first));
+  return {t0: now - width, width: width};
+}
+function seriesOf(cluster, endpoint) {
+  const c = history.clusters.find(x => x.name === cluster);
+  const e = c && c.endpoints.find(x => x.name === endpoint);
+  return e ? e.points : [];
+}
+// A small chart of one column of the points ([at, statements/s, p50, p99]) over the last WINDOW_S.
+function chart(points, col, color, kind) {
+  const W = 140, H = 34, {t0, width} = span();
+  const shown = points.filter(p => p[0] >= t0);
+  const values = shown.map(p => p[col]).filter(v => v !== null);
+  const max = Math.max(1e-9, ...values) * 1.1;
+  const box = svg("svg", {viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", "data-chart": kind,
+                          "data-points": String(values.length)});
+  let d = "";
+  let pen = false;
+  for (const p of shown) {
+    if (p[col] === null) { pen = false; continue; }
+    const x = ((p[0] - t0) / width * W).toFixed(1);
+    const y = (H - 2 - (p[col] / max) * (H - 4)).toFixed(1);
+    d += (pen ? " L" : " M") + x + " " + y;
+    pen = true;
+  }
+  if (d) box.append(svg("path", {d: d.trim(), fill: "none", stroke: color, "stroke-width": "1.6",
+                                 "vector-effect": "non-scaling-stroke"}));
+  return box;
+}
+function number(v, unit) {
+  if (v === null || v === undefined) return "\\u2013";
+  return (v >= 100 ? Math.round(v) : v >= 10 ? v.toFixed(1) : v.toFixed(2)) + unit;
+}
 function endpoints(c) {
-  const rows = c.endpoints.map(e => h("tr", {"data-endpoint": e.name},
-    h("td", {}, h("b", {}, e.name)),
-    h("td", {}, e.kind + (e.kind === "custom" ? " (" + e.role + ")" : "")),
-    h("td", {class: "mono"}, e.listen),
-    h("td", {}, e.members.length
-      ? e.members.map(m => h("span", {class: "chip" + (m === c.writer ? " w" : "")}, m))
-      : h("span", {class: "none"}, "no members"))));
+  const rows = c.endpoints.map(e => {
+    const points = seriesOf(c.name, e.name);
+    return h("tr", {"data-endpoint": e.name},
+      h("td", {}, h("b", {}, e.name)),
+      h("td", {}, e.kind + (e.kind === "custom" ? " (" + e.role + ")" : "")),
+      h("td", {class: "mono"}, e.listen),
+      h("td", {}, e.members.length
+        ? e.members.map(m => h("span", {class: "chip" + (m === c.writer ? " w" : "")}, m))
+        : h("span", {class: "none"}, "no members")),
+      h("td", {class: "chart"}, h("div", {class: "chart-box"}, chart(points, 1, "#1d4fd8", "rate"),
+        h("span", {class: "chart-val", title: "statements per second, last 10 s"},
+          number(e.statements_per_s, "/s")))),
+      h("td", {class: "chart"}, h("div", {class: "chart-box"}, chart(points, 3, "#b42318", "p99"),
+        h("span", {class: "chart-val", title: "p99 and p50 latency, last 10 s"},
+          number(e.p99_ms, " ms"), h("br", {}), h("small", {}, "p50 " + number(e.p50_ms, " ms"))))));
+  });
   return h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "endpoint"), h("th", {}, "kind"),
-    h("th", {}, "listen"), h("th", {}, "members now"))), h("tbody", {}, rows));
+    h("th", {}, "listen"), h("th", {}, "members now"), h("th", {}, "statements/s"),
+    h("th", {}, "p99 latency"))), h("tbody", {}, rows));
+}
+function clock(t) {
+  return new Date(t * 1000).toLocaleTimeString();
+}
+function drills(c) {
+  const parts = [];
+  const s = c.last_switchover;
+  if (c.switchover_running) parts.push(badge("switchover running", "b-amber"));
+  if (s) {
+    parts.push(h("span", {"data-switchover": s.outcome}, "last switchover ", h("b", {}, s.from + " \\u2192 " + s.to),
+      " ", badge(s.outcome, s.outcome === "completed" ? "b-green" : "b-red"),
+      " writes paused " + ms(s.pause_ms) + " at " + clock(s.at)));
+  } else {
+    parts.push(h("span", {}, "promotion: " + (c.promotion || "none")));
+  }
+  const faults = c.faults || [];
+  parts.push(faults.length
+    ? h("span", {"data-faults": String(faults.length)}, "faults ",
+        faults.map(f => h("span", {class: "fault", "data-fault": f.kind},
+          "#" + f.id + " " + f.description + " \\u00b7 " + Math.ceil(f.expires_in_s) + " s")))
+    : h("span", {"data-faults": "0"}, "no faults injected"));
+  return h("div", {class: "drills"}, parts);
+}
+const EVENT_COLOR = {writer_changed: "#1d4fd8", switchover: "#6b21a8", fault_started: "#b45309",
+                     fault_lifted: "#15803d", instance_down: "#b42318", instance_up: "#0f766e",
+                     instance_fenced: "#7f1d1d"};
+function timeline(c) {
+  const hc = history.clusters.find(x => x.name === c.name);
+  const events = hc ? hc.events : [];
+  const W = 1000, H = 46, {t0, width} = span();
+  const box = svg("svg", {viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", "data-timeline": c.name});
+  for (let m = 0; m <= 5; m++) {
+    const x = m * W / 5;
+    box.append(svg("line", {x1: x, x2: x, y1: 0, y2: H, stroke: "#e1e6ee", "stroke-width": "1"}));
+  }
+  for (const e of events) {
+    if (e.at < t0) continue;
+    const x = (e.at - t0) / width * W;
+    const mark = svg("rect", {x: (x - 2).toFixed(1), y: 6, width: 4, height: H - 12, rx: 1,
+                              fill: EVENT_COLOR[e.kind] || "#6a7585", "data-event-kind": e.kind});
+    const title = svg("title", {});
+    title.textContent = clock(e.at) + " " + e.kind + (e.instance ? " " + e.instance : "") +
+      (e.detail ? ": " + e.detail : "");
+    mark.append(title);
+    box.append(mark);
+  }
+  const ago = width >= 120 ? Math.round(width / 60) + " min" : Math.round(width) + " s";
+  const legend = h("div", {class: "legend"}, h("span", {}, "\\u2190 " + ago + " ago"),
+    Object.entries(EVENT_COLOR).map(([k, col]) => {
+      const sw = h("span", {class: "sw"});
+      sw.style.background = col;
+      return h("span", {}, sw, k.replace("_", " "));
+    }), h("span", {}, "now \\u2192"));
+  const recent = events.slice(-40).reverse().map(e => h("li", {"data-event": e.kind},
+    h("span", {class: "t"}, clock(e.at)), badge(e.kind.replace("_", " "), ""),
+    h("span", {class: "d"}, [e.instance, e.detail].filter(x => x).join(": "))));
+  return h("div", {class: "timeline"}, box, legend,
+    recent.length ? h("ul", {class: "events"}, recent) : h("div", {class: "legend"}, "no events yet"));
 }
 function cluster(c) {
   const writer = c.writer
@@ -147,10 +288,13 @@ function cluster(c) {
   return h("section", {class: "cluster", "data-cluster": c.name},
     h("div", {class: "cluster-head"}, h("h2", {}, c.name), badge(c.protocol, ""),
       badge(c.status, STATUS[c.status]), writer),
+    drills(c),
     h("h3", {}, "instances"),
     h("div", {class: "instances"}, c.instances.map(i => instance(c, i))),
     h("h3", {}, "endpoints"),
-    endpoints(c));
+    endpoints(c),
+    h("h3", {}, "events"),
+    timeline(c));
 }
 function render(doc) {
   const box = document.getElementById("clusters");
@@ -162,8 +306,10 @@ async function refresh() {
   const banner = document.getElementById("banner");
   const dot = document.getElementById("dot");
   try {
-    const r = await fetch("topology", {cache: "no-store"});
+    const [r, hr] = await Promise.all([fetch("topology", {cache: "no-store"}),
+                                       fetch("history", {cache: "no-store"}).catch(() => null)]);
     if (!r.ok) throw new Error("HTTP " + r.status);
+    if (hr && hr.ok) history = await hr.json();
     render(await r.json());
     main.classList.remove("stale");
     banner.style.display = "none";

@@ -45,6 +45,11 @@ HOST = "127.0.0.1"
 ROOT_USER = "root"
 REPLICATION_USER = "replicator"
 REPLICATION_PASSWORD = "replicator-secret"
+PROMOTION_USER = "promoter"  # what the proxy's SQL promotion logs in as
+PROMOTION_PASSWORD = "promoter-secret"
+# read_only, STOP/CHANGE MASTER and gtid_slave_pos, SHOW SLAVE STATUS, the binlog position, and
+# RESET SLAVE ALL (which wants RELOAD).
+PROMOTION_GRANTS = "READ_ONLY ADMIN, REPLICATION SLAVE ADMIN, SLAVE MONITOR, BINLOG MONITOR, REPLICATION CLIENT, RELOAD"
 _USER_HOSTS = ("%", "127.0.0.1", "localhost")
 _SEARCH_DIRS = ("/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin", "/usr/local/mysql/bin")
 _ERRNO_RE = re.compile(r"^ERROR (\d+)", re.MULTILINE)
@@ -199,6 +204,12 @@ class MariaDBCluster(LocalClusterBase[MyInstance]):
         self.app_password = app_password
         self.monitor_user = monitor_user
         self.monitor_password = monitor_password
+        # The proxy's [clusters.promotion] method = "sql" credentials, and what an old primary
+        # needs to follow a new one (CHANGE MASTER ... MASTER_USER, MASTER_PASSWORD).
+        self.promotion_user = PROMOTION_USER
+        self.promotion_password = PROMOTION_PASSWORD
+        self.replication_user = REPLICATION_USER
+        self.replication_password = REPLICATION_PASSWORD
         self.extra_conf = dict(extra_conf or {})
         self.replica_conf = dict(replica_conf or {})
         self.server_bin = mariadb_bin("mariadbd")
@@ -291,6 +302,7 @@ class MariaDBCluster(LocalClusterBase[MyInstance]):
             self.app_user: self.app_password,
             self.monitor_user: self.monitor_password,
             REPLICATION_USER: REPLICATION_PASSWORD,
+            PROMOTION_USER: PROMOTION_PASSWORD,
         }.get(user)
 
     def dsn(
@@ -418,6 +430,13 @@ class MariaDBCluster(LocalClusterBase[MyInstance]):
         self._client(inst, "STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = 0", database="")
         inst.read_only = False
         self.primary_name = name
+
+    def primary_changed(self, name: str) -> None:
+        """Record that ``name`` became the primary by other means (a switchover through the
+        proxy): restarts then keep the roles the servers have now."""
+        for inst in self.instances:
+            inst.read_only = inst.name != name
+        self.primary_name = self.instance(name).name
 
     def follow(self, replica: str, new_primary: str, *, timeout: float = 30.0) -> None:
         """Make ``replica`` (read_only=1) replicate from ``new_primary`` with GTID, starting it
@@ -606,6 +625,7 @@ class MariaDBCluster(LocalClusterBase[MyInstance]):
             (self.app_user, self.app_password, f"ALL PRIVILEGES ON {_sql_ident(self.database)}.*"),
             (self.monitor_user, self.monitor_password, "REPLICATION CLIENT, SLAVE MONITOR, PROCESS ON *.*"),
             (REPLICATION_USER, REPLICATION_PASSWORD, "REPLICATION SLAVE ON *.*"),
+            (PROMOTION_USER, PROMOTION_PASSWORD, f"{PROMOTION_GRANTS} ON *.*"),
         ]
         for user, password, grant in accounts:
             for host in _USER_HOSTS:

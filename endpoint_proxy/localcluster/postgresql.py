@@ -28,6 +28,8 @@ __all__ = [
 HOST = "127.0.0.1"
 SUPERUSER = "postgres"
 REPLICATION_USER = "replicator"
+PROMOTION_USER = "promoter"  # what the proxy's SQL promotion logs in as
+PROMOTION_PASSWORD = "promoter-secret"
 _OS_USER = "postgres"  # the OS account servers run under when we are root
 _CONF_FILE = "endpoint_proxy.conf"  # included from postgresql.conf; rewritten per instance
 _SHUTDOWN_MODES = ("smart", "fast", "immediate")
@@ -165,6 +167,11 @@ class PostgresCluster(LocalClusterBase[PgInstance]):
         self.app_password = app_password
         self.monitor_user = monitor_user
         self.monitor_password = monitor_password
+        # The proxy's [clusters.promotion] method = "sql" user: promote, reload, ALTER SYSTEM
+        # of primary_conninfo and default_transaction_read_only (PostgreSQL 15 grants; a
+        # superuser before 15).
+        self.promotion_user = PROMOTION_USER
+        self.promotion_password = PROMOTION_PASSWORD
         self.extra_conf = dict(extra_conf or {})
         self.replica_conf = dict(replica_conf or {})
         self.ssl = ssl
@@ -319,6 +326,7 @@ class PostgresCluster(LocalClusterBase[PgInstance]):
             password = {
                 self.app_user: self.app_password,
                 self.monitor_user: self.monitor_password,
+                self.promotion_user: self.promotion_password,
             }.get(user)
         auth = quote(user, safe="")
         if password is not None:
@@ -421,6 +429,10 @@ class PostgresCluster(LocalClusterBase[PgInstance]):
             lambda: f"{name} still in recovery after promotion\n{self._log_tail(inst)}",
         )
         self.primary_name = name
+
+    def primary_changed(self, name: str) -> None:
+        """Record that ``name`` became the primary by other means (a switchover through the proxy)."""
+        self.primary_name = self.instance(name).name
 
     def follow(self, replica: str, new_primary: str) -> None:
         """Make ``replica`` stream from ``new_primary`` (following timeline switches).
@@ -670,6 +682,7 @@ class PostgresCluster(LocalClusterBase[PgInstance]):
             f"CREATE ROLE {app} WITH LOGIN PASSWORD {_sql_literal(self.app_password)}",
             f"CREATE ROLE {mon} WITH LOGIN PASSWORD {_sql_literal(self.monitor_password)}",
             f"GRANT pg_monitor TO {mon}",
+            *self._promotion_role_sql(),
             f"GRANT CONNECT ON DATABASE postgres TO {app}, {mon}",
         ]
         if self.database != "postgres":
@@ -686,6 +699,26 @@ class PostgresCluster(LocalClusterBase[PgInstance]):
         for statement in statements:
             argv += ["-c", statement]
         self._run(argv, timeout=60)
+
+    def _promotion_role_sql(self) -> list[str]:
+        role = _sql_ident(self.promotion_user)
+        grants = (
+            f"GRANT EXECUTE ON FUNCTION pg_promote(boolean, integer) TO {role}; "
+            f"GRANT EXECUTE ON FUNCTION pg_reload_conf() TO {role}; "
+            f"GRANT ALTER SYSTEM ON PARAMETER primary_conninfo, default_transaction_read_only TO {role}"
+        )
+        # GRANT ALTER SYSTEM ON PARAMETER is new in PostgreSQL 15; before it, a superuser.
+        branch = (
+            "DO $$ BEGIN IF current_setting('server_version_num')::int >= 150000 "
+            f"THEN EXECUTE {_sql_literal(grants)}; ELSE EXECUTE {_sql_literal(f'ALTER ROLE {role} SUPERUSER')}; "
+            "END IF; END $$"
+        )
+        return [
+            f"CREATE ROLE {role} WITH LOGIN PASSWORD {_sql_literal(self.promotion_password)}",
+            f"GRANT pg_monitor TO {role}",
+            f"GRANT CONNECT ON DATABASE postgres TO {role}",
+            branch,
+        ]
 
     def _pg_ctl_start_argv(self, inst: PgInstance) -> list[str]:
         return [

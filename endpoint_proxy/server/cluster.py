@@ -41,6 +41,7 @@ from ..routing.endpoints import Route, route
 from ..routing.pg_classify import FunctionPolicy
 from ..topology.state import ClusterTopology, ProbeResult, TopologyEvent
 from .backend_security import BackendSecurity, make_backend_security
+from .drills import ClusterDrills
 from .metrics import ClusterMetrics, ProxyMetrics
 from .mysql.backend import MyBackendError, MyProbeConnection
 from .mysql.probe import probe_mariadb
@@ -153,6 +154,8 @@ class ClusterRuntime:
         self._rsa_key: rsa.RSAPrivateKey | None = None
         self.mysql_server_version: str | None = None
         self.mysql_sessions: dict[int, Any] = {}
+        # Switchovers, injected faults, the writer gate, the status page's series (server/drills.py).
+        self.drills = ClusterDrills(self)
 
     # --- credentials --------------------------------------------------------------------------
     #
@@ -509,6 +512,7 @@ class ClusterRuntime:
             log.info(ev.kind, cluster=self.config.name, instance=ev.instance, detail=ev.detail)
         if events:
             self.metrics.topology_changed(events, trio.current_time())
+            self.drills.note_topology(events)
         # Every probe result wakes waiters: a route may now exist, or a wait may give up.
         self._changed.set()
         self._changed = trio.Event()
@@ -522,6 +526,7 @@ class ClusterRuntime:
         mysql = self.config.protocol == "mysql"
         try:
             with trio.fail_after(timeout):
+                self.drills.check_probe(name)  # an injected INSTANCE FAILURE fails the probe here
                 if mysql:
                     if conn is None:
                         conn = await MyProbeConnection.open(name, inst.address, user=user, password=password,
@@ -615,6 +620,7 @@ class ClusterRuntime:
             first = [self._changed]
             for inst in self.config.instances:
                 nursery.start_soon(self.monitor_instance, inst.name)
+            nursery.start_soon(self.drills.run)
             # Wait (bounded) until every instance has an answer, so the first clients route well.
             with trio.move_on_after(max(2.0, 8 * self.config.health_check_interval_ms / 1000)):
                 while any(st.last_probe_at is None for st in self.topology.instances.values()):

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
+from ..drills.latency import LatencyHistogram
 from ..topology.state import TopologyEvent
 
 # The *_created series double the output and nobody graphs them.
@@ -43,7 +44,7 @@ class EndpointMetrics:
     """Children of the per-endpoint metrics, labelled once; what a session bumps."""
 
     __slots__ = ("cluster", "endpoint", "connections", "accepted", "writer_statements", "reader_statements",
-                 "pinned")
+                 "pinned", "writer_latency", "reader_latency")
 
     def __init__(self, metrics: ProxyMetrics, cluster: str, endpoint: str) -> None:
         self.cluster = cluster
@@ -55,6 +56,10 @@ class EndpointMetrics:
         self.writer_statements = 0
         self.reader_statements = 0
         self.pinned = metrics.pinned_sessions.labels(cluster, endpoint)
+        # Statement durations per route (request to ReadyForQuery / OK), read at scrape time
+        # as endpoint_proxy_statement_duration_seconds: a session calls ``record(ns)``.
+        self.writer_latency = LatencyHistogram()
+        self.reader_latency = LatencyHistogram()
 
     def client_connected(self) -> None:
         self.connections.inc()
@@ -69,6 +74,11 @@ class EndpointMetrics:
             self.writer_statements += 1
         else:
             self.reader_statements += 1
+
+    def statement_finished(self, route: str, ns: int) -> None:
+        """A statement's answer is complete after ``ns`` nanoseconds; ``route`` as for
+        ``statement``. (A session may also keep the histogram and call ``record`` on it.)"""
+        (self.writer_latency if route == "writer" else self.reader_latency).record(ns)
 
     def session_pinned(self) -> None:
         """A session became tied to its server (state that cannot be replayed elsewhere)."""
@@ -98,6 +108,13 @@ class ClusterMetrics:
         if em is None:
             em = self._endpoints[name] = EndpointMetrics(self._metrics, self.name, name)
         return em
+
+    def endpoints(self) -> list[EndpointMetrics]:
+        """The endpoints counted so far (one per listener that has started)."""
+        return list(self._endpoints.values())
+
+    def endpoint_if_known(self, name: str) -> EndpointMetrics | None:
+        return self._endpoints.get(name)
 
     def error(self, kind: str) -> None:
         """Count one error; ``kind`` is one of ERROR_KINDS."""

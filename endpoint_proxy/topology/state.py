@@ -78,6 +78,8 @@ class ClusterTopology:
     # Bumped whenever anything routing depends on changes (health, roles, fencing, lag
     # eligibility): sessions re-check their placement only when it moved.
     generation: int = 0
+    # Fault injection (SIMULATE REPLICA LAG): instances to treat as at least this far behind.
+    simulated_lag_ms: dict[str, float] = field(default_factory=dict)
     # (time, LSN) of the writer at each probe, to tell how old a replica's unreplayed WAL is.
     _writer_lsn_history: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=1024))
 
@@ -228,6 +230,9 @@ class ClusterTopology:
                 since = self._unreplayed_since(st.replay_lsn)
                 oldest = self._writer_lsn_history[0][0] if self._writer_lsn_history else now
                 st.lag_ms = max(0.0, (now - (since if since is not None else oldest)) * 1000)
+            simulated = self.simulated_lag_ms.get(st.name)
+            if simulated is not None:
+                st.lag_ms = max(st.lag_ms, simulated)
             if st.up and was_eligible != self._eligible_reader(st):
                 kind = "replica_lag_ok" if not was_eligible else "replica_lagging"
                 events.append(TopologyEvent(kind, st.name, f"lag {st.lag_ms:.0f} ms, {st.lag_bytes} bytes"))

@@ -54,6 +54,18 @@ def test_demo_prints_working_psql_commands_and_cleans_up() -> None:
         assert url is not None
         with urllib.request.urlopen(url.group(1) + "topology", timeout=10) as response:
             assert json.load(response)["clusters"][0]["writer"] == "pg0"
+        # The demo promotes with SQL: the printed SWITCHOVER command works as printed.
+        switchover = next(m.group(1) for ln in lines if (m := re.match(r"\s+switchover\s+(.*psql.*)$", ln)))
+        words = shlex.split(switchover)
+        env = dict(os.environ)
+        while "=" in words[0]:
+            key, value = words.pop(0).split("=", 1)
+            env[key] = value
+        out = subprocess.run([*words, "-At"], env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().startswith("demo|pg0|") and "|completed|" in out.stdout
+        with urllib.request.urlopen(url.group(1) + "topology", timeout=10) as response:
+            assert json.load(response)["clusters"][0]["writer"] != "pg0"
         tmp_dirs = re.findall(r"Cluster files: (\S+)", "".join(lines))
         assert tmp_dirs and Path(tmp_dirs[0]).is_dir()
     finally:

@@ -325,14 +325,16 @@ async def test_show_endpoints(console: Console) -> None:
     state.probe("b", in_recovery=True)
     state.probe("c", in_recovery=True)
     columns, _ = rows(await console.client.query("SHOW ENDPOINTS"))
-    assert columns == ["cluster", "name", "kind", "listen", "members", "tls", "consistency"]
+    assert columns == ["cluster", "name", "kind", "listen", "members", "tls", "consistency", "statements", "p50_ms",
+                       "p99_ms"]
+    no_stats = {"statements": None, "p50_ms": None, "p99_ms": None}  # no listener has counted anything
     assert table(await console.client.query("show endpoints")) == [
         {"cluster": "app", "name": "rw", "kind": "writer", "listen": "127.0.0.1:7001", "members": "a",
-         "tls": "off", "consistency": None},
+         "tls": "off", "consistency": None, **no_stats},
         {"cluster": "app", "name": "ro", "kind": "reader", "listen": "127.0.0.1:6433", "members": "b,c",
-         "tls": "optional", "consistency": None},
+         "tls": "optional", "consistency": None, **no_stats},
         {"cluster": "app", "name": "split", "kind": "readwrite", "listen": "127.0.0.1:6434", "members": "a",
-         "tls": "optional", "consistency": "session"},
+         "tls": "optional", "consistency": "session", **no_stats},
     ]
     state.fail("a")
     assert table(await console.client.query("SHOW ENDPOINTS"))[0]["members"] == ""
@@ -356,8 +358,12 @@ async def test_show_sessions(console: Console) -> None:
 async def test_show_help_lists_every_command(console: Console) -> None:
     columns, data = rows(await console.client.query("SHOW HELP"))
     assert columns == ["command", "description"]
-    assert [r[0] for r in data] == ["SHOW CLUSTERS", "SHOW INSTANCES", "SHOW ENDPOINTS", "SHOW SESSIONS",
-                                    "SHOW HELP", "RELOAD"]
+    assert [r[0] for r in data][:8] == ["SHOW CLUSTERS", "SHOW INSTANCES", "SHOW ENDPOINTS", "SHOW SESSIONS",
+                                        "SHOW FAULTS", "SHOW HELP", "RELOAD", "SWITCHOVER [cluster] [TO instance]"]
+    simulate = [r[0] for r in data if r[0] is not None and r[0].startswith("SIMULATE")]
+    assert [c.split(" ")[1] for c in simulate] == ["INSTANCE", "<p>", "LATENCY", "BANDWIDTH", "SLICER", "RESET",
+                                                   "REPLICA"]
+    assert data[-1][0] == "CLEAR FAULTS | CLEAR FAULT <id>"
 
 
 async def test_several_commands_in_one_query(console: Console) -> None:

@@ -116,12 +116,14 @@ class FakeMyServer:
             self._next += 1
             self.statements[sid] = payload[1:].decode()
             self.queries.append(payload[1:].decode())
-            prep = b"\x00" + sid.to_bytes(4, "little") + (0).to_bytes(2, "little") + (0).to_bytes(2, "little") + b"\0\0\0"
+            no_columns_no_params = (0).to_bytes(2, "little") * 2
+            prep = b"\x00" + sid.to_bytes(4, "little") + no_columns_no_params + b"\0\0\0"
             return encode_packet(seq + 1, prep)
         if code == c.COM_STMT_EXECUTE:
             sid = int.from_bytes(payload[1:5], "little")
             if sid not in self.statements:
-                return encode_packet(seq + 1, p.err_packet(1243, "HY000", f"Unknown prepared statement handler ({sid})"))
+                unknown = p.err_packet(1243, "HY000", f"Unknown prepared statement handler ({sid})")
+                return encode_packet(seq + 1, unknown)
             self.queries.append(f"EXECUTE {self.statements[sid]}")
             return self._ok(seq)
         if code == c.COM_STMT_CLOSE:
@@ -203,7 +205,8 @@ class MyDriver:
                 self.core.attach_failed(AttachError("no_route", "1105", "no instance"))
                 return
             self.opened += 1
-            server = FakeMyServer(name, in_recovery=self.servers[name].in_recovery, first_statement=1 + 10 * self.opened)
+            server = FakeMyServer(name, in_recovery=self.servers[name].in_recovery,
+                                  first_statement=1 + 10 * self.opened)
             self.servers[f"{name}#{self.opened}"] = server
         for command in self.core.replay_plan(action.role, fresh):
             server.feed(encode_packet(0, command))

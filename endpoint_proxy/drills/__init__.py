@@ -1,0 +1,1 @@
+"""Failover drills, pure logic: fault injection, switchover planning, statement latency."""
