@@ -28,6 +28,7 @@ from .server.pg.backend import send_cancel
 from .server.pg.session import PgSession
 from .server.session.context import CancelRegistry, SessionContext
 from .server.session.info import SessionInfo
+from .server.state_file import StateFile
 
 log = structlog.get_logger("endpoint_proxy.server")
 
@@ -122,7 +123,11 @@ class Proxy:
         self.runtime_dir = runtime_dir
         self.tls_context = make_server_tls_context(config)
         self.metrics = ProxyMetrics()
-        self.clusters = {c.name: ClusterRuntime(c, self.metrics.cluster(c.name)) for c in config.clusters}
+        # Fencing's memory, shared by the clusters (and, through the file, by worker processes).
+        self.state = StateFile(config.server.state_file)
+        self.state.load()
+        self.clusters = {c.name: ClusterRuntime(c, self.metrics.cluster(c.name), state=self.state)
+                         for c in config.clusters}
         self.metrics.registry.register(TopologyCollector(lambda: self.clusters.values()))
         # Called by POST /reload on the admin server; None answers 404 there.
         self.reload_hook: Callable[[], Awaitable[object]] | None = self.reload_from_file if config_path else None
@@ -313,7 +318,7 @@ class Proxy:
             for sock in opened.values():
                 sock.close()
             raise OSError(e.errno, f"cannot listen: {e.strerror or e}") from None
-        added_runtimes = {name: ClusterRuntime(cc, self.metrics.cluster(name))
+        added_runtimes = {name: ClusterRuntime(cc, self.metrics.cluster(name), state=self.state)
                           for name, cc in new_clusters.items() if name not in self.clusters}
         for rt in added_runtimes.values():
             await trio.to_thread.run_sync(rt.prepare_secrets)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from ..config import EndpointConfig
@@ -55,15 +56,20 @@ def least_loaded(candidates: list[str], load: Mapping[str, float],
 
 
 def route(endpoint: EndpointConfig, topology: ClusterTopology, load: Mapping[str, float], *,
-          fallback_to_writer: bool, weights: Mapping[str, int] | None = None, rotation: int = 0) -> Route:
-    """``rotation`` turns the candidate list so that ties in load take turns."""
+          fallback_to_writer: bool, weights: Mapping[str, int] | None = None, rotation: int = 0,
+          exclude: AbstractSet[str] = frozenset()) -> Route:
+    """``rotation`` turns the candidate list so that ties in load take turns. ``exclude``:
+    instances the caller could not reach; they are passed over (also as the fallback
+    writer) without anything being marked, and a route that needs one of them has none."""
     kind = endpoint.kind
     if kind in ("writer", "readwrite"):
         w = topology.writer
         if w is None:
             return Route(None, "no writer is known", needs_writer=True)
+        if w in exclude:
+            return Route(None, f"the writer {w} could not be reached", needs_writer=True)
         return Route(w)
-    eligible = members(endpoint, topology)
+    eligible = [n for n in members(endpoint, topology) if n not in exclude]
     if eligible:
         if weights:
             positive = [n for n in eligible if weights.get(n, 1) > 0]
@@ -77,7 +83,7 @@ def route(endpoint: EndpointConfig, topology: ClusterTopology, load: Mapping[str
         return Route(None, f"instance {endpoint.instance} is not available")
     if fallback_to_writer and (kind == "reader" or endpoint.role == "reader"):
         w = topology.writer
-        if w is not None and _writer_allowed(endpoint, w):
+        if w is not None and w not in exclude and _writer_allowed(endpoint, w):
             return Route(w, "no eligible replica: fell back to the writer")
         return Route(None, "no eligible replica and no writer is known", needs_writer=True)
     return Route(None, f"no instance of endpoint {endpoint.name} is available")

@@ -11,11 +11,14 @@ from ...config import Address
 from ...protocol.errors import ProtocolError
 from ...protocol.pg import messages as m
 from ...protocol.pg.auth import BackendAuthenticator
-from ...protocol.pg.framing import FrameReader, frame
+from ...protocol.pg.framing import DEFAULT_MAX_LENGTH, FrameReader, frame
 from ...protocol.pg.startup import encode_ssl_request, encode_startup_message
 from ...relay.net import Conn, RawConn, connect_tcp, start_tls_client
 
 _RECV = 65536
+# The proxy's own connections (probes, the function catalog) read a few short rows: a larger
+# message is a broken or hostile server, refused before anything is allocated for it.
+PROBE_MAX_MESSAGE = 1 << 24
 
 
 class BackendError(Exception):
@@ -50,7 +53,7 @@ class BackendConnection:
     lsn_reached: int = 0  # session consistency: WAL position this replica is known to have replayed
 
 
-async def _read_message(conn: Conn, reader: FrameReader, buf: bytearray) -> tuple[int, bytes]:
+async def _read_message(conn: Conn, reader: FrameReader, buf: bytearray | memoryview) -> tuple[int, bytes]:
     while True:
         msg = reader.next_message()
         if msg is not None:
@@ -63,11 +66,14 @@ async def _read_message(conn: Conn, reader: FrameReader, buf: bytearray) -> tupl
 
 async def open_backend(instance: str, address: Address, parameters: dict[str, str], *,
                        user: str, password: str | None, tls_mode: str = "off",
-                       tls_context: ssl.SSLContext | None = None) -> BackendConnection:
+                       tls_context: ssl.SSLContext | None = None,
+                       max_message: int = DEFAULT_MAX_LENGTH) -> BackendConnection:
     """Connect, negotiate TLS, authenticate, and read up to the first ReadyForQuery.
 
     The caller bounds the time (a cancel scope). Raises BackendError (with the server's
-    ErrorResponse when there is one) or OSError for network failures.
+    ErrorResponse when there is one; a failed TLS handshake is one too), OSError for
+    network failures, or ProtocolError for a message that does not parse or is longer
+    than ``max_message``.
     """
     raw = await connect_tcp(address.host, address.port)
     conn: Conn = raw
@@ -78,7 +84,7 @@ async def open_backend(instance: str, address: Address, parameters: dict[str, st
         params["user"] = user
         await conn.send_all(encode_startup_message(params))
         backend = BackendConnection(conn=conn, instance=instance)
-        await _authenticate(backend, user, password)
+        await _authenticate(backend, user, password, max_message)
         return backend
     except BaseException:
         await conn.aclose()
@@ -90,16 +96,22 @@ async def _negotiate_tls(raw: RawConn, address: Address, mode: str,
     await raw.send_all(encode_ssl_request())
     answer = bytearray(1)
     n = await raw.recv_into(answer)
-    if n == 1 and answer[0] == ord("S"):
-        return await start_tls_client(raw, ctx, address.host)
-    if n == 1 and answer[0] == ord("N") and mode == "prefer":
+    if n == 0:
+        raise BackendError("the server closed the connection")
+    if answer[0] == ord("S"):
+        try:
+            return await start_tls_client(raw, ctx, address.host)
+        except (trio.BrokenResourceError, ssl.SSLError) as e:
+            raise BackendError(f"TLS handshake with {address} failed: {e.__cause__ or e}") from None
+    if answer[0] == ord("N") and mode == "prefer":
         return raw
     raise BackendError(f"server {address} does not offer TLS (backend_tls = \"{mode}\")")
 
 
-async def _authenticate(backend: BackendConnection, user: str, password: str | None) -> None:
+async def _authenticate(backend: BackendConnection, user: str, password: str | None,
+                        max_message: int = DEFAULT_MAX_LENGTH) -> None:
     conn = backend.conn
-    reader = FrameReader()
+    reader = FrameReader(max_message)
     buf = bytearray(_RECV)
     auth = BackendAuthenticator(user, password)
     startup = bytearray()
@@ -157,19 +169,24 @@ async def send_cancel(address: Address, process_id: int, secret_key: int) -> Non
 
 
 class ProbeConnection:
-    """A persistent monitor connection that runs simple queries and returns text rows."""
+    """A persistent monitor connection that runs simple queries and returns text rows.
+
+    It asks for UTF-8 (the server converts from the database's encoding) and decodes with
+    replacement, so no name in any catalog can make a probe fail; answers larger than
+    PROBE_MAX_MESSAGE are refused. Raises BackendError, OSError or ProtocolError.
+    """
 
     def __init__(self, backend: BackendConnection) -> None:
         self.backend = backend
-        self._reader = FrameReader()
+        self._reader = FrameReader(PROBE_MAX_MESSAGE)
         self._buf = bytearray(8192)
 
     @classmethod
     async def open(cls, instance: str, address: Address, *, user: str, password: str | None,
                    database: str = "postgres", tls_mode: str = "off") -> ProbeConnection:
-        params = {"database": database, "application_name": "endpoint_proxy monitor"}
+        params = {"database": database, "application_name": "endpoint_proxy monitor", "client_encoding": "UTF8"}
         backend = await open_backend(instance, address, params, user=user, password=password,
-                                     tls_mode=tls_mode)
+                                     tls_mode=tls_mode, max_message=PROBE_MAX_MESSAGE)
         return cls(backend)
 
     async def query(self, sql: str) -> list[tuple[str | None, ...]]:
@@ -181,11 +198,13 @@ class ProbeConnection:
             type_, payload = await _read_message(conn, self._reader, self._buf)
             if type_ == ord("D"):
                 row = m.decode_backend(type_, payload)
-                assert isinstance(row, m.DataRow)
-                rows.append(tuple(v.decode() if v is not None else None for v in row.values))
+                if not isinstance(row, m.DataRow):
+                    raise BackendError("the server sent a malformed DataRow")
+                rows.append(tuple(None if v is None else v.decode("utf-8", "replace") for v in row.values))
             elif type_ == ord("E"):
                 err = m.decode_backend(type_, payload)
-                assert isinstance(err, m.ErrorResponse)
+                if not isinstance(err, m.ErrorResponse):
+                    raise BackendError("the server sent a malformed ErrorResponse")
                 error = err
             elif type_ == ord("Z"):
                 if error is not None:
