@@ -47,7 +47,7 @@ def describe_error(e: BaseException) -> str:
     """A probe's error for last_error and the log: the proxy's own errors say what happened;
     anything else is named by its type too (a bare KeyError's message is just a key)."""
     if isinstance(e, trio.TooSlowError):
-        return "probe timed out"
+        return "timed out"
     text = str(e)
     if isinstance(e, BackendError | MyBackendError | ProtocolError) and text:
         return text
@@ -303,6 +303,10 @@ class ClusterRuntime:
             self.metrics.topology_changed(events, trio.current_time())
         self._record_high_water()
         # Every probe result wakes waiters: a route may now exist, or a wait may give up.
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake everything waiting for a change (routes, verdicts)."""
         self._changed.set()
         self._changed = trio.Event()
 
@@ -389,6 +393,10 @@ class ClusterRuntime:
                         log.exception("monitor_error", cluster=self.config.name, instance=name,
                                       error=describe_error(e))
                         self._probes_finished[name] = self._probes_started[name]
+                        self._wake()
+                        if conn is not None:
+                            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                                await _close_quietly(conn, graceful=False)
                         conn = None
                     with trio.move_on_after(self.config.health_check_interval_ms / 1000):
                         await self._probe_now[name].wait()
@@ -439,8 +447,7 @@ class ClusterRuntime:
         self._functions.clear()
         # Endpoint rules may have changed too: make every session re-check its placement.
         self.topology.generation += 1
-        self._changed.set()
-        self._changed = trio.Event()
+        self._wake()
         return changes
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
