@@ -113,22 +113,6 @@ def endpoint(rt: ClusterRuntime, name: str) -> Any:
 # --- a session's failure never moves the cluster ---------------------------------------------
 
 
-async def test_many_session_failures_leave_the_writer_in_place() -> None:
-    rt = ClusterRuntime(config())
-    rt._apply(rt.topology.probe_succeeded("a", 0.0, result=WRITER))
-    rt._apply(rt.topology.probe_succeeded("b", 0.0, result=REPLICA))
-    generation = rt.topology.generation
-    with structlog.testing.capture_logs() as logs:
-        for _ in range(100):
-            rt.backend_failed("a", "terminating connection due to administrator command")
-            rt.backend_failed("b", "connection reset by peer")
-    assert rt.topology.writer == "a"
-    assert rt.topology.instances["a"].health is Health.UP
-    assert rt.topology.readers() == ["b"]
-    assert rt.topology.generation == generation  # sessions see nothing to re-check
-    assert {e["event"] for e in logs} == {"backend_failed"}
-
-
 async def test_a_session_failure_only_asks_for_a_probe(
         rt: ScriptedRuntime, script: dict[str, Scripted], autojump_clock: Clock) -> None:
     await trio.sleep(0.05)  # between two probes of a (interval 100 ms)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import structlog.testing
 import trio
 import trio.testing
 
@@ -141,3 +142,22 @@ async def test_a_waiting_route_wakes_when_a_writer_appears(autojump_clock: trio.
         decision = await rt.wait_for_route(ep, 3.0)
     assert decision.instance == "b"
     assert trio.current_time() - start == pytest.approx(1.25)
+
+
+# --- a session's failure never moves the cluster (only probes do) -----------------------------------
+
+
+async def test_many_session_failures_leave_the_writer_in_place() -> None:
+    rt = _runtime()
+    rt._apply(rt.topology.probe_succeeded("a", 0.0, result=ProbeResult(False, timeline=1, current_lsn=100)))
+    rt._apply(rt.topology.probe_succeeded("b", 0.0, result=ProbeResult(True, replay_lsn=100, receive_lsn=100)))
+    generation = rt.topology.generation
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(100):
+            rt.backend_failed("a", "terminating connection due to administrator command")
+            rt.backend_failed("b", "connection reset by peer")
+    assert rt.topology.writer == "a"
+    assert rt.topology.instances["a"].health is Health.UP
+    assert rt.topology.readers() == ["b"]
+    assert rt.topology.generation == generation  # sessions see nothing to re-check
+    assert {e["event"] for e in logs} == {"backend_failed"}
