@@ -33,6 +33,7 @@ from .server.pg.backend import send_cancel
 from .server.pg.session import PgSession
 from .server.session.context import CancelRegistry, SessionContext
 from .server.session.info import SessionInfo
+from .server.state_file import StateFile
 
 log = structlog.get_logger("endpoint_proxy.server")
 
@@ -169,7 +170,11 @@ class Proxy:
         self.runtime_dir = runtime_dir
         self.tls_context = make_server_tls_context(config)
         self.metrics = ProxyMetrics()
-        self.clusters = {c.name: ClusterRuntime(c, self.metrics.cluster(c.name)) for c in config.clusters}
+        # Fencing's memory, shared by the clusters (and, through the file, by worker processes).
+        self.state = StateFile(config.server.state_file)
+        self.state.load()
+        self.clusters = {c.name: ClusterRuntime(c, self.metrics.cluster(c.name), state=self.state)
+                         for c in config.clusters}
         self.metrics.registry.register(TopologyCollector(lambda: self.clusters.values()))
         self.metrics.registry.register(LatencyCollector(lambda: self.clusters.values()))
         self.metrics.registry.register(FaultsCollector(lambda: self.clusters.values()))
@@ -440,7 +445,7 @@ class Proxy:
             runtime = self.clusters.get(cc.name)
             try:
                 if runtime is None:
-                    runtime = ClusterRuntime(cc, self.metrics.cluster(cc.name))
+                    runtime = ClusterRuntime(cc, self.metrics.cluster(cc.name), state=self.state)
                     prepared.added[cc.name] = runtime
                     await trio.to_thread.run_sync(runtime.prepare_secrets)
                 else:

@@ -137,6 +137,8 @@ class ServerConfig:
     max_startup_bytes: int = 10_000
     connect_timeout_ms: int = 5_000
     shutdown_timeout_ms: int = 30_000
+    # Where fencing's memory (the highest timeline seen per cluster) survives restarts; None: memory only.
+    state_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -695,7 +697,14 @@ def parse_config(data: dict[str, Any], environ: Mapping[str, str] | None = None)
         max_startup_bytes=srv_t.integer("max_startup_bytes", 10_000, minimum=64, maximum=1 << 20),
         connect_timeout_ms=srv_t.integer("connect_timeout_ms", 5_000, minimum=1),
         shutdown_timeout_ms=srv_t.integer("shutdown_timeout_ms", 30_000, minimum=0),
+        state_file=srv_t.string("state_file", None),
     )
+    if server.state_file is not None:
+        state_path = Path(server.state_file)
+        if server.state_file == "" or state_path.is_dir():
+            raise ConfigError("server.state_file", "must name a file")
+        if not state_path.parent.is_dir():
+            raise ConfigError("server.state_file", f"directory not found: {state_path.parent}")
     srv_t.check_unknown()
     clusters: list[ClusterConfig] = []
     raw_clusters = top.array("clusters")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from ..config import EndpointConfig
@@ -56,16 +57,17 @@ def least_loaded(candidates: list[str], load: Mapping[str, float],
 
 def route(endpoint: EndpointConfig, topology: ClusterTopology, load: Mapping[str, float], *,
           fallback_to_writer: bool, weights: Mapping[str, int] | None = None, rotation: int = 0,
-          exclude: frozenset[str] = frozenset()) -> Route:
-    """``rotation`` turns the candidate list so that ties in load take turns; ``exclude``
-    names instances the caller could not use (a read retried elsewhere)."""
+          exclude: AbstractSet[str] = frozenset()) -> Route:
+    """``rotation`` turns the candidate list so that ties in load take turns. ``exclude``:
+    instances the caller could not reach; they are passed over (also as the fallback
+    writer) without anything being marked, and a route that needs one of them has none."""
     kind = endpoint.kind
     if kind in ("writer", "readwrite"):
         w = topology.writer
         if w is None:
             return Route(None, "no writer is known", needs_writer=True)
         if w in exclude:
-            return Route(None, f"the writer {w} was excluded", needs_writer=True)
+            return Route(None, f"the writer {w} could not be reached", needs_writer=True)
         return Route(w)
     eligible = [n for n in members(endpoint, topology) if n not in exclude]
     if eligible:

@@ -6,8 +6,9 @@ import contextlib
 import math
 import secrets
 from collections import Counter, OrderedDict
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import structlog
 import trio
@@ -39,51 +40,18 @@ from ..protocol.pg.auth import (
 )
 from ..routing.endpoints import Route, route
 from ..routing.pg_classify import FunctionPolicy
-from ..topology.state import ClusterTopology, ProbeResult, TopologyEvent
+from ..topology.pg_probe import PG_PROBE_SQL, VOLATILE_FUNCTIONS_SQL, parse_function_names, parse_probe_row
+from ..topology.state import ClusterTopology, Health, ProbeResult, TopologyEvent
+from ..topology.verdict import Verdict, verdict_of
 from .backend_security import BackendSecurity, make_backend_security
 from .drills import ClusterDrills
 from .metrics import ClusterMetrics, ProxyMetrics
 from .mysql.backend import MyBackendError, MyProbeConnection
 from .mysql.probe import probe_mariadb
 from .pg.backend import BackendError, ProbeConnection
+from .state_file import StateFile
 
 log = structlog.get_logger("endpoint_proxy.cluster")
-
-
-class InstanceVerdict:
-    """What the monitor says of an instance after a session lost its connection to it."""
-
-    def __init__(self, topology: ClusterTopology, name: str) -> None:
-        st = topology.instances.get(name)
-        self.up = st is not None and st.up and not st.fenced
-        self.is_writer = topology.writer == name
-        self.in_recovery = bool(st and st.in_recovery)
-
-    def same_role(self, was_writer: bool) -> bool:
-        """Up, not fenced, and still the writer (or still a replica)."""
-        return self.up and (self.is_writer if was_writer else self.in_recovery)
-
-# What the monitor asks each PostgreSQL instance: role, WAL positions as byte counts, the
-# age of the last replayed transaction, and (on a writable instance) its timeline.
-PG_PROBE_SQL = """
-select pg_is_in_recovery(),
-       case when pg_is_in_recovery() then null else pg_current_wal_lsn() - '0/0' end,
-       pg_last_wal_receive_lsn() - '0/0',
-       pg_last_wal_replay_lsn() - '0/0',
-       coalesce(extract(epoch from now() - pg_last_xact_replay_timestamp()), 0),
-       case when pg_is_in_recovery() then null
-            else ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int end
-"""
-
-
-# User functions that may write: volatile ones outside the system schemas.
-VOLATILE_FUNCTIONS_SQL = r"""
-select coalesce(string_agg(distinct lower(p.proname), E'\x1f'), '')
-from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-where p.provolatile = 'v' and n.nspname not in ('pg_catalog', 'information_schema')
-  and n.nspname not like 'pg\_toast%'
-"""
-
 
 # auth_query answers kept at most (least recently used go first), and how long one may run.
 AUTH_CACHE_ENTRIES = 10_000
@@ -105,22 +73,34 @@ class StagedCredentials:
     rsa_key: rsa.RSAPrivateKey | None = None
 
 
-def parse_probe_row(row: tuple[str | None, ...]) -> ProbeResult:
-    def num(v: str | None) -> int | None:
-        return None if v is None else int(float(v))
 
-    return ProbeResult(
-        in_recovery=row[0] == "t",
-        current_lsn=num(row[1]),
-        receive_lsn=num(row[2]),
-        replay_lsn=num(row[3]),
-        replay_age_s=float(row[4] or 0),
-        timeline=num(row[5]),
-    )
+# How much longer than a probe may take verdict() waits, by default, for a fresh one.
+VERDICT_MARGIN_S: Final = 0.5
+# An instance that has never answered (at proxy start, or just added) gets this long for its
+# first probe: the servers and the machine are often busy then, and a slow first answer is
+# not a failure worth an instance_down. Nothing routes to an instance before its first
+# answer, and once it has answered every probe has the normal timeout, so no failure is
+# detected later for it.
+FIRST_PROBE_TIMEOUT_S: Final = 5.0
+# Errors a probe expects from a server that is down or broken; anything else is logged with
+# its traceback too (once per new error), as it may be a bug of ours.
+_EXPECTED_PROBE_ERRORS: Final = (OSError, BackendError, MyBackendError, ProtocolError, ValueError)
+
+
+def describe_error(e: BaseException) -> str:
+    """A probe's error for last_error and the log: the proxy's own errors say what happened;
+    anything else is named by its type too (a bare KeyError's message is just a key)."""
+    if isinstance(e, trio.TooSlowError):
+        return "timed out"
+    text = str(e)
+    if isinstance(e, BackendError | MyBackendError | ProtocolError) and text:
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 class ClusterRuntime:
-    def __init__(self, config: ClusterConfig, metrics: ClusterMetrics | None = None) -> None:
+    def __init__(self, config: ClusterConfig, metrics: ClusterMetrics | None = None, *,
+                 state: StateFile | None = None) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else ProxyMetrics().cluster(config.name)
         self.topology = ClusterTopology(tuple(i.name for i in config.instances),
@@ -156,6 +136,17 @@ class ClusterRuntime:
         self.mysql_sessions: dict[int, Any] = {}
         # Switchovers, injected faults, the writer gate, the status page's series (server/drills.py).
         self.drills = ClusterDrills(self)
+        # Probe sequence numbers per instance: probes started, and the last one finished.
+        self._probes_started: Counter[str] = Counter()
+        self._probes_finished: Counter[str] = Counter()
+        # Per instance: the probe a session's reported failure waits for (see backend_failed).
+        self._reported: dict[str, int] = {}
+        # Fencing's memory: seeded from the state file, written back when it rises.
+        self.state = state if state is not None else StateFile(None)
+        recorded = self.state.recorded(config.name)
+        if recorded is not None:
+            self.topology.remember(recorded)
+        self._recorded_mark = self.topology.high_water
 
     # --- credentials --------------------------------------------------------------------------
     #
@@ -404,29 +395,81 @@ class ClusterRuntime:
         """Requests in flight per instance, then (as a fraction, to break ties) open backends."""
         return {n: self.inflight[n] + self.connections[n] / 1e6 for n in self.topology.instance_names}
 
-    def route(self, endpoint: EndpointConfig, exclude: frozenset[str] = frozenset()) -> Route:
+    def route(self, endpoint: EndpointConfig, exclude: AbstractSet[str] = frozenset()) -> Route:
+        """Where a connection of ``endpoint`` goes now; ``exclude``: instances the caller could
+        not reach, passed over without marking anything (see routing.endpoints.route)."""
         self._rotation += 1
         return route(endpoint, self.topology, self.load(),
                      fallback_to_writer=self.config.reader_fallback_to_writer,
                      weights=self.weights, rotation=self._rotation, exclude=exclude)
 
     async def wait_for_route(self, endpoint: EndpointConfig, timeout_s: float, *, held: bool = False,
-                             exclude: frozenset[str] = frozenset()) -> Route:
+                             exclude: AbstractSet[str] = frozenset()) -> Route:
         """Route now; if nothing qualifies, ask for fresh probes and wait up to ``timeout_s``.
 
+        An instance a session reported with backend_failed is not handed out until a probe
+        started after that report has answered (at most a probe timeout): the probe decides
+        whether it still qualifies. On timeout the last decision is returned (its instance
+        None, or one whose probe has not answered yet).
+
         ``held``: the caller is a statement (not a new connection); while it waits for a
-        writer it shows in the held-statement metrics."""
+        writer it shows in the held-statement metrics. ``exclude``: see route()."""
         decision = self.route(endpoint, exclude)
-        if decision.instance is not None:
+        if decision.instance is not None and not self._failure_pending(decision.instance):
             return decision
-        hold = self.metrics.holding() if held and decision.needs_writer else contextlib.nullcontext()
-        with hold, trio.move_on_after(timeout_s):
-            while decision.instance is None:
+        probed = holding = False
+        with contextlib.ExitStack() as stack, trio.move_on_after(timeout_s):
+            while True:
                 changed = self._changed
-                self.request_probe()
-                await changed.wait()
                 decision = self.route(endpoint, exclude)
+                if decision.instance is not None:
+                    if not self._failure_pending(decision.instance):
+                        return decision
+                else:
+                    if not probed:
+                        self.request_probe()
+                        probed = True
+                    if held and decision.needs_writer and not holding:
+                        stack.enter_context(self.metrics.holding())
+                        holding = True
+                await changed.wait()
         return decision
+
+    @property
+    def probe_timeout_s(self) -> float:
+        """How long a probe of an instance that has answered before may take: a hung server
+        is then down as fast as a dead one."""
+        return max(1.0, 4 * self.config.health_check_interval_ms / 1000)
+
+    async def verdict(self, name: str, timeout_s: float | None = None) -> Verdict:
+        """Probe ``name`` now and return what a probe that started after this call found.
+
+        A probe already under way does not count (it may predate what the caller saw). If no
+        such probe finishes within ``timeout_s`` (default: the probe timeout plus
+        VERDICT_MARGIN_S), the last known state, with ``fresh`` False. Changes nothing by
+        itself: the probe's result goes into the topology like any other."""
+        if name not in self._probe_now:
+            return verdict_of(self.topology, name, fresh=False)  # not monitored (any more)
+        wanted = self._probes_started[name] + 1
+        self.request_probe(name)
+        if timeout_s is None:
+            timeout_s = self.probe_timeout_s + VERDICT_MARGIN_S
+        fresh = False
+        with trio.move_on_after(timeout_s):
+            while self._probes_finished[name] < wanted and name in self._probe_now:
+                await self._changed.wait()
+            fresh = self._probes_finished[name] >= wanted
+        return verdict_of(self.topology, name, fresh=fresh)
+
+    def _failure_pending(self, name: str) -> bool:
+        """A session reported ``name`` failing and no probe started after that has answered."""
+        wanted = self._reported.get(name)
+        if wanted is None:
+            return False
+        if self._probes_finished[name] >= wanted or name not in self._probe_now:
+            del self._reported[name]
+            return False
+        return True
 
     def function_policy(self, database: str) -> FunctionPolicy:
         """The classifier's function knowledge for a database: config lists plus the writer's
@@ -451,47 +494,35 @@ class ClusterRuntime:
                 await loading.wait()
 
     async def _load_functions(self, database: str) -> None:
-        writer = self.topology.writer
+        """Read the writer's volatile user functions; any failure (no writer, a server that
+        breaks the protocol, names in no known encoding...) falls back to the configured
+        lists with a log line."""
         volatile: frozenset[str] = frozenset()
         try:
-            if writer is not None:
-                inst = self.config.instance_named(writer)
-                user, password = self.monitor_credentials()
-                with trio.fail_after(5):
-                    conn = await ProbeConnection.open(writer, inst.address, user=user, password=password,
-                                                      database=database, security=self.backend_security)
-                    try:
-                        rows = await conn.query(VOLATILE_FUNCTIONS_SQL)
-                    finally:
-                        await conn.aclose()
-                volatile = frozenset(n for n in (rows[0][0] or "").split("\x1f") if n)
-        except (OSError, BackendError, trio.TooSlowError, IndexError) as e:
-            log.info("function_catalog_failed", cluster=self.config.name, database=database, error=str(e))
+            volatile = await self._read_volatile_functions(database)
+        except Exception as e:  # noqa: BLE001 - whatever the server does, the catalog is optional
+            log.warning("function_catalog_failed", cluster=self.config.name, database=database,
+                        error=describe_error(e), detail="using read_functions and write_functions only")
         finally:
             policy = FunctionPolicy(frozenset(self.config.read_functions),
                                     frozenset(self.config.write_functions) | volatile)
             self._functions[database] = (policy, trio.current_time())
             self._functions_loading.pop(database).set()
 
-    async def verdict(self, name: str, timeout_s: float | None = None) -> InstanceVerdict:
-        """The state of ``name`` as seen by a probe that started after this call (a session's
-        backend failed: is its instance still up in its role?). Bounded by the probe timeout."""
-        if timeout_s is None:
-            timeout_s = max(1.0, 4 * self.config.health_check_interval_ms / 1000) * 2 + 0.5
-        with trio.move_on_after(timeout_s):
-            for _ in range(2):  # the first probe to finish may have begun before the call
-                st = self.topology.instances.get(name)
-                if st is None:
-                    break
-                since = st.last_probe_at
-                while True:
-                    changed = self._changed
-                    self.request_probe(name)
-                    await changed.wait()
-                    st = self.topology.instances.get(name)
-                    if st is None or st.last_probe_at != since:
-                        break
-        return InstanceVerdict(self.topology, name)
+    async def _read_volatile_functions(self, database: str) -> frozenset[str]:
+        writer = self.topology.writer
+        if writer is None:
+            return frozenset()
+        inst = self.config.instance_named(writer)
+        user, password = self.monitor_credentials()
+        with trio.fail_after(5):
+            conn = await ProbeConnection.open(writer, inst.address, user=user, password=password,
+                                              database=database, security=self.backend_security)
+            try:
+                return parse_function_names(await conn.query(VOLATILE_FUNCTIONS_SQL))
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await _close_quietly(conn)
 
     def request_probe(self, name: str | None = None) -> None:
         """Probe one instance (or all) now instead of at the next interval."""
@@ -500,9 +531,15 @@ class ClusterRuntime:
                 ev.set()
 
     def backend_failed(self, name: str, error: str) -> None:
-        """A session could not reach an instance: stop routing there and probe it at once."""
+        """A session could not reach an instance, or lost its connection there. This changes
+        no role and no health: it asks for a probe of the instance at once, and until that
+        probe answers wait_for_route does not hand the instance out (route() still does).
+        A session that must know the outcome awaits verdict()."""
         log.info("backend_failed", cluster=self.config.name, instance=name, error=error)
         self.metrics.error("backend_failed")
+        if name not in self._probe_now:
+            return  # not monitored (any more): nothing to probe
+        self._reported[name] = max(self._reported.get(name, 0), self._probes_started[name] + 1)
         self.request_probe(name)
 
     # --- monitor ------------------------------------------------------------------------------
@@ -513,44 +550,85 @@ class ClusterRuntime:
         if events:
             self.metrics.topology_changed(events, trio.current_time())
             self.drills.note_topology(events)
+        self._record_high_water()
         # Every probe result wakes waiters: a route may now exist, or a wait may give up.
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake everything waiting for a change (routes, verdicts)."""
         self._changed.set()
         self._changed = trio.Event()
 
+    def _record_high_water(self) -> None:
+        """Hand a risen high-water mark to the state file (its write runs in a thread)."""
+        mark = self.topology.high_water
+        if mark is None or mark == self._recorded_mark:
+            return
+        self._recorded_mark = mark
+        if self.state.path is not None and self._nursery is not None:
+            self._nursery.start_soon(trio.to_thread.run_sync, self.state.record, self.config.name, mark)
+        else:
+            self.state.record(self.config.name, mark)
+
+    def _probe_timeout(self, name: str) -> float:
+        st = self.topology.instances.get(name)
+        if st is None or st.health is Health.UNKNOWN:
+            return max(self.probe_timeout_s, FIRST_PROBE_TIMEOUT_S)
+        return self.probe_timeout_s
+
     async def probe_once(self, name: str, conn: Any) -> Any:
         """One probe over the instance's persistent monitor connection (opened when needed);
-        returns the connection to keep, or None after a failure."""
-        inst = self.config.instance_named(name)
-        timeout = max(1.0, 4 * self.config.health_check_interval_ms / 1000)
-        user, password = self.monitor_credentials()
-        mysql = self.config.protocol == "mysql"
+        returns the connection to keep, or None after a failure.
+
+        Whatever goes wrong — the network, a server that breaks the protocol or sends
+        garbage, a failed TLS handshake, a value that does not parse, a bug of ours — is a
+        failed probe with a clear last_error; nothing escapes to end the monitor."""
+        self._probes_started[name] += 1
+        timeout = self._probe_timeout(name)
         try:
             with trio.fail_after(timeout):
                 self.drills.check_probe(name)  # an injected INSTANCE FAILURE fails the probe here
-                if mysql:
-                    if conn is None:
-                        conn = await MyProbeConnection.open(name, inst.address, user=user, password=password,
-                                                            security=self.backend_security)
-                    result = await probe_mariadb(conn)
-                    if self.mysql_server_version is None or not result.in_recovery:
-                        self.mysql_server_version = conn.backend.server_version
-                else:
-                    if conn is None:
-                        conn = await ProbeConnection.open(name, inst.address, user=user, password=password,
-                                                          security=self.backend_security)
-                    rows = await conn.query(PG_PROBE_SQL)
-                    result = parse_probe_row(rows[0])
-            self._apply(self.topology.probe_succeeded(name, trio.current_time(), result=result))
-            return conn
-        except (OSError, BackendError, MyBackendError, ProtocolError, trio.TooSlowError, IndexError,
-                ValueError) as e:
-            reason = "probe timed out" if isinstance(e, trio.TooSlowError) else str(e) or type(e).__name__
-            self.metrics.error("probe_failed")
-            self._apply(self.topology.probe_failed(name, trio.current_time(), reason))
+                if conn is None:
+                    conn = await self._open_probe(name)
+                result = await self._ask(conn)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            error = describe_error(e)
+            if isinstance(e, trio.TooSlowError):
+                error = f"probe timed out after {timeout:g} s"
+            self._probe_failed(name, e, error)
             if conn is not None:
-                with trio.CancelScope(shield=True):
-                    await conn.backend.conn.aclose()
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await _close_quietly(conn, graceful=False)
             return None
+        self._probes_finished[name] = self._probes_started[name]
+        self._apply(self.topology.probe_succeeded(name, trio.current_time(), result=result))
+        return conn
+
+    async def _open_probe(self, name: str) -> Any:
+        inst = self.config.instance_named(name)
+        user, password = self.monitor_credentials()
+        security = self.backend_security
+        if self.config.protocol == "mysql":
+            return await MyProbeConnection.open(name, inst.address, user=user, password=password, security=security)
+        return await ProbeConnection.open(name, inst.address, user=user, password=password, security=security)
+
+    async def _ask(self, conn: Any) -> ProbeResult:
+        """The probe's question on an open monitor connection, its answer parsed."""
+        if isinstance(conn, MyProbeConnection):
+            result = await probe_mariadb(conn)
+            if self.mysql_server_version is None or not result.in_recovery:
+                self.mysql_server_version = conn.backend.server_version
+            return result
+        return parse_probe_row(await conn.query(PG_PROBE_SQL))
+
+    def _probe_failed(self, name: str, e: Exception, error: str) -> None:
+        st = self.topology.instances.get(name)
+        if not isinstance(e, _EXPECTED_PROBE_ERRORS + (trio.TooSlowError,)) and (st is None or st.last_error != error):
+            # Not what a dead or broken server causes: worth a traceback, once per new error.
+            log.warning("probe_error", cluster=self.config.name, instance=name, error=error, exc_info=e)
+        self._probes_finished[name] = self._probes_started[name]
+        self.metrics.error("probe_failed")
+        self._apply(self.topology.probe_failed(name, trio.current_time(), error))
 
     async def monitor_instance(self, name: str) -> None:
         conn: Any = None
@@ -559,15 +637,25 @@ class ClusterRuntime:
             with scope:
                 while True:
                     self._probe_now[name] = trio.Event()
-                    conn = await self.probe_once(name, conn)
+                    try:
+                        conn = await self.probe_once(name, conn)
+                    except Exception as e:  # noqa: BLE001 - a bug of ours must not end the monitor
+                        log.exception("monitor_error", cluster=self.config.name, instance=name,
+                                      error=describe_error(e))
+                        self._probes_finished[name] = self._probes_started[name]
+                        self._wake()
+                        if conn is not None:
+                            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                                await _close_quietly(conn, graceful=False)
+                        conn = None
                     with trio.move_on_after(self.config.health_check_interval_ms / 1000):
                         await self._probe_now[name].wait()
         finally:
             if self._monitor_scopes.get(name) is scope:
                 del self._monitor_scopes[name]
             if conn is not None:
-                with trio.CancelScope(shield=True):
-                    await conn.aclose()
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await _close_quietly(conn)
 
     def apply_config(self, new: ClusterConfig) -> list[str]:
         """Live reload: take a changed configuration of this cluster. Instances added start
@@ -609,8 +697,7 @@ class ClusterRuntime:
         self._functions.clear()
         # Endpoint rules may have changed too: make every session re-check its placement.
         self.topology.generation += 1
-        self._changed.set()
-        self._changed = trio.Event()
+        self._wake()
         return changes
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -628,3 +715,15 @@ class ClusterRuntime:
                     first[0] = self._changed
             task_status.started()
             await trio.sleep(math.inf)
+
+
+async def _close_quietly(conn: Any, *, graceful: bool = True) -> None:
+    """Close a probe connection; a server that is gone or broken cannot make this fail.
+    ``graceful``: say goodbye first (Terminate / COM_QUIT), bounded."""
+    try:
+        if graceful:
+            await conn.aclose()
+        else:
+            await conn.backend.conn.aclose()
+    except Exception:  # noqa: BLE001 - closing is best effort
+        pass

@@ -4,6 +4,15 @@ Rules of this file: no I/O and no clock. Callers pass the current time (seconds,
 and what a probe saw; methods return the events the change caused, for the I/O layer to log.
 The writer is the instance that is up and not in recovery; if two claim it, the higher
 timeline wins and the other is fenced (it never receives traffic).
+
+Fencing remembers: the highest timeline ever seen on a writable instance (PostgreSQL's
+timeline; MariaDB's binlog history depth) is a high-water mark. An instance that claims to
+be writable below it is fenced even when the instance that reached it is down or gone, so
+an old primary that comes back writable while the new one is away is never the writer.
+The mark only rises; the I/O layer may seed it from what an earlier run saw (``remember``).
+
+Only probes change health and roles: what a session sees (a broken connection, a
+terminated backend) is a reason to probe, never a verdict.
 """
 
 from __future__ import annotations
@@ -16,7 +25,9 @@ from enum import StrEnum
 class Health(StrEnum):
     UNKNOWN = "unknown"
     UP = "up"
-    SUSPECT = "suspect"  # a session could not reach it; not routed to until a probe answers
+    # Part of the /topology interface, but nothing sets it any more: a session's failure only
+    # asks for a probe (see the module docstring).
+    SUSPECT = "suspect"
     DOWN = "down"
 
 
@@ -60,6 +71,14 @@ class ProbeResult:
     replay_age_s: float = 0.0
 
 
+@dataclass(frozen=True, order=True)
+class HighWater:
+    """The highest timeline (MariaDB: binlog history depth) seen on a writable instance, and where."""
+
+    timeline: int
+    instance: str
+
+
 @dataclass(frozen=True)
 class TopologyEvent:
     """Something worth a log line: kind is a stable event name (instance_up, writer_changed, ...)."""
@@ -82,6 +101,8 @@ class ClusterTopology:
     simulated_lag_ms: dict[str, float] = field(default_factory=dict)
     # (time, LSN) of the writer at each probe, to tell how old a replica's unreplayed WAL is.
     _writer_lsn_history: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=1024))
+    # Fencing's memory: no instance below this timeline is ever the writer (module docstring).
+    high_water: HighWater | None = None
 
     def __post_init__(self) -> None:
         for name in self.instance_names:
@@ -179,15 +200,12 @@ class ClusterTopology:
         self._bump_if_changed(before)
         return events
 
-    def mark_suspect(self, name: str, now: float, error: str) -> list[TopologyEvent]:
-        """A session failed to reach the instance: stop routing to it until a probe answers."""
-        st = self.instances.get(name)
-        if st is None or st.health is not Health.UP:
-            return []
+    def remember(self, mark: HighWater) -> list[TopologyEvent]:
+        """Seed fencing's memory (from an earlier run); a mark below the current one changes nothing."""
         before = self._routing_view()
-        st.health = Health.SUSPECT
-        st.last_error = error
-        events = [TopologyEvent("instance_suspect", name, error), *self._elect()]
+        if self.high_water is None or mark.timeline > self.high_water.timeline:
+            self.high_water = mark
+        events = self._elect()
         self._bump_if_changed(before)
         return events
 
@@ -243,25 +261,42 @@ class ClusterTopology:
     def _elect(self) -> list[TopologyEvent]:
         claimants = [self.instances[n] for n in self.instance_names
                      if self.instances[n].up and self.instances[n].in_recovery is False]
-        events: list[TopologyEvent] = []
-        new_writer: str | None = None
-        if claimants:
-            # The higher timeline is the newer primary; on a tie keep the current writer.
-            def rank(st: InstanceStatus) -> tuple[int, int]:
-                return (st.timeline or 0, 1 if st.name == self._writer else 0)
-
-            best = max(claimants, key=rank)
-            new_writer = best.name
-            for st in claimants:
-                fenced = st is not best
-                if fenced and not st.fenced:
-                    events.append(TopologyEvent("instance_fenced", st.name,
-                                                f"claims to be writable; {best.name} is newer"))
-                st.fenced = fenced
+        events = self._raise_high_water(claimants)
+        floor = self.high_water.timeline if self.high_water is not None else 0
+        # Claimants at the high-water mark may be the writer; on a tie keep the current one.
+        eligible = [st for st in claimants if (st.timeline or 0) >= floor]
+        best = max(eligible, key=lambda st: st.name == self._writer, default=None)
+        for st in claimants:
+            fenced = st is not best
+            if fenced and not st.fenced:
+                events.append(TopologyEvent("instance_fenced", st.name, self._fence_reason(st, best)))
+            st.fenced = fenced
         for st in self.instances.values():
-            if st.fenced and not (st.health in (Health.UP, Health.SUSPECT) and st.in_recovery is False):
+            if st.fenced and not (st.up and st.in_recovery is False):
                 st.fenced = False  # it went down or back into recovery: no longer a rival
+        new_writer = best.name if best is not None else None
         if new_writer != self._writer:
             events.append(TopologyEvent("writer_changed", new_writer, f"was {self._writer}"))
             self._writer = new_writer
         return events
+
+    def _raise_high_water(self, claimants: list[InstanceStatus]) -> list[TopologyEvent]:
+        top = max(claimants, key=lambda st: st.timeline or 0, default=None)
+        if top is None or top.timeline is None:
+            return []
+        old = self.high_water
+        if old is not None and top.timeline <= old.timeline:
+            return []
+        self.high_water = HighWater(top.timeline, top.name)
+        if old is None:
+            return []  # the first writer seen: nothing advanced
+        return [TopologyEvent("timeline_advanced", top.name,
+                              f"timeline {top.timeline} (was {old.timeline} on {old.instance})")]
+
+    def _fence_reason(self, st: InstanceStatus, best: InstanceStatus | None) -> str:
+        mark = self.high_water
+        if mark is not None and (st.timeline or 0) < mark.timeline:
+            return (f"claims to be writable on timeline {st.timeline}; "
+                    f"timeline {mark.timeline} was seen on {mark.instance}")
+        assert best is not None
+        return f"claims to be writable; {best.name} is the writer"

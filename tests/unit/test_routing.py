@@ -50,6 +50,43 @@ def test_route(endpoint: EndpointConfig, t: ClusterTopology, load: dict[str, int
     assert route(endpoint, t, load, fallback_to_writer=fallback).instance == expected
 
 
+@pytest.mark.parametrize(("endpoint", "t", "exclude", "fallback", "expected"), [
+    # the writer excluded: no route, and it is the writer the caller must wait for
+    (ep("writer"), topo(), {"a"}, True, None),
+    (ep("readwrite"), topo(), {"a"}, True, None),
+    (ep("writer"), topo(), {"b"}, True, "a"),
+    # a reader that failed: the next replica, then the writer as the fallback
+    (ep("reader"), topo(), {"b"}, True, "c"),
+    (ep("reader"), topo(), {"b", "c"}, True, "a"),
+    (ep("reader"), topo(), {"b", "c"}, False, None),
+    (ep("reader"), topo(), {"a", "b", "c"}, True, None),
+    (ep("reader"), topo(up=("a", "b")), {"b"}, True, "a"),
+    (ep("instance", instance="b"), topo(), {"b"}, True, None),
+    (ep("instance", instance="b"), topo(), {"c"}, True, "b"),
+    (ep("custom", role="any", members=("a", "b")), topo(), {"a"}, True, "b"),
+    (ep("custom", role="any", members=("a", "b")), topo(), {"a", "b"}, True, None),
+    (ep("custom", role="reader", members=("b", "c")), topo(), {"b"}, True, "c"),
+    (ep("custom", role="reader", members=("a", "b")), topo(), {"b"}, True, "a"),
+    # the fallback writer must be allowed by the membership and not excluded
+    (ep("custom", role="reader", members=("c",)), topo(), {"c"}, True, None),
+    (ep("custom", role="reader", members=("a", "c")), topo(), {"a", "c"}, True, None),
+])
+def test_route_with_exclusions(endpoint: EndpointConfig, t: ClusterTopology, exclude: set[str], fallback: bool,
+                               expected: str | None) -> None:
+    before = (t.writer, {n: (st.health, st.fenced) for n, st in t.instances.items()}, t.generation)
+    decision = route(endpoint, t, {}, fallback_to_writer=fallback, exclude=frozenset(exclude))
+    assert decision.instance == expected
+    if expected is None:
+        assert decision.reason
+    # Excluding marks nothing: the topology is as it was.
+    assert (t.writer, {n: (st.health, st.fenced) for n, st in t.instances.items()}, t.generation) == before
+
+
+def test_an_excluded_writer_is_waited_for() -> None:
+    decision = route(ep("writer"), topo(), {}, fallback_to_writer=True, exclude=frozenset({"a"}))
+    assert decision.needs_writer and "a" in decision.reason
+
+
 def test_weights_shift_reader_choice() -> None:
     t = topo()
     chosen = route(ep("reader"), t, {"b": 2, "c": 1}, fallback_to_writer=True, weights={"b": 4, "c": 1}).instance
@@ -68,15 +105,16 @@ def test_writer_election_and_fencing() -> None:
     assert t.role("b") is Role.READER
     # b is promoted (timeline 2) while a still answers as writable: a is fenced
     events = t.probe_succeeded("b", 1.0, in_recovery=False, timeline=2)
-    assert {e.kind for e in events} == {"instance_fenced", "writer_changed"}
+    assert {e.kind for e in events} == {"instance_fenced", "writer_changed", "timeline_advanced"}
     assert t.writer == "b" and t.role("a") is Role.FENCED
     assert "a" not in t.readers()
-    # the writer goes down: no writer, no fence left to keep
+    # the newer writer goes down: the old one stays fenced, there is no writer
     t.probe_failed("b", 2.0, "refused")
     assert t.instances["b"].health is Health.DOWN
-    assert t.writer == "a"
+    assert t.writer is None and t.role("a") is Role.FENCED
+    # the old primary goes down too: nothing left to fence
     t.probe_failed("a", 2.1, "refused")
-    assert t.writer is None
+    assert t.writer is None and t.role("a") is not Role.FENCED
 
 
 def test_ties_take_turns_with_rotation() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import structlog.testing
 import trio
 import trio.testing
 
@@ -14,7 +15,7 @@ from endpoint_proxy.topology.state import ClusterTopology, Health, ProbeResult, 
 
 W = "w"
 
-# Each step: (time, instance, probe result or an error string for a failed probe or "suspect"),
+# Each step: (time, instance, probe result or an error string for a failed probe),
 # then what must hold after it: writer, {instance: role}, {instance: health}.
 Step = tuple[float, str, Any, str | None, dict[str, Role], dict[str, Health]]
 
@@ -25,15 +26,48 @@ SCENARIOS: dict[str, list[Step]] = {
         (1.0, "a", "connection refused", None, {}, {"a": Health.DOWN}),
         (2.0, "b", ProbeResult(False, timeline=2, current_lsn=200), "b", {"b": Role.WRITER}, {}),
     ],
-    "a session's failure makes the writer suspect at once": [
-        (0.0, "a", ProbeResult(False, timeline=1, current_lsn=100), "a", {}, {}),
-        (0.5, "a", "suspect", None, {}, {"a": Health.SUSPECT}),
-        (0.6, "a", ProbeResult(False, timeline=1, current_lsn=100), "a", {"a": Role.WRITER}, {"a": Health.UP}),
-    ],
     "old primary back writable with a lower timeline is fenced": [
         (0.0, "b", ProbeResult(False, timeline=2, current_lsn=500), "b", {}, {}),
         (0.1, "a", ProbeResult(False, timeline=1, current_lsn=400), "b", {"a": Role.FENCED, "b": Role.WRITER}, {}),
         (0.2, "a", ProbeResult(True, replay_lsn=500), "b", {"a": Role.READER}, {}),
+    ],
+    # Fencing remembers: the timeline seen on b stays the floor while b is down.
+    "old primary back writable while the new one is down is never the writer": [
+        (0.0, "a", ProbeResult(False, timeline=1, current_lsn=100), "a", {"a": Role.WRITER}, {}),
+        (0.1, "b", ProbeResult(True, replay_lsn=100), "a", {"b": Role.READER}, {}),
+        (1.0, "a", "connection refused", None, {}, {"a": Health.DOWN}),
+        (2.0, "b", ProbeResult(False, timeline=2, current_lsn=200), "b", {"b": Role.WRITER}, {}),
+        (3.0, "b", "connection refused", None, {}, {"b": Health.DOWN}),
+        (4.0, "a", ProbeResult(False, timeline=1, current_lsn=150), None, {"a": Role.FENCED}, {"a": Health.UP}),
+        (5.0, "a", ProbeResult(False, timeline=1, current_lsn=160), None, {"a": Role.FENCED}, {}),
+        # the new primary comes back: the writer again, a still fenced
+        (6.0, "b", ProbeResult(False, timeline=2, current_lsn=200), "b", {"a": Role.FENCED, "b": Role.WRITER}, {}),
+        # a rejoins as a replica: no longer a rival
+        (7.0, "a", ProbeResult(True, replay_lsn=200), "b", {"a": Role.READER}, {}),
+    ],
+    "the old primary and the new one both down, the old one back first": [
+        (0.0, "a", ProbeResult(False, timeline=3, current_lsn=100), "a", {}, {}),
+        (1.0, "b", ProbeResult(False, timeline=4, current_lsn=200), "b", {"a": Role.FENCED}, {}),
+        (2.0, "a", "connection refused", "b", {"a": Role.UNKNOWN}, {"a": Health.DOWN}),
+        (3.0, "b", "connection refused", None, {}, {"b": Health.DOWN}),
+        (4.0, "a", ProbeResult(False, timeline=3, current_lsn=100), None, {"a": Role.FENCED}, {}),
+    ],
+    "a replica promoted after the writer died is the writer; the floor rises with it": [
+        (0.0, "a", ProbeResult(False, timeline=1, current_lsn=100), "a", {}, {}),
+        (1.0, "a", "connection refused", None, {}, {}),
+        (2.0, "c", ProbeResult(False, timeline=2, current_lsn=300), "c", {"c": Role.WRITER}, {}),
+        (3.0, "b", ProbeResult(False, timeline=2, current_lsn=250), "c", {"b": Role.FENCED}, {}),
+        (4.0, "c", "connection refused", "b", {"b": Role.WRITER}, {}),
+    ],
+    "a writer without a timeline is fenced once a timeline is known": [
+        (0.0, "a", ProbeResult(False, timeline=2, current_lsn=100), "a", {}, {}),
+        (1.0, "a", "connection refused", None, {}, {}),
+        (2.0, "b", ProbeResult(False, timeline=None, current_lsn=100), None, {"b": Role.FENCED}, {}),
+    ],
+    "a failed probe of a replica leaves the writer alone": [
+        (0.0, "a", ProbeResult(False, timeline=1, current_lsn=100), "a", {}, {}),
+        (0.1, "b", ProbeResult(True, replay_lsn=100), "a", {}, {}),
+        (0.2, "b", "reset by peer", "a", {"a": Role.WRITER}, {"a": Health.UP, "b": Health.DOWN}),
     ],
 }
 
@@ -44,8 +78,6 @@ def test_topology_scenarios(name: str) -> None:
     for now, inst, event, writer, roles, health in SCENARIOS[name]:
         if isinstance(event, ProbeResult):
             t.probe_succeeded(inst, now, result=event)
-        elif event == "suspect":
-            t.mark_suspect(inst, now, "reset by peer")
         else:
             t.probe_failed(inst, now, event)
         assert t.writer == writer, (name, now)
@@ -110,3 +142,22 @@ async def test_a_waiting_route_wakes_when_a_writer_appears(autojump_clock: trio.
         decision = await rt.wait_for_route(ep, 3.0)
     assert decision.instance == "b"
     assert trio.current_time() - start == pytest.approx(1.25)
+
+
+# --- a session's failure never moves the cluster (only probes do) -----------------------------------
+
+
+async def test_many_session_failures_leave_the_writer_in_place() -> None:
+    rt = _runtime()
+    rt._apply(rt.topology.probe_succeeded("a", 0.0, result=ProbeResult(False, timeline=1, current_lsn=100)))
+    rt._apply(rt.topology.probe_succeeded("b", 0.0, result=ProbeResult(True, replay_lsn=100, receive_lsn=100)))
+    generation = rt.topology.generation
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(100):
+            rt.backend_failed("a", "terminating connection due to administrator command")
+            rt.backend_failed("b", "connection reset by peer")
+    assert rt.topology.writer == "a"
+    assert rt.topology.instances["a"].health is Health.UP
+    assert rt.topology.readers() == ["b"]
+    assert rt.topology.generation == generation  # sessions see nothing to re-check
+    assert {e["event"] for e in logs} == {"backend_failed"}

@@ -33,7 +33,6 @@ from ...protocol.mysql.constants import (
 )
 from ...protocol.mysql.errors import MySQLAuthenticationError, MySQLProtocolError
 from ...protocol.mysql.framing import (
-    DEFAULT_MAX_PAYLOAD,
     HANDSHAKE_MAX_PAYLOAD,
     Cursor,
     PacketReader,
@@ -48,6 +47,8 @@ from ...relay.net import Conn, RawConn, connect_tcp, start_tls_client
 from ..backend_security import BackendSecurity
 
 _RECV: Final = 16384
+# The proxy's own connections read a few short rows: a larger answer is a broken or hostile server.
+PROBE_MAX_PAYLOAD: Final = 1 << 24
 
 # Client error numbers (libmysqlclient's CR_*), for failures the server did not report itself.
 CR_SERVER_LOST: Final = 2013  # "Lost connection to server during query"
@@ -349,7 +350,7 @@ class MyProbeConnection:
 
     def __init__(self, backend: MyBackendConnection) -> None:
         self.backend = backend
-        self._reader = PacketReader(DEFAULT_MAX_PAYLOAD)
+        self._reader = PacketReader(PROBE_MAX_PAYLOAD)
         self._buf = bytearray(_RECV)
 
     @classmethod

@@ -21,6 +21,9 @@ _RECV = 65536
 # No message of a login (authentication requests, ParameterStatus, notices, an error) comes
 # near this: a larger length is refused before anything is allocated for it.
 LOGIN_MAX_MESSAGE: Final = 1 << 20
+# The proxy's own connections (probes, the function catalog) read a few short rows: a larger
+# message is a broken or hostile server, refused before anything is allocated for it.
+PROBE_MAX_MESSAGE = 1 << 24
 
 
 class BackendError(Exception):
@@ -55,7 +58,7 @@ class BackendConnection:
     lsn_reached: int = 0  # session consistency: WAL position this replica is known to have replayed
 
 
-async def _read_message(conn: Conn, reader: FrameReader, buf: bytearray) -> tuple[int, bytes]:
+async def _read_message(conn: Conn, reader: FrameReader, buf: bytearray | memoryview) -> tuple[int, bytes]:
     while True:
         msg = reader.next_message()
         if msg is not None:
@@ -122,6 +125,8 @@ async def _negotiate_tls(raw: RawConn, address: Address, sec: BackendSecurity, w
     # bytes a server slips in before it must not be taken as a reply after it).
     answer = bytearray(1)
     n = await raw.recv_into(answer)
+    if n == 0:
+        raise BackendError(f"{where}: the server closed the connection")
     if n == 1 and answer[0] == ord("S"):
         try:
             return await start_tls_client(raw, sec.tls_context, address.host)
@@ -195,11 +200,16 @@ async def send_cancel(address: Address, process_id: int, secret_key: int) -> Non
 
 
 class ProbeConnection:
-    """A persistent monitor connection that runs simple queries and returns text rows."""
+    """A persistent monitor connection that runs simple queries and returns text rows.
+
+    It asks for UTF-8 (the server converts from the database's encoding) and decodes with
+    replacement, so no name in any catalog can make a probe fail; answers larger than
+    PROBE_MAX_MESSAGE are refused. Raises BackendError, OSError or ProtocolError.
+    """
 
     def __init__(self, backend: BackendConnection) -> None:
         self.backend = backend
-        self._reader = FrameReader()
+        self._reader = FrameReader(PROBE_MAX_MESSAGE)
         self._buf = bytearray(8192)
 
     @classmethod
@@ -220,11 +230,13 @@ class ProbeConnection:
             type_, payload = await _read_message(conn, self._reader, self._buf)
             if type_ == ord("D"):
                 row = m.decode_backend(type_, payload)
-                assert isinstance(row, m.DataRow)
-                rows.append(tuple(v.decode() if v is not None else None for v in row.values))
+                if not isinstance(row, m.DataRow):
+                    raise BackendError("the server sent a malformed DataRow")
+                rows.append(tuple(None if v is None else v.decode("utf-8", "replace") for v in row.values))
             elif type_ == ord("E"):
                 err = m.decode_backend(type_, payload)
-                assert isinstance(err, m.ErrorResponse)
+                if not isinstance(err, m.ErrorResponse):
+                    raise BackendError("the server sent a malformed ErrorResponse")
                 error = err
             elif type_ == ord("Z"):
                 if error is not None:
