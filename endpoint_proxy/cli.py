@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import gc
 import http.client
 import json
@@ -11,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 from collections.abc import Callable
@@ -169,9 +171,14 @@ def _switchover(args: argparse.Namespace) -> int:
         return 2
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen.host, listen.host)
     body = json.dumps({k: v for k, v in (("cluster", args.cluster), ("to", args.to)) if v is not None})
-    conn = http.client.HTTPConnection(host, listen.port, timeout=args.timeout)
+    conn: http.client.HTTPConnection
+    if config.admin.tls:
+        conn = http.client.HTTPSConnection(host, listen.port, timeout=args.timeout,
+                                           context=ssl._create_unverified_context())
+    else:
+        conn = http.client.HTTPConnection(host, listen.port, timeout=args.timeout)
     try:
-        conn.request("POST", "/switchover", body, {"Content-Type": "application/json"})
+        conn.request("POST", "/switchover", body, {"Content-Type": "application/json", **_admin_auth(config)})
         response = conn.getresponse()
         answer = response.read()
     except OSError as e:
@@ -194,6 +201,18 @@ def _switchover(args: argparse.Namespace) -> int:
         print(f"endpoint-proxy: switchover refused: {doc.get('error') if isinstance(doc, dict) else doc}",
               file=sys.stderr)
     return 0 if isinstance(doc, dict) and doc.get("ok") is True else 1
+
+
+def _admin_auth(config: Config) -> dict[str, str]:
+    """The credential the config gives for the admin HTTP server: its token, else the first admin
+    user with a plaintext password (basic auth); none when neither is configured."""
+    if config.admin.token:
+        return {"Authorization": f"Bearer {config.admin.token}"}
+    for user in config.admin.users:
+        if user.password:
+            basic = base64.b64encode(f"{user.name}:{user.password}".encode()).decode()
+            return {"Authorization": f"Basic {basic}"}
+    return {}
 
 
 def _free_port() -> int:
@@ -253,7 +272,8 @@ def _demo(args: argparse.Namespace) -> int:
             print(f"  switchover  {console} 'SWITCHOVER'")
             print(f"  failure     {console} 'SIMULATE INSTANCE FAILURE pg1 FOR 30 SECONDS'")
             print(f"  faults      {console} 'SHOW FAULTS'")
-            print(f"\nStatus page and metrics: http://{bound['admin']}/  (/topology, /metrics)", flush=True)
+            print(f"\nStatus page and metrics: http://{bound['admin']}/  (/topology, /metrics; user admin, "
+                  "password admin-secret)", flush=True)
             if args.exit_after_ready:
                 raise KeyboardInterrupt
 

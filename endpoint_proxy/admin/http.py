@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -359,6 +360,9 @@ NO_ACCESS_CONTROL = AdminAccess()
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 CHALLENGE = (("WWW-Authenticate", 'Basic realm="endpoint_proxy admin", charset="UTF-8"'),
              ("WWW-Authenticate", 'Bearer realm="endpoint_proxy admin"'))
+PAGE_COOKIE = "ep_admin_page"
+PAGE_SESSION_S = 12 * 3600.0
+PAGE_SESSIONS = 1024
 # Successful basic-auth checks against SCRAM verifiers, remembered so that PBKDF2 runs once
 # per (user, password), not per request; PBKDF2 runs in threads, at most this many at once.
 _VERIFIED_CACHE = 256
@@ -391,6 +395,29 @@ class AccessChecker:
     def __init__(self) -> None:
         self._key = secrets.token_bytes(32)  # the cache holds HMACs of passwords, never them
         self._verified: OrderedDict[bytes, bytes] = OrderedDict()
+        # Status-page sessions: a browser that loaded the page with credentials gets a cookie
+        # (HttpOnly, SameSite=Strict) good for the page's own reads (/topology, /history).
+        self._pages: OrderedDict[str, float] = OrderedDict()
+
+    def page_cookie(self) -> str:
+        """A new status-page session, as a Set-Cookie value."""
+        token = secrets.token_urlsafe(32)
+        self._pages[token] = trio.current_time() + PAGE_SESSION_S
+        while len(self._pages) > PAGE_SESSIONS:
+            self._pages.popitem(last=False)
+        return f"{PAGE_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={int(PAGE_SESSION_S)}"
+
+    def page_session(self, cookie_header: str | None) -> bool:
+        """Does the request carry a live status-page session?"""
+        if not cookie_header:
+            return False
+        for part in cookie_header.split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == PAGE_COOKIE:
+                expires = self._pages.get(value)
+                if expires is not None and expires > trio.current_time():
+                    return True
+        return False
 
     async def allowed(self, access: AdminAccess, authorization: str | None) -> bool:
         if not access.required:
@@ -507,10 +534,21 @@ class AdminServer:
 
     async def respond(self, request: Request) -> Response:
         access = self.access()
-        if not self._public(request, access) and not await self.checker.allowed(
+        page_read = (request.method in ("GET", "HEAD") and not cross_site(request.head)
+                     and self.checker.page_session(request.head.header("cookie")))
+        if not self._public(request, access) and not page_read and not await self.checker.allowed(
                 access, request.head.header("authorization")):
             return error_response(401, "authentication required: Authorization: Bearer <admin.token>, "
                                        "or basic auth as an admin user", CHALLENGE)
+        response = await self._route(request)
+        if request.path == "/" and response.status == 200 and access.required and not page_read:
+            # The page reads /topology and /history from the browser, which may not send the
+            # credentials it loaded the page with (credentials in the URL, say): a session cookie.
+            response = dataclasses.replace(response, headers=(*response.headers,
+                                                              ("Set-Cookie", self.checker.page_cookie())))
+        return response
+
+    async def _route(self, request: Request) -> Response:
         methods = self._routes().get(request.path)
         if methods is None:
             return error_response(404, f"no such resource: {request.path}")

@@ -306,8 +306,11 @@ async function refresh() {
   const banner = document.getElementById("banner");
   const dot = document.getElementById("dot");
   try {
-    const [r, hr] = await Promise.all([fetch("topology", {cache: "no-store"}),
-                                       fetch("history", {cache: "no-store"}).catch(() => null)]);
+    // Built on location.origin: a page loaded as http://user:pass@host/ cannot fetch relative
+    // URLs (they would carry the credentials); the session cookie authorizes these reads.
+    const base = location.origin + location.pathname;
+    const [r, hr] = await Promise.all([fetch(new URL("topology", base), {cache: "no-store"}),
+                                       fetch(new URL("history", base), {cache: "no-store"}).catch(() => null)]);
     if (!r.ok) throw new Error("HTTP " + r.status);
     if (hr && hr.ok) history = await hr.json();
     render(await r.json());

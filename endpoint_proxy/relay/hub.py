@@ -139,7 +139,7 @@ class _LoopHook:
         assert original is not None
         hub_fd = self.hub_fd
         runner = self.runner
-        for _ in range(_DISPATCH_ROUNDS):
+        for round_ in range(_DISPATCH_ROUNDS):
             mine = False
             for fd, _flags in events:
                 if fd == hub_fd:
@@ -161,6 +161,12 @@ class _LoopHook:
                     self._failed.set()
                     return
             if rest or runner.runq or runner.waiting_for_idle or runner.clock_autojump_threshold != math.inf:
+                return
+            if round_ == _DISPATCH_ROUNDS - 1:
+                # Never take events from trio's epoll that this call would not hand on: trio's
+                # registrations are one-shot, so an event taken and dropped here would leave its
+                # descriptor disarmed for good, and the task waiting on it (an accept loop, a
+                # session reading its client) would never wake.
                 return
             timeout = runner.clock.deadline_to_sleep_time(runner.deadlines.next_deadline())
             if timeout <= 0:

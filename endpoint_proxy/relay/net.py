@@ -24,7 +24,8 @@ class Conn:
     closed: bool = False
 
     def peer_closed(self) -> bool:
-        """Without waiting: has the peer closed or reset an idle connection? (False when unsure.)"""
+        """Without waiting: has the peer closed, reset or spoken on a connection that should be
+        silent? (False when unsure.)"""
         return False
 
     async def recv_into(self, buf: bytearray | memoryview) -> int:
@@ -84,12 +85,16 @@ class RawConn(Conn):
                 continue
 
     def peer_closed(self) -> bool:
+        """For a connection that should be silent (an idle, parked backend): has the peer closed
+        or reset it, or said anything unasked? A server about to close sends its reason first
+        (PostgreSQL's FATAL, MySQL's ERR): bytes waiting here mean the connection is done."""
         try:
-            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
         except OSError:
             return True
+        return True  # end of stream (b"") or unasked bytes
 
     async def recv_into_after_wait(self, buf: bytearray | memoryview) -> int:
         """Like recv_into, but wait for readiness first: for when the peer surely has not

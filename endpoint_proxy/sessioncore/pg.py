@@ -157,6 +157,7 @@ class PgSessionCore:
         self.in_unit = False  # a unit has begun and its last message has not been seen (see _account)
         self.batch_open = False  # extended-protocol messages were sent since the last Sync
         self._swallow = 0  # ReadyForQuery answers to our own Syncs, not to be forwarded
+        self._awaiting_flush = False  # a Flush went out and the server has said nothing since
         self._copy_in = False  # the server asked for COPY data: client bytes are data until ReadyForQuery
         self._busy_on: str | None = None  # the instance counted as running a request of ours
         self._request_status = "I"  # transaction status when the request in flight began
@@ -475,6 +476,7 @@ class PgSessionCore:
             self.inflight += 1
             return True
         if type_ == _H:
+            self._awaiting_flush = True
             return True  # a Flush: the client may now wait for answers; the batch stays open
         if type_ == _P:
             self.batch_open = True
@@ -569,6 +571,7 @@ class PgSessionCore:
         if self._lost:
             return ATTEND  # nothing after a FATAL matters
         msgs = self._sscan.scan(data)
+        flushed, self._awaiting_flush = self._awaiting_flush, False
         if self.inflight:
             self._answered = True
         if not msgs:
@@ -601,6 +604,8 @@ class PgSessionCore:
                 start = end - 5 - len(payload)
                 if start:
                     self._actions.append(ToClient(bytes(data[:start])))
+                else:
+                    self._awaiting_flush = flushed  # a FATAL is no answer to what the client waits for
                 self._fatal = bytes(data[start:end])
                 self._lose()
                 return ATTEND
@@ -711,8 +716,13 @@ class PgSessionCore:
         self.instance = None
         self.marks.pop(self.role, None)
         in_tx = (self._request_status if self.inflight else self.status) in ("T", "E")
+        # A batch that ended with Flush (asyncpg's Parse/Describe/Flush) and got no answer yet:
+        # the client waits for one, like a request in flight.
+        waiting = self._awaiting_flush and not self.inflight
+        self._awaiting_flush = False
         facts = LossFacts(pinned=self.state.pinned_by, in_flight=self.inflight, in_transaction=in_tx,
-                          retryable=self._retry is not None and not self._answered, partial=self.in_unit)
+                          retryable=self._retry is not None and not self._answered,
+                          partial=self.in_unit or waiting)
         outcome = self.loss_outcome = on_loss(facts, same_role_up=same_role_up)
         fatal, self._fatal = self._fatal, None
         if outcome is LossOutcome.PASS_THROUGH:
@@ -739,7 +749,13 @@ class PgSessionCore:
             in_tx = outcome is LossOutcome.FAIL_TRANSACTION
             if self.inflight:
                 self._fail_in_flight(in_transaction=in_tx)
-            if in_tx:
+            if waiting:
+                # Answer the flushed batch now; the rest of it is skipped up to its Sync.
+                self._actions.append(ToClient(m.error_response("ERROR", "08007", TX_LOST if in_tx else STATEMENT_LOST)))
+                self.env.error("transaction_lost" if in_tx else "statement_lost")
+                self.mode = Emulation("failed_tx" if in_tx else "error", "08007", TX_LOST if in_tx else STATEMENT_LOST,
+                                      reported=True, skipping=True)
+            elif in_tx:
                 self.mode = Emulation("failed_tx", "08007", TX_LOST, reported=facts.in_flight > 0)
             elif self.in_unit:
                 self.mode = Emulation("error", "08007", STATEMENT_LOST)

@@ -8,6 +8,7 @@ crash of either side cannot take the other down. The cluster is the local-cluste
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -307,9 +308,10 @@ class EpCluster:
                  timeout: float = 120.0) -> tuple[int, Any]:
         host, port = str(self.config["admin"]["listen"]).rsplit(":", 1)
         conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        basic = base64.b64encode(f"{ADMIN_USER}:{ADMIN_PASSWORD}".encode()).decode()
         try:
             conn.request(method, path, json.dumps(body) if body is not None else None,
-                         {"Content-Type": "application/json"})
+                         {"Content-Type": "application/json", "Authorization": f"Basic {basic}"})
             response = conn.getresponse()
             data = response.read()
         finally:

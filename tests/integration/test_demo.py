@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -52,7 +53,10 @@ def test_demo_prints_working_psql_commands_and_cleans_up() -> None:
         assert roles == {"writer": "f", "reader": "t", "readwrite": "t"}
         url = re.search(r"(http://\S+/)", "".join(lines))
         assert url is not None
-        with urllib.request.urlopen(url.group(1) + "topology", timeout=10) as response:
+        # The admin server needs the credentials the demo prints (user admin, password admin-secret).
+        auth = {"Authorization": "Basic " + base64.b64encode(b"admin:admin-secret").decode()}
+        topology = urllib.request.Request(url.group(1) + "topology", headers=auth)
+        with urllib.request.urlopen(topology, timeout=10) as response:
             assert json.load(response)["clusters"][0]["writer"] == "pg0"
         # The demo promotes with SQL: the printed SWITCHOVER command works as printed.
         switchover = next(m.group(1) for ln in lines if (m := re.match(r"\s+switchover\s+(.*psql.*)$", ln)))
@@ -64,7 +68,7 @@ def test_demo_prints_working_psql_commands_and_cleans_up() -> None:
         out = subprocess.run([*words, "-At"], env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip().startswith("demo|pg0|") and "|completed|" in out.stdout
-        with urllib.request.urlopen(url.group(1) + "topology", timeout=10) as response:
+        with urllib.request.urlopen(topology, timeout=10) as response:
             assert json.load(response)["clusters"][0]["writer"] != "pg0"
         tmp_dirs = re.findall(r"Cluster files: (\S+)", "".join(lines))
         assert tmp_dirs and Path(tmp_dirs[0]).is_dir()

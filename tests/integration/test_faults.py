@@ -5,6 +5,7 @@ part: tested with them.)"""
 
 from __future__ import annotations
 
+import base64
 import csv
 import http.client
 import io
@@ -33,8 +34,10 @@ KINDS = ("instance_failure", "read_replica_failure", "latency", "bandwidth", "sl
 def admin_request(proxy: ProxyProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     host, port = proxy.doc["admin"]["listen"].rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    basic = base64.b64encode(f"{ADMIN['name']}:{ADMIN['password']}".encode()).decode()
     try:
-        conn.request(method, path, json.dumps(body) if body is not None else None)
+        conn.request(method, path, json.dumps(body) if body is not None else None,
+                     {"Authorization": f"Basic {basic}"})
         response = conn.getresponse()
         data = response.read()
         return response.status, json.loads(data) if path != "/metrics" else data.decode()
@@ -165,7 +168,7 @@ def test_status_page_charts_and_timeline_in_headless_chromium(proxy: ProxyProces
 
     wait_until(charted, 10, "the writer endpoint's statements in the series")
     shot = tmp_path / "status.png"
-    url = f"http://{proxy.doc['admin']['listen']}/"
+    url = f"http://{ADMIN['name']}:{ADMIN['password']}@{proxy.doc['admin']['listen']}/"
     out = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -36,7 +36,7 @@ PG_FAKES: dict[str, tuple[list[fs.Step], str]] = {
     "fake_silent": (fs.silent(), "timed out"),
     "fake_garbage": (fs.garbage(), "exceeds the limit"),
     "fake_huge": (fs.pg_huge_message(), "exceeds the limit"),
-    "fake_cleartext": (fs.pg_cleartext_password(), "closed the connection"),
+    "fake_cleartext": (fs.pg_cleartext_password(), "cleartext password"),  # refused, never answered
     "fake_bad_row": (fs.pg_query_answer(fs.pg_data_row(*[b"\xff"] * 6) + fs.PG_READY_IDLE), "probe column"),
 }
 PG_TLS_FAKES = {"fake_tls": (fs.pg_ssl_then_garbage(), "TLS handshake")}
@@ -130,7 +130,8 @@ def test_postgresql_hostile_instances(pg_cluster: PostgresCluster, tmp_path: Pat
         doc = {
             "logging": {"format": "json", "level": "info"},
             "admin": {"listen": f"127.0.0.1:{free_port()}"},
-            "clusters": [_cluster_doc("pg", "postgresql", pg_cluster, fakes),
+            # backend_auth allows "trust" too: the scripted servers log the probe in without a password
+            "clusters": [_cluster_doc("pg", "postgresql", pg_cluster, fakes, backend_auth=["scram-sha-256", "trust"]),
                          _cluster_doc("pg_tls", "postgresql", pg_cluster, tls_fakes, backend_tls="require")],
         }
         proxy = stack.enter_context(ProxyProcess(doc, tmp_path))

@@ -6,6 +6,7 @@ the new writer holds. (Held statements under load are the sessions' part: tested
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
 import json
 import subprocess
@@ -31,8 +32,11 @@ ADMIN = {"name": "admin", "password": "admin-secret"}
 def admin_request(proxy: ProxyProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     host, port = proxy.doc["admin"]["listen"].rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    # The admin server needs credentials once [[admin.users]] is set (basic auth as that user).
+    basic = base64.b64encode(f"{ADMIN['name']}:{ADMIN['password']}".encode()).decode()
     try:
-        conn.request(method, path, json.dumps(body) if body is not None else None)
+        conn.request(method, path, json.dumps(body) if body is not None else None,
+                     {"Authorization": f"Basic {basic}"})
         response = conn.getresponse()
         return response.status, json.loads(response.read())
     finally:

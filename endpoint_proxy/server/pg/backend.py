@@ -216,7 +216,9 @@ class ProbeConnection:
     async def open(cls, instance: str, address: Address, *, user: str, password: str | None,
                    database: str = "postgres", tls_mode: str = "off",
                    security: BackendSecurity | None = None) -> ProbeConnection:
-        params = {"database": database, "application_name": "endpoint_proxy monitor"}
+        # UTF-8 whatever the database's encoding (the server converts): names in a LATIN1
+        # catalog arrive as text we can compare.
+        params = {"database": database, "application_name": "endpoint_proxy monitor", "client_encoding": "UTF8"}
         backend = await open_backend(instance, address, params, user=user, password=password,
                                      tls_mode=tls_mode, security=security)
         return cls(backend)
