@@ -237,7 +237,7 @@ async def test_status_page_is_self_contained(harness: Harness) -> None:
     assert headers["content-type"] == "text/html; charset=utf-8"
     assert "default-src 'none'" in headers["content-security-policy"]
     text = body.decode()
-    assert text.startswith("<!doctype html>") and "fetch(\"topology\"" in text
+    assert text.startswith("<!doctype html>") and "fetch(new URL(\"topology\", base)" in text
     # The SVG namespace is a name, never fetched; any other URL would be a resource.
     text = text.replace('"http://www.w3.org/2000/svg"', "")
     assert "http://" not in text and "https://" not in text
