@@ -306,7 +306,7 @@ async function refresh() {
   const banner = document.getElementById("banner");
   const dot = document.getElementById("dot");
   try {
-    // Built on location.origin: a page loaded as http://user:pass@host/ cannot fetch relative
+    // Built on location.origin: a page loaded with credentials in its URL cannot fetch relative
     // URLs (they would carry the credentials); the session cookie authorizes these reads.
     const base = location.origin + location.pathname;
     const [r, hr] = await Promise.all([fetch(new URL("topology", base), {cache: "no-store"}),
