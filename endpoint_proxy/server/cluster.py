@@ -6,6 +6,7 @@ import contextlib
 import math
 import secrets
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -136,6 +137,9 @@ class ClusterRuntime:
         self.mysql_sessions: dict[int, Any] = {}
         # Switchovers, injected faults, the writer gate, the status page's series (server/drills.py).
         self.drills = ClusterDrills(self)
+        # Per instance, the session backends open on it: what to call when a fault starts there
+        # (a session wraps the connection in the fault's toxics, or sees it reset).
+        self.live_backends: dict[str, dict[int, Callable[[], None]]] = {}
         # Probe sequence numbers per instance: probes started, and the last one finished.
         self._probes_started: Counter[str] = Counter()
         self._probes_finished: Counter[str] = Counter()
@@ -529,6 +533,14 @@ class ClusterRuntime:
         for n, ev in self._probe_now.items():
             if name is None or n == name:
                 ev.set()
+
+    def faults_changed(self, instance: str | None) -> None:
+        """A fault started on ``instance`` (None: on every instance): tell the sessions whose
+        server connections it concerns."""
+        names = list(self.live_backends) if instance is None else [instance]
+        for name in names:
+            for hook in list(self.live_backends.get(name, {}).values()):
+                hook()
 
     def backend_failed(self, name: str, error: str) -> None:
         """A session could not reach an instance, or lost its connection there. This changes

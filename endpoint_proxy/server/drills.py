@@ -157,6 +157,7 @@ class ClusterDrills:
         writer = self.runtime.topology.writer
         if spec.kind is FaultKind.INSTANCE_FAILURE and writer is not None and spec.instance == writer:
             self._failover_drill(writer)
+        self.runtime.faults_changed(spec.instance)  # open server connections take the fault now
         self._wake.set()
         return fault
 

@@ -60,6 +60,12 @@ class Lost:
 
 
 @dataclass(slots=True)
+class WaitGate:
+    """A switchover holds new writer work: wait until the writer gate opens, then call
+    ``gate_opened`` (the request waits, held, meanwhile)."""
+
+
+@dataclass(slots=True)
 class CatchUp:
     """Session consistency: wait (bounded) until the reader has replayed what this session
     wrote on the writer; report with ``caught_up``."""
@@ -70,7 +76,7 @@ class Close:
     """End the session (after the sends queued before this)."""
 
 
-Action = ToClient | ToServer | Attach | Detach | Lost | CatchUp | Close
+Action = ToClient | ToServer | Attach | Detach | Lost | CatchUp | WaitGate | Close
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ from .actions import (
     Lost,
     ToClient,
     ToServer,
+    WaitGate,
 )
 from .loss import STATEMENT_LOST, TX_LOST, LossFacts, LossOutcome, on_loss
 
@@ -70,6 +71,7 @@ _UNMOVABLE = frozenset(("temp_table", "named_lock", "lock_tables", "handler"))
 _NO_RESPONSE = frozenset((c.COM_STMT_CLOSE, c.COM_STMT_SEND_LONG_DATA))
 _STMT_COMMANDS = frozenset((c.COM_STMT_EXECUTE, c.COM_STMT_SEND_LONG_DATA, c.COM_STMT_CLOSE, c.COM_STMT_RESET,
                             c.COM_STMT_FETCH, c.COM_STMT_BULK_EXECUTE))
+_GATE = "gate"  # what _attaching holds while the session waits at the writer gate
 _READ_COMMANDS = frozenset((c.COM_PING, c.COM_INIT_DB, c.COM_STMT_RESET, c.COM_STATISTICS, c.COM_FIELD_LIST))
 
 
@@ -90,6 +92,13 @@ class MyEnv(Protocol):
     def pinned(self, reason: str) -> None: ...
 
     def error(self, kind: str) -> None: ...
+
+    @property
+    def gate_open(self) -> bool: ...
+
+    def writer_begin(self) -> None: ...
+
+    def writer_end(self) -> None: ...
 
 
 # --- actions only MySQL sessions have -------------------------------------------------------------
@@ -209,6 +218,7 @@ class MySessionCore:
         self.draining = False
         self.wrote = False
         self._pinned_reported = False
+        self._gated = False  # writer work begun at the writer gate and not ended
 
     # --- what the shell reads ---------------------------------------------------------------
 
@@ -349,6 +359,15 @@ class MySessionCore:
                     self._attach(self.role, "left the endpoint")
                     self._requeue(command)
                     return False
+        if not self._gated and not self.in_transaction and not self.in_recovery and code not in _NO_RESPONSE:
+            # New writer work: a switchover holds it here, at its boundary, until the gate opens.
+            if not self.env.gate_open:
+                self._requeue(command)
+                self._attaching = _GATE
+                self._actions.append(WaitGate())
+                return False
+            self._gated = True
+            self.env.writer_begin()
         if self.readwrite and self.role == WRITER:
             self.wrote = True
         return self._send(command, code, sql, forwardable)
@@ -565,6 +584,13 @@ class MySessionCore:
         self._cmd = None
         self._tracker = None
         self._end_request()
+        if self._gated and not self.status & k.SERVER_STATUS_IN_TRANS:
+            self._ungate()
+
+    def _ungate(self) -> None:
+        if self._gated:
+            self._gated = False
+            self.env.writer_end()
 
     def _end_request(self) -> None:
         if self._busy_on is not None:
@@ -694,6 +720,7 @@ class MySessionCore:
 
     def verdict(self, same_role_up: bool) -> None:
         self._lost = False
+        self._ungate()
         lost_instance = self.instance
         self.attached = False
         self.instance = None
@@ -772,6 +799,13 @@ class MySessionCore:
 
     def end(self) -> None:
         self._end_request()
+        self._ungate()
+
+    def gate_opened(self) -> None:
+        """The writer gate is open again: the held command goes on (decided again: the writer
+        may have changed meanwhile)."""
+        self._attaching = None
+        self._pump()
 
     # --- answering by ourselves ---------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from .actions import (
     Lost,
     ToClient,
     ToServer,
+    WaitGate,
 )
 from .loss import STATEMENT_LOST, TX_LOST, LossFacts, LossOutcome, on_loss
 from .pg_emulate import Emulation
@@ -92,6 +93,20 @@ class PgEnv(Protocol):
 
     def error(self, kind: str) -> None:
         """Count an error of a kind of server.metrics.ERROR_KINDS."""
+        ...
+
+    @property
+    def gate_open(self) -> bool:
+        """Is the writer gate open (no switchover holding new writer work)?"""
+        ...
+
+    def writer_begin(self) -> None:
+        """Writer work of this session begins (a request outside a transaction, or the first
+        of one): a switchover waits until it ends."""
+        ...
+
+    def writer_end(self) -> None:
+        """This session is back to idle on the writer."""
         ...
 
 
@@ -181,6 +196,7 @@ class PgSessionCore:
         self.wrote = False  # readwrite, session consistency: a write since the last verified read
         self.decider = PgReadWriteDecider() if readwrite else None
         self._pinned_reported = False
+        self._gated = False  # writer work begun at the writer gate and not ended
 
     # --- what the shell reads -------------------------------------------------------------
 
@@ -361,6 +377,15 @@ class PgSessionCore:
                     self._attach(role, "left the endpoint")
                     self._hold_reason = _BACKEND
                     return _HOLD
+        if not self._gated and self.inflight == 0 and self.status == "I" and not self.in_recovery:
+            # New writer work: a switchover holds it here, at its boundary, until the gate opens.
+            if not self.env.gate_open:
+                self._hold_reason = _BACKEND
+                self._attaching = _GATE
+                self._actions.append(WaitGate())
+                return _HOLD
+            self._gated = True
+            self.env.writer_begin()
         return _GO
 
     def _decide(self, msgs: list[Msg], i: int, available: int) -> str | None:
@@ -588,6 +613,9 @@ class PgSessionCore:
                     if not self.inflight:
                         self._request_ends()
                         idle_now = True
+                        if self._gated and self.status == "I":
+                            self._gated = False
+                            self.env.writer_end()
                         if self._swallow:
                             self._swallow -= 1
                             strip = (end - 6, end)  # the answer to our own Sync
@@ -633,6 +661,11 @@ class PgSessionCore:
         if self._busy_on is not None:
             self.env.request_ended(self._busy_on)
             self._busy_on = None
+
+    def _ungate(self) -> None:
+        if self._gated:
+            self._gated = False
+            self.env.writer_end()
 
     def _lose(self) -> None:
         self._lost = True
@@ -711,6 +744,7 @@ class PgSessionCore:
     def verdict(self, same_role_up: bool) -> None:
         """The monitor's verdict on the instance of the lost backend."""
         self._lost = False
+        self._ungate()  # whatever happened to it, no writer work of ours runs there any more
         lost_instance = self.instance
         self.attached = False
         self.instance = None
@@ -782,6 +816,16 @@ class PgSessionCore:
     def end(self) -> None:
         """The session is over: stop counting a request still in flight."""
         self._request_ends()
+        self._ungate()
+
+    def gate_opened(self) -> None:
+        """The writer gate is open again: the held request goes on (its boundary is decided
+        again: the writer may have changed meanwhile)."""
+        self._attaching = None
+        if self.readwrite:
+            self._pending_role = self.role
+        if self._held is not None:
+            self._release()
 
     def drain(self) -> bool:
         """Graceful shutdown: close at the next idle point. True if there are actions to run now."""
@@ -796,6 +840,7 @@ class PgSessionCore:
 _GO, _HOLD, _EMULATE, _DROP = range(4)
 # What held bytes wait for: the rest of a flush unit; the requests in flight to be answered; a backend.
 _UNIT, _IDLE, _BACKEND = range(3)
+_GATE = "gate"  # what _attaching holds while the session waits at the writer gate
 
 
 def parameters_of(params: Sequence[tuple[str, str]]) -> dict[str, str]:

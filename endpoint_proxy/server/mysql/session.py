@@ -32,8 +32,10 @@ from ...sessioncore.actions import (
     CatchUp,
     Detach,
     Lost,
+    WaitGate,
 )
 from ...sessioncore.mysql import ChangeUser, DropParked, Kill, MySessionCore, Prepare
+from ..session import faults
 from ..session.backends import BackendSet
 from ..session.context import SessionContext
 from ..session.env import SessionEnv
@@ -80,6 +82,7 @@ class MySession(SessionShell):
         self.login: MyLogin | None = None
         self.backends: BackendSet[MyBackendConnection] = BackendSet(ctx.cluster)
         self.env = SessionEnv(ctx.cluster, ctx.endpoint, self.metrics)
+        self.backends.on_fault = self._fault
         self._core: MySessionCore | None = None
 
     # --- what the proxy asks of a session -----------------------------------------------------
@@ -172,6 +175,8 @@ class MySession(SessionShell):
         if decision.instance is None:
             return None
         try:
+            if faults.refused(cluster, self.env.rule(role), decision.instance):
+                return None
             with trio.fail_after(self.ctx.connect_timeout_s):
                 return await greet_my_backend(cluster.config.instance_named(decision.instance).address)
         except (MyBackendError, OSError, trio.TooSlowError, trio.BrokenResourceError):
@@ -237,6 +242,7 @@ class MySession(SessionShell):
             credential=cluster.my_backend_credential(self.user.name, self.login.stage1),
             security=cluster.backend_security)
         backend.in_recovery = bool(cluster.topology.instances[name].in_recovery)
+        faults.with_toxics(cluster, backend)
         return self.backends.count(backend)
 
     async def _open(self, role: str, timeout_s: float, exclude: frozenset[str] = frozenset(), *,
@@ -255,6 +261,9 @@ class MySession(SessionShell):
                 raise NoRoute(f"endpoint {self.ctx.endpoint.name}: {decision.reason or 'no instance is available'}")
             attempts[name] = attempts.get(name, 0) + 1
             try:
+                if faults.refused(cluster, rule, name):
+                    exclude = exclude | {name}  # a simulated dead replica: the next one, unreported
+                    continue
                 with trio.fail_after(self.ctx.connect_timeout_s):
                     greeting = await greet_my_backend(cluster.config.instance_named(name).address, name)
                     return await self._login_backend(name, greeting, schema)
@@ -267,6 +276,11 @@ class MySession(SessionShell):
             cluster.backend_failed(name, error)
             if not (await cluster.verdict(name)).up:
                 exclude = exclude | {name}
+
+    def _fault(self, backend: MyBackendConnection) -> None:
+        """A fault started on a backend's instance (BackendSet.on_fault): apply it now."""
+        faults.take_fault(self.ctx.cluster, backend)
+        self.wake()
 
     async def handle(self, action: object) -> None:
         if isinstance(action, Attach):
@@ -289,6 +303,9 @@ class MySession(SessionShell):
                 await self.backends.close(self.backends.take_parked(role), _QUIT)
         elif isinstance(action, CatchUp):
             self.core.caught_up(await self._caught_up())
+        elif isinstance(action, WaitGate):
+            await self.ctx.cluster.drills.gate.wait_open()
+            self.core.gate_opened()
 
     async def _lost(self, instance: str) -> None:
         backend = self.backends.release_active()

@@ -28,8 +28,10 @@ from ...sessioncore.actions import (
     CatchUp,
     Detach,
     Lost,
+    WaitGate,
 )
 from ...sessioncore.pg import PgSessionCore, is_fatal
+from ..session import faults
 from ..session.backends import BackendSet
 from ..session.context import CancelTarget, SessionContext
 from ..session.env import SessionEnv
@@ -80,6 +82,7 @@ class PgSession(SessionShell):
         self.backend_params: dict[str, str] = {}
         self.backends: BackendSet[BackendConnection] = BackendSet(ctx.cluster)
         self.env = SessionEnv(ctx.cluster, ctx.endpoint, self.metrics)
+        self.backends.on_fault = self._fault
         self.cancel_key: tuple[int, int] | None = None
         self._login: ServerAuth | None = None  # the client's finished authentication exchange
         self._core: PgSessionCore | None = None
@@ -237,6 +240,9 @@ class PgSession(SessionShell):
             attempts[name] = attempts.get(name, 0) + 1
             address = cluster.config.instance_named(name).address
             try:
+                if faults.refused(cluster, rule, name):
+                    exclude = exclude | {name}  # a simulated dead replica: the next one, unreported
+                    continue
                 with trio.fail_after(ctx.connect_timeout_s):
                     backend = await open_backend(name, address, self.backend_params, user=user.name,
                                                  credential=cluster.pg_backend_credential(user.name, self._login),
@@ -250,11 +256,17 @@ class PgSession(SessionShell):
             else:
                 backend.address = address
                 backend.in_recovery = bool(cluster.topology.instances[name].in_recovery)
+                faults.with_toxics(cluster, backend)
                 return self.backends.count(backend)
             cluster.backend_failed(name, error)
             verdict = await cluster.verdict(name)
             if not verdict.up:
                 exclude = exclude | {name}
+
+    def _fault(self, backend: BackendConnection) -> None:
+        """A fault started on a backend's instance (BackendSet.on_fault): apply it now."""
+        faults.take_fault(self.ctx.cluster, backend)
+        self.wake()
 
     async def handle(self, action: object) -> None:
         if isinstance(action, Attach):
@@ -268,6 +280,9 @@ class PgSession(SessionShell):
             await self._lost(action.instance)
         elif isinstance(action, CatchUp):
             self.core.caught_up(await self._caught_up())
+        elif isinstance(action, WaitGate):
+            await self.ctx.cluster.drills.gate.wait_open()
+            self.core.gate_opened()
 
     async def _lost(self, instance: str) -> None:
         backend = self.backends.release_active()

@@ -7,6 +7,7 @@ connection, a switch, the end of the session): ``BackendSet`` is the one place t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import trio
@@ -32,12 +33,20 @@ class BackendSet(Generic[B]):
         self.active_role: str | None = None
         self.parked: dict[str, B] = {}
         self._counted: set[int] = set()  # ids of the backends counted in cluster.connections
+        # Called when a fault starts on the instance of one of these backends (see
+        # ClusterRuntime.faults_changed): the session applies it.
+        self.on_fault: Callable[[B], None] | None = None
 
     def count(self, backend: B) -> B:
         """A backend was just opened for this session: count it."""
         self.cluster.connections[backend.instance] += 1
         self._counted.add(id(backend))
+        self.cluster.live_backends.setdefault(backend.instance, {})[id(backend)] = lambda: self._fault(backend)
         return backend
+
+    def _fault(self, backend: B) -> None:
+        if self.on_fault is not None and id(backend) in self._counted:
+            self.on_fault(backend)
 
     def activate(self, role: str, backend: B) -> None:
         assert self.active is None, "a session has one active backend"
@@ -78,6 +87,9 @@ class BackendSet(Generic[B]):
         if id(backend) in self._counted:
             self._counted.discard(id(backend))
             self.cluster.connections[backend.instance] -= 1
+            live = self.cluster.live_backends.get(backend.instance)
+            if live is not None:
+                live.pop(id(backend), None)
 
     async def close_all(self, goodbye: bytes = b"") -> None:
         backends = [b for b in (self.release_active(), *self.parked.values()) if b is not None]

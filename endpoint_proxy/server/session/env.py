@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
 from ...config import EndpointConfig
@@ -21,7 +22,7 @@ class SessionEnv:
     Rules of this file: no I/O; every method is cheap (the relay calls ``request_started`` and
     ``request_ended`` once per request)."""
 
-    __slots__ = ("cluster", "endpoint", "metrics", "database", "_roles", "busy")
+    __slots__ = ("cluster", "endpoint", "metrics", "database", "_roles", "busy", "_gate", "_started", "_route")
 
     def __init__(self, cluster: ClusterRuntime, endpoint: EndpointConfig, metrics: EndpointMetrics,
                  database: str = "") -> None:
@@ -35,6 +36,9 @@ class SessionEnv:
             READER: dataclasses.replace(endpoint, kind="reader"),
         }
         self.busy = False  # a request of this session is running (SHOW SESSIONS)
+        self._gate = cluster.drills.gate
+        self._started = 0  # perf_counter_ns() when the request in flight began
+        self._route = "writer"
 
     def rule(self, role: str) -> EndpointConfig:
         """The routing rule of a role: the endpoint's own, or a readwrite endpoint's writer/reader half."""
@@ -57,12 +61,27 @@ class SessionEnv:
 
     def request_started(self, instance: str, in_recovery: bool) -> None:
         self.cluster.inflight[instance] += 1
-        self.metrics.statement("reader" if in_recovery else "writer")
+        route = self._route = "reader" if in_recovery else "writer"
+        self.metrics.statement(route)
         self.busy = True
+        self._started = perf_counter_ns()
 
     def request_ended(self, instance: str) -> None:
         self.cluster.inflight[instance] -= 1
         self.busy = False
+        self.metrics.statement_finished(self._route, perf_counter_ns() - self._started)
+
+    # The writer gate (server/gate.py): a switchover holds new writer work at its boundary.
+
+    @property
+    def gate_open(self) -> bool:
+        return self._gate.is_open
+
+    def writer_begin(self) -> None:
+        self._gate.begin(self)
+
+    def writer_end(self) -> None:
+        self._gate.end(self)
 
     def pinned(self, reason: str) -> None:
         self.metrics.session_pinned()
