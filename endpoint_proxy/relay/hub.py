@@ -52,19 +52,29 @@ class HandBack:
 
 
 # Kinds of hand-back. READ: nothing was consumed; read the socket yourself (end of stream,
-# an error, the hub stopping). The others are the caller's own.
+# an error, the hub stopping). WOKEN: somebody woke the task (wake_fd). The others are the
+# caller's own.
 READ = HandBack(0)
+WOKEN = HandBack(-1)
 
 
 class _Parked:
-    """One parked descriptor; ``fds`` are all the descriptors its task parked at once."""
+    """One parked descriptor; ``fds`` are all the descriptors its task parked at once. The
+    first entry of a task carries the ``hub`` and serves as the wait's abort (a bound method:
+    no closure per wait)."""
 
-    __slots__ = ("task", "callback", "fds")
+    __slots__ = ("task", "callback", "fds", "hub")
 
     def __init__(self, task: trio.lowlevel.Task, callback: Callable[[], object], fds: tuple[int, ...]) -> None:
         self.task = task
         self.callback = callback
         self.fds = fds
+        self.hub: Hub | None = None
+
+    def abort(self, _: Any) -> trio.lowlevel.Abort:
+        assert self.hub is not None
+        self.hub._forget(self)
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class _LoopHook:
@@ -312,12 +322,16 @@ class Hub:
             self._parked[fd] = entry
             first = first or entry
         assert first is not None
+        first.hub = self
+        return await trio.lowlevel.wait_task_rescheduled(first.abort)
 
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            self._forget(first)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        return await trio.lowlevel.wait_task_rescheduled(abort)
+    def wake_fd(self, fd: int) -> bool:
+        """Wake the task parked on ``fd`` (with WOKEN); False when none is."""
+        entry = self._parked.get(fd)
+        if entry is None:
+            return False
+        self._wake(fd, entry, outcome.Value(WOKEN))
+        return True
 
     def forget_fd(self, fd: int) -> None:
         """A descriptor is about to be closed: drop any registration of it (the kernel drops

@@ -6,7 +6,6 @@ import contextlib
 import math
 import secrets
 from collections import Counter, OrderedDict
-from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -139,7 +138,7 @@ class ClusterRuntime:
         self.drills = ClusterDrills(self)
         # Per instance, the session backends open on it: what to call when a fault starts there
         # (a session wraps the connection in the fault's toxics, or sees it reset).
-        self.live_backends: dict[str, dict[int, Callable[[], None]]] = {}
+        self.live_backends: dict[str, dict[int, Any]] = {}  # instance -> {id(backend): its BackendSet}
         # Probe sequence numbers per instance: probes started, and the last one finished.
         self._probes_started: Counter[str] = Counter()
         self._probes_finished: Counter[str] = Counter()
@@ -539,8 +538,8 @@ class ClusterRuntime:
         server connections it concerns."""
         names = list(self.live_backends) if instance is None else [instance]
         for name in names:
-            for hook in list(self.live_backends.get(name, {}).values()):
-                hook()
+            for backend_id, owner in list(self.live_backends.get(name, {}).items()):
+                owner.fault(backend_id)
 
     def backend_failed(self, name: str, error: str) -> None:
         """A session could not reach an instance, or lost its connection there. This changes

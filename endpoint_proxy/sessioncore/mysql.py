@@ -184,7 +184,7 @@ class MySessionCore:
         self.allow_local_infile = allow_local_infile
         self.state = MyState(schema=schema)
         self._creader = PacketReader(max_payload)
-        self._actions: deque[MyAction] = deque()
+        self._actions: list[MyAction] = []
         self.role = WRITER if readwrite else MAIN
         self.attached = True
         self.instance: str | None = facts.instance
@@ -223,7 +223,7 @@ class MySessionCore:
     # --- what the shell reads ---------------------------------------------------------------
 
     def next_action(self) -> MyAction | None:
-        return self._actions.popleft() if self._actions else None
+        return self._actions.pop(0) if self._actions else None
 
     @property
     def busy(self) -> bool:

@@ -19,7 +19,6 @@ Rules of this file:
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -110,7 +109,7 @@ class PgEnv(Protocol):
         ...
 
 
-@dataclass
+@dataclass(slots=True)
 class BackendMark:
     """What of the session's state one backend already has."""
 
@@ -145,9 +144,16 @@ def _start(msg: Msg) -> int:
 
 
 class PgSessionCore:
+    __slots__ = ("_actions", "_answered", "_attaching", "_awaiting_flush", "_busy_on", "_checked_generation",
+                 "_copy_in", "_cscan", "_fatal", "_gated", "_held", "_held_msgs", "_hold_reason", "_lost",
+                 "_pending_role", "_pinned_reported", "_request_status", "_resend", "_retry", "_retry_started",
+                 "_sscan", "_swallow", "_unit_left", "attached", "batch_open", "client_params", "closing", "decider",
+                 "draining", "env", "in_recovery", "in_unit", "inflight", "instance", "loss_outcome", "marks",
+                 "mode", "readwrite", "role", "session_consistency", "state", "status", "wrote")
+
     def __init__(self, env: PgEnv, facts: BackendFacts, *, readwrite: bool = False,
                  session_consistency: bool = False, max_message_bytes: int = 0x3FFFFFFF,
-                 state: SessionState | None = None) -> None:
+                 state: SessionState | None = None, client_params: dict[str, str] | None = None) -> None:
         from ..protocol.pg.framing import MessageScanner
 
         self.env = env
@@ -157,8 +163,10 @@ class PgSessionCore:
         self._cscan = MessageScanner(wanted, max_length=max_message_bytes)
         self._sscan = MessageScanner(SERVER_TYPES)
         self.state = state if state is not None else SessionState()
-        self.client_params: dict[str, str] = dict(facts.parameters)
-        self._actions: deque[Action] = deque()
+        # What the client was told (ParameterStatus); shared with the first backend's own record
+        # (it is the same until a server says otherwise), so an idle session keeps one copy.
+        self.client_params: dict[str, str] = client_params if client_params is not None else dict(facts.parameters)
+        self._actions: list[Action] = []  # (a list: an idle session keeps an empty one, a deque costs 600 B)
         # The active backend.
         self.role = WRITER if readwrite else MAIN
         self.attached = True
@@ -201,7 +209,7 @@ class PgSessionCore:
     # --- what the shell reads -------------------------------------------------------------
 
     def next_action(self) -> Action | None:
-        return self._actions.popleft() if self._actions else None
+        return self._actions.pop(0) if self._actions else None
 
     @property
     def idle(self) -> bool:

@@ -100,6 +100,9 @@ class FrameReader:
         return payload
 
 
+_TABLES: dict[bytes, bytes] = {}
+
+
 class MessageScanner:
     """Walks a message stream chunk by chunk; returns (type, payload, end) for the wanted types
     only, ``end`` being the offset in the chunk just past the message's last byte (where the
@@ -112,10 +115,13 @@ class MessageScanner:
     __slots__ = ("_wanted", "max_length", "_skip", "_hdr", "_collect", "_need", "_ctype")
 
     def __init__(self, wanted: bytes, max_length: int = DEFAULT_MAX_LENGTH) -> None:
-        table = bytearray(256)
-        for t in wanted:
-            table[t] = 1
-        self._wanted = bytes(table)
+        table = _TABLES.get(wanted)
+        if table is None:  # one lookup table per set of types, shared by every scanner
+            flags = bytearray(256)
+            for t in wanted:
+                flags[t] = 1
+            table = _TABLES[wanted] = bytes(flags)
+        self._wanted = table
         self.max_length = max_length
         self._skip = 0  # body bytes of an unwanted message still to pass
         self._hdr = bytearray()  # a header split across chunks

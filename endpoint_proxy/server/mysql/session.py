@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from typing import Any
 
 import structlog
 import trio
@@ -62,6 +63,9 @@ class NoRoute(Exception):
 
 
 class MySession(SessionShell):
+    __slots__ = ("ctx", "peer", "session_id", "connection_id", "metrics", "scope", "draining", "user", "login",
+                 "backends", "env", "_core")
+
     core: MySessionCore
 
     def __init__(self, ctx: SessionContext, sock: socket.socket, session_id: int) -> None:
@@ -73,8 +77,8 @@ class MySession(SessionShell):
             self.peer: str | None = f"{host}:{port}"
         except OSError:
             self.peer = None
+        self.session_id = session_id
         self.connection_id = 1_000_000_000 + session_id  # until a server's thread id is known
-        self.log = log.bind(conn=session_id, endpoint=ctx.endpoint.name)
         self.metrics = ctx.cluster.metrics.endpoint(ctx.endpoint.name)
         self.scope = trio.CancelScope()  # the proxy runs the session inside it
         self.draining = False
@@ -86,6 +90,11 @@ class MySession(SessionShell):
         self._core: MySessionCore | None = None
 
     # --- what the proxy asks of a session -----------------------------------------------------
+
+    @property
+    def log(self) -> Any:
+        """This session's logger (bound when used: most sessions never log)."""
+        return log.bind(conn=self.session_id, endpoint=self.ctx.endpoint.name)
 
     def idle(self) -> bool:
         return self._core is not None and self._core.idle
@@ -140,6 +149,7 @@ class MySession(SessionShell):
             err_seq = result.ok_seq
             await self._attach_first(result, greeting)
             greeting = None
+            del result  # this frame lives as long as the session
             await self.relay()
         except Fatal as e:
             cluster.metrics.error("auth_failed" if e.errno == 1045 else "session_fatal")

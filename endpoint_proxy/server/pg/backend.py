@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import sys
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -37,24 +38,19 @@ class BackendError(Exception):
         self.sqlstate = error.sqlstate if error is not None else sqlstate
 
 
-@dataclass
+@dataclass(slots=True)
 class BackendConnection:
     conn: Conn
     instance: str
     process_id: int = 0
     secret_key: int = 0
     parameters: dict[str, str] = field(default_factory=dict)
-    # ParameterStatus and NoticeResponse messages of the startup, raw, for the client.
+    # ParameterStatus and NoticeResponse messages of the startup, raw, for the client (the
+    # session sends them in its hello and lets go of them).
     startup_messages: bytes = b""
     status: str = "I"
     address: Address | None = None
     in_recovery: bool = False  # the instance was a replica when this connection was made
-    # What of the session's state this backend already has (see SessionState):
-    statements: set[str] = field(default_factory=set)  # named prepared statements (protocol level)
-    sql_prepared: set[str] = field(default_factory=set)  # SQL-level PREPARE names
-    sets_applied: int = 0
-    set_version: int = 0
-    pending: list[bytes] = field(default_factory=list)  # frontend messages to send before its next use
     lsn_reached: int = 0  # session consistency: WAL position this replica is known to have replayed
 
 
@@ -168,7 +164,7 @@ async def _authenticate(backend: BackendConnection, auth: BackendAuthenticator) 
             # not get the proxy to take its session.
             raise ProtocolError(f"unexpected message {chr(type_)!r} before authentication completed")
         elif isinstance(msg, m.ParameterStatus):
-            backend.parameters[msg.name] = msg.value
+            backend.parameters[sys.intern(msg.name)] = sys.intern(msg.value)  # the same in every session
             startup += frame(type_, payload)
         elif isinstance(msg, m.BackendKeyData):
             backend.process_id = msg.process_id

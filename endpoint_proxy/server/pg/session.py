@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from typing import Any
 
 import structlog
 import trio
@@ -15,7 +16,7 @@ import trio
 from ...config import Address, UserConfig
 from ...protocol.errors import FrameError, ProtocolError
 from ...protocol.pg import messages as m
-from ...protocol.pg.auth import ServerAuth
+from ...protocol.pg.auth import ScramKeys, ScramServerAuth
 from ...protocol.pg.framing import FrameReader
 from ...relay.net import Conn, RawConn, send_quietly
 from ...sessioncore.actions import (
@@ -61,6 +62,9 @@ class Refused(Exception):
 
 
 class PgSession(SessionShell):
+    __slots__ = ("ctx", "peer", "session_id", "metrics", "scope", "draining", "is_console", "user", "backend_params",
+                 "backends", "env", "cancel_key", "_login", "_core")
+
     core: PgSessionCore
 
     def __init__(self, ctx: SessionContext, sock: socket.socket, session_id: int) -> None:
@@ -73,7 +77,6 @@ class PgSession(SessionShell):
         except OSError:
             self.peer = None
         self.session_id = session_id
-        self.log = log.bind(conn=session_id, endpoint=ctx.endpoint.name)
         self.metrics = ctx.cluster.metrics.endpoint(ctx.endpoint.name)
         self.scope = trio.CancelScope()  # the proxy runs the session inside it
         self.draining = False
@@ -84,10 +87,15 @@ class PgSession(SessionShell):
         self.env = SessionEnv(ctx.cluster, ctx.endpoint, self.metrics)
         self.backends.on_fault = self._fault
         self.cancel_key: tuple[int, int] | None = None
-        self._login: ServerAuth | None = None  # the client's finished authentication exchange
+        self._login: ScramKeys | None = None  # SCRAM keys of the client's own login (passthrough)
         self._core: PgSessionCore | None = None
 
     # --- what the proxy asks of a session -----------------------------------------------------
+
+    @property
+    def log(self) -> Any:
+        """This session's logger (bound when used: most sessions never log)."""
+        return log.bind(conn=self.session_id, endpoint=self.ctx.endpoint.name)
 
     def idle(self) -> bool:
         return self._core is not None and self._core.idle
@@ -138,10 +146,15 @@ class PgSession(SessionShell):
             if result.startup is None:
                 return
             assert result.user is not None
-            self.user, self._login = result.user, result.auth
+            self.user = result.user
+            # Only what later server logins need of the client's exchange: its SCRAM keys.
+            self._login = result.auth.passthrough_keys() if isinstance(result.auth, ScramServerAuth) else None
             await self._attach_first(result.startup.user, result.startup.parameters)
-            if result.leftover:
-                await self._feed_leftover(result.leftover)
+            leftover = result.leftover
+            del result  # the login's objects go now: this frame lives as long as the session
+            if leftover:
+                await self._feed_leftover(leftover)
+            del leftover
             await self.relay()
         except Fatal as e:
             cluster.metrics.error("auth_failed" if e.sqlstate.startswith("28") else "session_fatal")
@@ -198,12 +211,14 @@ class PgSession(SessionShell):
         secret = ctx.cancels.issue(backend.process_id, self._cancel_target(backend))
         self.cancel_key = (backend.process_id, secret)
         self._core = self.core = PgSessionCore(
-            self.env, self._facts(backend), readwrite=readwrite,
-            session_consistency=ctx.endpoint.consistency == "session", max_message_bytes=ctx.max_message_bytes)
+            self.env, BackendFacts(backend.instance, backend.in_recovery, backend.status), readwrite=readwrite,
+            session_consistency=ctx.endpoint.consistency == "session", max_message_bytes=ctx.max_message_bytes,
+            client_params=None if readwrite else backend.parameters)  # readwrite: the client sees two servers
         if self.draining:
             self.core.drain()
         hello = (backend.startup_messages + m.BackendKeyData(backend.process_id, secret).encode()
                  + m.ReadyForQuery(backend.status).encode())
+        backend.startup_messages = b""
         await self.client.send_all(hello)
         self.log.debug("session_attached", instance=backend.instance, pid=backend.process_id)
 

@@ -27,12 +27,14 @@ B = TypeVar("B", bound=Backend)
 
 
 class BackendSet(Generic[B]):
+    __slots__ = ("cluster", "active", "active_role", "parked", "_counted", "on_fault")
+
     def __init__(self, cluster: ClusterRuntime) -> None:
         self.cluster = cluster
         self.active: B | None = None
         self.active_role: str | None = None
         self.parked: dict[str, B] = {}
-        self._counted: set[int] = set()  # ids of the backends counted in cluster.connections
+        self._counted: list[B] = []  # the backends counted in cluster.connections (a few at most)
         # Called when a fault starts on the instance of one of these backends (see
         # ClusterRuntime.faults_changed): the session applies it.
         self.on_fault: Callable[[B], None] | None = None
@@ -40,13 +42,15 @@ class BackendSet(Generic[B]):
     def count(self, backend: B) -> B:
         """A backend was just opened for this session: count it."""
         self.cluster.connections[backend.instance] += 1
-        self._counted.add(id(backend))
-        self.cluster.live_backends.setdefault(backend.instance, {})[id(backend)] = lambda: self._fault(backend)
+        self._counted.append(backend)
+        self.cluster.live_backends.setdefault(backend.instance, {})[id(backend)] = self
         return backend
 
-    def _fault(self, backend: B) -> None:
-        if self.on_fault is not None and id(backend) in self._counted:
-            self.on_fault(backend)
+    def fault(self, backend_id: int) -> None:
+        """A fault started on the instance of one of these backends (ClusterRuntime.faults_changed)."""
+        for backend in self._counted:
+            if id(backend) == backend_id and self.on_fault is not None:
+                self.on_fault(backend)
 
     def activate(self, role: str, backend: B) -> None:
         assert self.active is None, "a session has one active backend"
@@ -84,8 +88,8 @@ class BackendSet(Generic[B]):
             await backend.conn.aclose()
 
     def _drop(self, backend: B) -> None:
-        if id(backend) in self._counted:
-            self._counted.discard(id(backend))
+        if any(b is backend for b in self._counted):
+            self._counted = [b for b in self._counted if b is not backend]
             self.cluster.connections[backend.instance] -= 1
             live = self.cluster.live_backends.get(backend.instance)
             if live is not None:

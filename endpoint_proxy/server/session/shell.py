@@ -54,6 +54,9 @@ class Core(Protocol):
 class SessionShell:
     """Subclasses set ``client`` and ``core``, implement ``backend_conn`` and ``handle``."""
 
+    __slots__ = ("client", "core", "hub", "closed", "_pending", "_wake", "_nursery", "_inbox", "_inbox_send",
+                 "_client_reader", "_server_reader", "_client_wanted", "__weakref__")
+
     client: Conn
     core: Core
 
@@ -68,7 +71,7 @@ class SessionShell:
         self._inbox_send: trio.MemorySendChannel[tuple[int, Conn, bytes]] | None = None
         self._client_reader = False
         self._server_reader: tuple[Conn, trio.CancelScope] | None = None
-        self._client_wanted = trio.Event()
+        self._client_wanted: trio.Event | None = None  # reader tasks only (made when they start)
 
     # --- for subclasses ---------------------------------------------------------------------
 
@@ -83,14 +86,38 @@ class SessionShell:
         """Make the session's task look at its core now (it has new actions)."""
         if self._wake is not None:
             self._wake.cancel()
+        elif self.hub is not None and isinstance(self.client, RawConn):
+            self.hub.wake_fd(self.client.sock.fileno())  # parked in the hub: wake it from there
 
     # --- the loop ---------------------------------------------------------------------------
 
     async def relay(self) -> None:
         """Run until the core says Close or a side goes away."""
-        if self.hub is not None and isinstance(self.client, RawConn):
-            if await self._loop(self._wait_hub):
-                return
+        hub = self.hub
+        if hub is not None and isinstance(self.client, RawConn):
+            # Parked in the hub (inlined, as is the wait: an idle session's task is a stack of
+            # frames, each of them memory for as long as it stays idle).
+            client_fd = self.client.sock.fileno()
+            while True:
+                await self.run_actions()
+                if self.closed:
+                    return
+                conn = self.backend_conn()
+                if conn is not None and not isinstance(conn, RawConn):
+                    break  # a TLS or faulted backend: reader tasks from now on
+                parks: list[tuple[int, Callable[[], object]]] = []
+                if self.core.wants_client:
+                    parks.append((client_fd, self._on_client))
+                if conn is not None:
+                    parks.append((conn.sock.fileno(), self._on_server))
+                if not parks:
+                    self._wake = trio.CancelScope()
+                    with self._wake:
+                        await trio.sleep_forever()  # nothing to read until the session is woken
+                    self._wake = None
+                    continue
+                if await hub.wait_any(parks) is READ and not hub.running:
+                    break
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self._inbox_send, self._inbox = trio.open_memory_channel(0)
@@ -151,23 +178,6 @@ class SessionShell:
             self.core.server_eof()
 
     # --- waiting in the hub -------------------------------------------------------------------
-
-    async def _wait_hub(self) -> bool:
-        hub = self.hub
-        assert hub is not None
-        conn = self.backend_conn()
-        if conn is not None and not isinstance(conn, RawConn):
-            return False  # a TLS backend: reader tasks from now on
-        parks: list[tuple[int, Callable[[], object]]] = []
-        if self.core.wants_client:
-            assert isinstance(self.client, RawConn)
-            parks.append((self.client.sock.fileno(), self._on_client))
-        if conn is not None:
-            parks.append((conn.sock.fileno(), self._on_server))
-        if not parks:
-            await trio.sleep_forever()  # nothing to read until the session is woken
-        got = await hub.wait_any(parks)
-        return got is not READ or hub.running
 
     def _on_client(self) -> object:
         """Run by the hub when the client's socket is readable."""
@@ -242,6 +252,8 @@ class SessionShell:
                 scope = trio.CancelScope()
                 self._server_reader = (conn, scope)
                 self._nursery.start_soon(self._reader, _SERVER, conn, scope)
+        if self._client_wanted is None:
+            self._client_wanted = trio.Event()
         if self.core.wants_client:
             self._client_wanted.set()
         elif self._client_wanted.is_set():
@@ -268,7 +280,7 @@ class SessionShell:
         assert self._inbox_send is not None
         with scope:
             while True:
-                if side == _CLIENT:
+                if side == _CLIENT and self._client_wanted is not None:
                     await self._client_wanted.wait()
                 try:
                     data = await conn.recv_some(RECV_SIZE)

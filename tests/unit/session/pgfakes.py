@@ -83,6 +83,8 @@ class FakeEnv:
     errors: list[str] = field(default_factory=list)
     pins: list[str] = field(default_factory=list)
     functions: FunctionPolicy = field(default_factory=FunctionPolicy)
+    gate_open: bool = True  # the writer gate
+    gated: list[str] = field(default_factory=list)  # "begin" / "end", in order
 
     def placement_ok(self, role: str, instance: str) -> bool:
         return self.placement(role, instance)
@@ -101,6 +103,12 @@ class FakeEnv:
 
     def error(self, kind: str) -> None:
         self.errors.append(kind)
+
+    def writer_begin(self) -> None:
+        self.gated.append("begin")
+
+    def writer_end(self) -> None:
+        self.gated.append("end")
 
 
 # --- a scripted server -----------------------------------------------------------------------

@@ -165,3 +165,20 @@ def test_quit_ends_the_session() -> None:
     d = writer_only()
     d.send(query("select 1") + QUIT)
     assert d.closed
+
+
+def test_a_closed_gate_holds_new_writer_commands_until_it_opens() -> None:
+    from endpoint_proxy.sessioncore.actions import WaitGate
+
+    d = writer_only()
+    d.env.gate_open = False
+    d.core.client_data(query("insert into t values (1)"))
+    actions = []
+    while (a := d.core.next_action()) is not None:
+        actions.append(a)
+    assert [type(a) for a in actions] == [WaitGate] and d.servers["w"].queries == []
+    d.env.gate_open = True
+    d.core.gate_opened()
+    d.run()
+    assert d.servers["w"].queries == ["insert into t values (1)"]
+    assert d.env.gated == ["begin", "end"]

@@ -267,3 +267,45 @@ def test_terminate_ends_the_session_and_reaches_the_backend() -> None:
         d = writer_only({"w": FakePgServer("w")})
         d.send(q("select 1") + TERMINATE, cut)
         assert d.closed and d.servers["w"].closed
+
+
+# --- the writer gate (a switchover holds new writer work at its boundary) ------------------------
+
+
+def test_a_closed_gate_holds_new_writer_work_until_it_opens() -> None:
+    from endpoint_proxy.sessioncore.actions import WaitGate
+
+    d = writer_only({"w": FakePgServer("w")})
+    d.send(q("select 1"))
+    assert d.env.gated == ["begin", "end"]  # one request: in and out
+    d.env.gate_open = False
+    d.core.client_data(q("insert into t values (1)"))
+    actions = []
+    while (a := d.core.next_action()) is not None:
+        actions.append(a)
+    assert [type(a) for a in actions] == [WaitGate]
+    assert d.servers["w"].queries == ["select 1"]  # held, not sent
+    d.env.gate_open = True
+    d.core.gate_opened()
+    d.run()
+    assert d.servers["w"].queries == ["select 1", "insert into t values (1)"]
+    assert d.env.gated == ["begin", "end", "begin", "end"]
+
+
+def test_statements_inside_a_transaction_never_wait_at_the_gate() -> None:
+    d = writer_only({"w": FakePgServer("w")})
+    d.send(q("begin"))
+    d.env.gate_open = False  # a switchover starts: it waits for this transaction to end
+    d.send(q("insert into t values (1)"))
+    d.send(q("commit"))
+    assert d.servers["w"].queries == ["begin", "insert into t values (1)", "commit"]
+    assert d.env.gated == ["begin", "end"]  # the transaction is one piece of writer work
+
+
+def test_reads_on_a_replica_do_not_touch_the_gate() -> None:
+    d = readwrite()
+    d.send(q("select 1"))  # moves to a replica
+    d.env.gate_open = False
+    d.send(q("select 2"))
+    readers = [s for name, s in d.servers.items() if name.startswith("r#")]
+    assert readers[0].queries == ["select 1", "select 2"]
