@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from endpoint_proxy.routing import pg_classify
+from endpoint_proxy.routing.dialect import MyDialect
 from endpoint_proxy.routing.my_classify import (
     BUILTIN_WRITE_FUNCTIONS,
     NAMED_LOCK_FUNCTIONS,
@@ -20,8 +21,10 @@ from endpoint_proxy.routing.my_classify import (
     classify,
     split_statements,
 )
+from endpoint_proxy.routing.session_kinds import MY_PINNING_STATES
 
 R, W = "read", "write"
+KNOWN = MyDialect(no_backslash_escapes=False, ansi_quotes=False, charset="utf8mb4")  # MariaDB's defaults
 
 # (sql, route, transaction, session_state)
 ROWS: list[tuple[str, str, str | None, str | None]] = [
@@ -135,8 +138,8 @@ ROWS: list[tuple[str, str, str | None, str | None]] = [
     ("SELECT * FROM t WHERE id = (SELECT LAST_INSERT_ID())", W, None, None),
     # named locks
     ("SELECT GET_LOCK('a', 10)", W, None, "named_lock"),
-    ("SELECT RELEASE_LOCK('a')", W, None, "named_lock"),
-    ("SELECT RELEASE_ALL_LOCKS()", W, None, "named_lock"),
+    ("SELECT RELEASE_LOCK('a')", W, None, None),  # releasing holds nothing: GET_LOCK pinned already
+    ("SELECT RELEASE_ALL_LOCKS()", W, None, None),
     ("SELECT IS_USED_LOCK('a')", W, None, None),
     ("SELECT IS_FREE_LOCK('a')", W, None, None),
     ("DO GET_LOCK('a', 1)", W, None, "named_lock"),
@@ -152,10 +155,11 @@ ROWS: list[tuple[str, str, str | None, str | None]] = [
     # user variables
     ("SELECT @a := 1", W, None, "user_variable"),
     ("SELECT @a := a, @b FROM t", W, None, "user_variable"),
-    ("SELECT @a", W, None, "user_variable_read"),
-    ("SELECT * FROM t WHERE id = @id", W, None, "user_variable_read"),
-    ("SELECT @`a b`, @'c', @\"d\"", W, None, "user_variable_read"),
-    ("SELECT @a = 1", W, None, "user_variable_read"),  # a comparison
+    # reading a user variable: every backend the session uses has its variables (replayed), or it is pinned
+    ("SELECT @a", R, None, "user_variable_read"),
+    ("SELECT * FROM t WHERE id = @id", R, None, "user_variable_read"),
+    ("SELECT @`a b`, @'c', @\"d\"", R, None, "user_variable_read"),
+    ("SELECT @a = 1", R, None, "user_variable_read"),  # a comparison
     # --- DML, DDL and other writes
     ("INSERT INTO t VALUES (1)", W, None, None),
     ("INSERT IGNORE INTO t SELECT * FROM u", W, None, None),
@@ -332,7 +336,7 @@ ROWS: list[tuple[str, str, str | None, str | None]] = [
 
 @pytest.mark.parametrize(("sql", "route", "transaction", "session_state"), ROWS, ids=[r[0][:60] for r in ROWS])
 def test_classify(sql: str, route: str, transaction: str | None, session_state: str | None) -> None:
-    c = classify(sql)
+    c = classify(sql, dialect=KNOWN)
     assert (c.route, c.transaction, c.session_state) == (route, transaction, session_state), c
 
 
@@ -367,7 +371,7 @@ def test_shares_the_types_of_pg_classify() -> None:
     ("SELECT NEXTVAL(s)", "writing function nextval"),
     ("SELECT NEXT VALUE FOR s", "next value for"),
     ("SELECT @a := 1", "user variable assignment"),
-    ("SELECT @a", "user variable"),
+    ("SELECT @a", "select"),
     ("WITH x AS (SELECT 1) UPDATE t SET a = 1", "update"),
     ("INSERT INTO t VALUES (1)", "insert"),
     ("EXPLAIN ANALYZE DELETE FROM t", "explain analyze delete"),
@@ -391,7 +395,7 @@ def test_shares_the_types_of_pg_classify() -> None:
     ("SELECT (1", "unbalanced parentheses"),
 ])
 def test_reason(sql: str, reason: str) -> None:
-    assert classify(sql).reason == reason
+    assert classify(sql, dialect=KNOWN).reason == reason
 
 
 def test_hint_is_recorded_and_wins() -> None:
@@ -425,13 +429,13 @@ def test_versioned_comments_are_read_both_ways() -> None:
 
 def test_sql_mode_flags() -> None:
     sql = r"SELECT 'a\' FOR UPDATE -- '"
-    assert classify(sql).route is Route.READ  # \' escapes the quote: one string
+    assert classify(sql, no_backslash_escapes=False).route is Route.READ  # \' escapes the quote: one string
     c = classify(sql, no_backslash_escapes=True)  # the string is 'a\', then FOR UPDATE and a comment
     assert (c.route, c.reason) == (Route.WRITE, "for update")
     assert split_statements(r"SELECT 'a\';b'; SELECT 2") == [r"SELECT 'a\';b'", "SELECT 2"]
     assert split_statements(r"SELECT 'a\'; SELECT 2", no_backslash_escapes=True) == [r"SELECT 'a\'", "SELECT 2"]
     sql = 'SELECT "it\\"s FOR UPDATE"'
-    assert classify(sql).route is Route.READ  # a string with an escaped quote
+    assert classify(sql, dialect=KNOWN).route is Route.READ  # a string with an escaped quote
     assert classify(sql, ansi_quotes=True).reason == "unterminated quoted identifier"
     assert classify('SELECT "for update" FROM t', ansi_quotes=True).route is Route.READ
     assert classify('SELECT "a""b" FROM t', ansi_quotes=True).route is Route.READ
@@ -452,7 +456,7 @@ def test_function_policy() -> None:
     assert classify("SELECT setval(s, 1)", user).route is Route.WRITE
     assert classify("SELECT app.safe()", user).route is Route.READ
     c = classify("SELECT get_lock('a', 1)", user)
-    assert (c.route, c.session_state) == (Route.READ, "named_lock")  # the state is still reported
+    assert (c.route, c.session_state) == (Route.WRITE, "named_lock")  # it pins: to the writer, whatever the policy
     assert classify("SELECT nextval(s)").route is Route.WRITE
     assert classify("EXPLAIN SELECT bump(1)", user).route is Route.READ
     assert classify("UPDATE t SET a = bump(a)", user).route is Route.WRITE
@@ -475,7 +479,9 @@ def test_builtin_function_sets() -> None:
                  "connection_id", "now", "count"):
         assert name not in BUILTIN_WRITE_FUNCTIONS
         assert classify(f"SELECT {name}(1)").route is Route.READ
-    assert {"user_variable", "named_lock", "temp_table", "lock_tables", "handler"} == PINNING_STATES
+    assert {"named_lock", "temp_table", "lock_tables", "handler"} <= PINNING_STATES
+    assert PINNING_STATES == MY_PINNING_STATES
+    assert "user_variable" not in PINNING_STATES  # SET @a = 1 is replayed; the tracker pins computed ones
 
 
 def test_execute_follows_the_prepared_route() -> None:
@@ -483,8 +489,8 @@ def test_execute_follows_the_prepared_route() -> None:
     assert classify("EXECUTE p", prepared=prepared).route is Route.READ
     assert classify("execute P", prepared=prepared).route is Route.READ  # names are case-insensitive
     assert classify("EXECUTE `P`", prepared=prepared).route is Route.READ
-    c = classify("EXECUTE p USING @a, @b", prepared=prepared)  # user variables live on the writer
-    assert (c.route, c.session_state, c.prepared_name) == (Route.WRITE, "user_variable_read", "p")
+    c = classify("EXECUTE p USING @a, @b", prepared=prepared)  # the variables are wherever it runs
+    assert (c.route, c.session_state, c.prepared_name) == (Route.READ, "user_variable_read", "p")
     assert classify("EXECUTE p USING 1, 'x'", prepared=prepared).route is Route.READ  # MariaDB: expressions
     assert classify("EXECUTE w", prepared=prepared).route is Route.WRITE
     assert classify("EXECUTE nope", prepared=prepared).route is Route.WRITE

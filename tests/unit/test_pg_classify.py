@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from endpoint_proxy.routing.dialect import PgDialect
 from endpoint_proxy.routing.pg_classify import (
     BUILTIN_WRITE_FUNCTIONS,
     Classification,
@@ -18,6 +19,7 @@ from endpoint_proxy.routing.pg_classify import (
 )
 
 R, W = "read", "write"
+KNOWN = PgDialect(standard_conforming_strings=True, client_encoding="UTF8")  # PostgreSQL's defaults
 
 # (sql, route, transaction, session_state)
 ROWS: list[tuple[str, str, str | None, str | None]] = [
@@ -118,7 +120,7 @@ ROWS: list[tuple[str, str, str | None, str | None]] = [
     ("SELECT pg_try_advisory_lock(1, 2)", W, None, "advisory_lock"),
     ("SELECT pg_advisory_xact_lock(1)", W, None, None),
     ("SELECT pg_advisory_unlock(1)", W, None, None),
-    ("SELECT set_config('app.user', 'x', false)", W, None, "set"),
+    ("SELECT set_config('app.user', 'x', false)", W, None, "set_config"),
     ("SELECT lo_import('/tmp/x')", W, None, None),
     ("SELECT * FROM t WHERE id = (SELECT nextval('s'))", W, None, None),
     ("VALUES (nextval('s'))", W, None, None),
@@ -259,7 +261,7 @@ ROWS: list[tuple[str, str, str | None, str | None]] = [
 
 @pytest.mark.parametrize(("sql", "route", "transaction", "session_state"), ROWS, ids=[r[0][:60] for r in ROWS])
 def test_classify(sql: str, route: str, transaction: str | None, session_state: str | None) -> None:
-    c = classify(sql)
+    c = classify(sql, dialect=KNOWN)
     assert (c.route, c.transaction, c.session_state) == (route, transaction, session_state), c
 
 
@@ -298,7 +300,7 @@ def test_the_table_is_large_and_unambiguous() -> None:
     ("SELECT (1", "unbalanced parentheses"),
 ])
 def test_reason(sql: str, reason: str) -> None:
-    assert classify(sql).reason == reason
+    assert classify(sql, dialect=KNOWN).reason == reason
 
 
 def test_hint_is_recorded_and_wins() -> None:
@@ -324,8 +326,8 @@ def test_statement_count() -> None:
 
 def test_standard_conforming_strings_off() -> None:
     sql = r"SELECT '\' FOR UPDATE'"
-    assert classify(sql).route is Route.WRITE  # on: the string is '\', then FOR UPDATE, then an open '
-    assert classify(sql).reason == "unterminated string literal"
+    assert classify(sql, dialect=KNOWN).route is Route.WRITE  # on: the string is '\', then FOR UPDATE, then an open '
+    assert classify(sql, dialect=KNOWN).reason == "unterminated string literal"
     assert classify(sql, standard_conforming_strings=False).route is Route.READ
     assert split_statements(r"SELECT 'a\';b'; SELECT 2", standard_conforming_strings=False) == [
         r"SELECT 'a\';b'", "SELECT 2"]
