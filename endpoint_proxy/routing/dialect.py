@@ -47,6 +47,8 @@ def sql_mode_flags(sql_mode: str) -> tuple[bool, bool] | None:
     text = sql_mode.strip()
     if text == "0":
         return False, False
+    if text.isdigit():
+        return None  # a bit mask: the bits differ between MySQL and MariaDB versions
     names = [n.strip().upper() for n in text.split(",")] if text else []
     if any(n and not _MODE_NAME.fullmatch(n) for n in names):
         return None
@@ -95,8 +97,7 @@ class MyDialect:
 def _charset(name: str | None) -> str | None:
     if name is None:
         return None
-    name = name.strip().strip("'\"`").lower()
-    return {"utf8mb3": "utf8", "binary": "binary"}.get(name, name) or None
+    return name.strip().strip("'\"`").lower() or None
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from .dialect import MyDialect
 from .pg_classify import Classification, FunctionPolicy, Route
@@ -106,6 +106,7 @@ _WORD_CHARS = r"0-9A-Za-z_$\u0080-\U0010FFFF"
 _LEX = re.compile(
     rf"""
     (?P<space>[ \t\n\r\x0b\x0c]+)
+  | (?P<word>(?![xXbB]')[A-Za-z_$\u0080-\U0010FFFF][{_WORD_CHARS}]*)
   | (?P<line>--(?=[\x00-\x20\x7f]|\Z)|\#)
   | (?P<block>/\*)
   | (?P<close>\*/)
@@ -115,7 +116,6 @@ _LEX = re.compile(
   | (?P<uservar>@)
   | (?P<assign>:=)
   | (?P<number>[0-9][{_WORD_CHARS}]*)
-  | (?P<word>[A-Za-z_$\u0080-\U0010FFFF][{_WORD_CHARS}]*)
   | (?P<punct>[(),;.])
   | (?P<other>.)
     """,
@@ -226,14 +226,31 @@ def _lex(sql: str, ansi_quotes: bool, no_backslash_escapes: bool, as_code: bool,
     pos = offset
     n = len(sql)
     error: str | None = None
+    match = _LEX.match
+    append = tokens.append
     while pos < n:
-        m = _LEX.match(sql, pos)
+        m = match(sql, pos)
         assert m is not None  # the last alternative matches any character
         kind = m.lastgroup
         start = pos
         end = m.end()
         if kind == "space":
             pos = end
+            continue
+        if kind == "word":  # the commonest token first
+            append(("w", m.group().lower()))
+            last_end = pos = end
+            continue
+        if kind == "punct":
+            text = m.group()
+            if text == ";":
+                semicolons.append((len(tokens), start, paren, in_executable > 0))
+            elif text == "(":
+                paren += 1
+            elif text == ")" and paren > 0:
+                paren -= 1
+            append((text, text))
+            last_end = pos = end
             continue
         if kind == "line":
             stop = sql.find("\n", end)
@@ -324,24 +341,13 @@ def _lex(sql: str, ansi_quotes: bool, no_backslash_escapes: bool, as_code: bool,
                 assert name is not None
                 tok = ("u", name.group().lower())
                 end = name.end()
-        elif kind == "word":
-            tok = ("w", m.group().lower())
         elif kind == "number":
             tok = ("n", m.group())
-        elif kind == "punct":
-            text = m.group()
-            if text == ";":
-                semicolons.append((len(tokens), start, paren, in_executable > 0))
-            elif text == "(":
-                paren += 1
-            elif text == ")" and paren > 0:
-                paren -= 1
-            tok = (text, text)
         elif kind == "assign":
             tok = ("o", ":=")
         else:
             tok = ("o", m.group())
-        tokens.append(tok)
+        append(tok)
         last_end = pos = end
     if error is None and in_executable:
         error = "unterminated comment"
@@ -1183,17 +1189,20 @@ class _Reading:
     error: str | None  # a lexical error: the server refuses the query from that statement on
     uncertain: str | None  # the text cannot be read for sure here
     dialect_after: MyDialect
-    verdict: Classification = field(default_factory=lambda: Classification(Route.WRITE, "unread"))
+    verdict: Classification | None = None
 
     def key(self) -> tuple[object, ...]:
         """What must not differ between two readings for the query to be read for sure."""
         v = self.verdict
+        assert v is not None
         return (v.route, v.hint, v.transaction, v.session_state, v.prepared_name,
                 [(s.start, s.end) for s in self.statements], [p.session_state for p in self.parts])
 
 
 def _choices(dialect: MyDialect, sql: str, offset: int) -> list[MyDialect]:
     """Concrete settings to read sql[offset:] with: both values of an unknown flag whose character is there."""
+    if dialect.no_backslash_escapes is not None and dialect.ansi_quotes is not None:
+        return [dialect]
     nbe = [dialect.no_backslash_escapes] if dialect.no_backslash_escapes is not None else (
         [False, True] if sql.find("\\", offset) >= 0 else [False])
     ansi = [dialect.ansi_quotes] if dialect.ansi_quotes is not None else (
@@ -1222,7 +1231,7 @@ def _readings(sql: str, functions: FunctionPolicy | None, prepared: Mapping[str,
                                      uncertain, MyDialect()))
             continue
         parts: list[_Part] = []
-        current = settings
+        current = dialect  # what is known of the settings (lexing goes on with the concrete `settings`)
         forked = False
         for k, statement in enumerate(statements):
             parts.append(_statement(statement.tokens, ctx, depth))
@@ -1278,6 +1287,7 @@ def _agree(readings: list[_Reading], use_hints: bool) -> tuple[Classification, s
     for r in readings:
         r.verdict = _verdict(r, use_hints)
     first = readings[0].verdict
+    assert first is not None
     uncertain = next((r.uncertain for r in readings if r.uncertain is not None), None)
     if uncertain is not None:
         return replace(first, route=Route.WRITE, reason=uncertain, hint=None), uncertain

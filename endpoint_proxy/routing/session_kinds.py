@@ -62,11 +62,11 @@ PG_STATE_KINDS: tuple[StateKind, ...] = (
               "forgets the prepared statement(s); other backends are rebuilt after ALL"),
     StateKind("parse", "named prepared statement", "Parse with a statement name (extended protocol)", _R,
               "the Parse message, verbatim; Close forgets it"),
-    StateKind("discard", "DISCARD", "`DISCARD ALL`, `DISCARD PLANS|SEQUENCES|TEMP`", _R,
+    StateKind("discard", "DISCARD", "`DISCARD ALL`, `DISCARD PLANS`, `DISCARD SEQUENCES`, `DISCARD TEMP`", _R,
               "`DISCARD ALL` forgets SET values and prepared statements and other backends are rebuilt; "
               "the others leave nothing to replay"),
     StateKind("listen", "LISTEN", "`LISTEN channel`", _P, "the session stays on the writer"),
-    StateKind("temp_table", "temporary table", "`CREATE TEMP TABLE|VIEW|SEQUENCE`, `SELECT ... INTO TEMP`, "
+    StateKind("temp_table", "temporary table", "`CREATE TEMP TABLE` (or VIEW, SEQUENCE), `SELECT ... INTO TEMP`, "
               "`CREATE TABLE pg_temp.t`", _P, "the session stays on the writer"),
     StateKind("advisory_lock", "session advisory lock", "`pg_advisory_lock()`, `pg_advisory_lock_shared()`, "
               "`pg_try_advisory_lock()`, `pg_try_advisory_lock_shared()`", _P, "the session stays on the writer"),
@@ -125,7 +125,7 @@ MY_STATE_KINDS: tuple[StateKind, ...] = (
     StateKind("stmt_prepare", "binary prepared statement", "COM_STMT_PREPARE", _R,
               "re-prepared under the statement id the client knows"),
     StateKind("set_option", "multi-statement option", "COM_SET_OPTION", _R, "the command"),
-    StateKind("user_variable_computed", "user variable set by a query", "`SELECT ... INTO @a`, `@a := ...`, "
+    StateKind("user_variable_computed", "user variable with a computed value", "`SELECT ... INTO @a`, `@a := ...`, "
               "`SET @a = (SELECT ...)`, `SET @a = UUID()`, `CALL p(@out)`, `EXPLAIN ... INTO @a`, "
               "`GET DIAGNOSTICS @a`", _P, "the session stays on the writer"),
     StateKind("set_computed", "session variable with a computed value", "`SET var = (SELECT ...)`, "
@@ -138,7 +138,7 @@ MY_STATE_KINDS: tuple[StateKind, ...] = (
               "READ LOCK`, `FLUSH TABLES ... FOR EXPORT`, `BACKUP STAGE`, `BACKUP LOCK`", _P,
               "the session stays on the writer"),
     StateKind("handler", "HANDLER", "`HANDLER t OPEN`", _P, "the session stays on the writer"),
-    StateKind("executed_state", "state set by a prepared statement", "`EXECUTE s` of a `PREPARE s FROM 'SET ...'` "
+    StateKind("executed_state", "state set up by a prepared statement", "`EXECUTE s` of a `PREPARE s FROM 'SET ...'` "
               "(or of an unknown text), `EXECUTE IMMEDIATE` of such a text, COM_STMT_EXECUTE of a statement that "
               "sets state", _P, "the session stays on the writer"),
     StateKind("uncertain", "session state of an uncertain query", "a state-changing query that fails part-way "

@@ -61,30 +61,30 @@ def _head_words(sql: str, n: int = 4) -> list[str]:
     return [w.lower() for w in _WORDS.findall(rest[:200])[:n]]
 
 
+_SET_NAME = re.compile(r"(?:set|reset)\s+(?:session\s+)?([a-z_][a-z0-9_$]*(?:\s*\.\s*[a-z_][a-z0-9_$]*)?)"
+                       r"\s*(?:=|to\b|;|\Z)", re.IGNORECASE)
+_SET_CONFIG_NAME = re.compile(r"SELECT pg_catalog\.set_config\('([A-Za-z0-9_.]+)', ")
+
+
 def _set_target(statement: StatementInfo) -> str | None:
     """The setting a SET/RESET/set_config statement changes, when it is one that a later one supersedes."""
-    words = statement.words
     if statement.replay:
-        if len(statement.replay) != 1:
-            return None
-        m = re.match(r"SELECT pg_catalog\.set_config\('([A-Za-z0-9_.]+)', ", statement.replay[0])
+        m = _SET_CONFIG_NAME.match(statement.replay[0]) if len(statement.replay) == 1 else None
         return m.group(1).lower() if m else None
-    if not words or words[0] not in ("set", "reset"):
-        return None
-    rest = list(words[1:])
-    if rest[:1] == ["session"]:
-        rest = rest[1:]
-    if not rest:
-        return None
-    if rest[:2] == ["time", "zone"]:
+    words = list(statement.words[1:])
+    if words[:1] == ["session"]:
+        words = words[1:]
+    if words[:2] == ["time", "zone"]:
         return "timezone"
-    if rest[0] == "names":
+    if words[:1] == ["names"]:
         return "client_encoding"
-    if rest[0] == "schema":
+    if words[:1] == ["schema"]:
         return "search_path"
-    if rest[0] in ("role", "authorization", "characteristics", "all") or rest[:2] == ["session", "authorization"]:
-        return None if rest[0] != "role" else "role"
-    return rest[0]
+    if words[:1] in (["role"], ["authorization"], ["characteristics"], ["all"]):
+        return None  # who may set what, or several settings at once: kept where they are
+    text = statement.text[_LEADING_NOISE.match(statement.text).end():]  # type: ignore[union-attr]
+    m = _SET_NAME.match(text)
+    return re.sub(r"\s+", "", m.group(1)).lower() if m else None
 
 
 @dataclass

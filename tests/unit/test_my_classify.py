@@ -18,7 +18,10 @@ from endpoint_proxy.routing.my_classify import (
     Classification,
     FunctionPolicy,
     Route,
+    analyze,
     classify,
+    literal_text,
+    set_assignments,
     split_statements,
 )
 from endpoint_proxy.routing.session_kinds import MY_PINNING_STATES
@@ -612,3 +615,166 @@ def test_classify_is_fast_on_pathological_input(sql: str) -> None:
     split_statements(sql)
     assert c.reason != "classifier error"
     assert time.perf_counter() - started < 1.0
+
+
+
+# --- lexing as the server will: the session's sql_mode and character set (defect 7)
+
+DEFECT_7 = r"select 'a\'; delete from t where id = 3; -- '"
+NBE = MyDialect(no_backslash_escapes=True, ansi_quotes=False, charset="utf8mb4")
+ANSI = MyDialect(no_backslash_escapes=False, ansi_quotes=True, charset="utf8mb4")
+UNKNOWN = MyDialect()
+
+
+def test_defect_7_no_backslash_escapes_hides_a_delete() -> None:
+    # SET sql_mode = 'NO_BACKSLASH_ESCAPES': the backslash is a letter, the string is 'a\\', then a DELETE
+    c = classify(DEFECT_7, dialect=NBE)
+    assert (c.route, c.reason, c.statements) == (Route.WRITE, "delete", 2)
+    assert classify(DEFECT_7, dialect=KNOWN).route is Route.READ  # with escapes: one string, one read
+    # not known (what today's session passes: nothing): read both ways, they disagree: the writer
+    c = classify(DEFECT_7, dialect=UNKNOWN)
+    assert (c.route, c.reason) == (Route.WRITE, "sql_mode unknown: the query reads several ways")
+    assert classify(DEFECT_7).route is Route.WRITE
+
+
+def test_ansi_quotes_hides_a_delete() -> None:
+    sql = r'SELECT "a\"; DELETE FROM t; -- "'  # a string with an escaped quote, or the identifier "a\" and a DELETE
+    assert classify(sql, dialect=KNOWN).route is Route.READ
+    assert classify(sql, dialect=ANSI).reason == "delete"
+    assert classify(sql, dialect=MyDialect(False, None, "utf8mb4")).route is Route.WRITE
+    assert classify(sql, ansi_quotes=True, no_backslash_escapes=False).reason == "delete"  # keywords override
+    assert classify('SELECT "a" FROM t', dialect=UNKNOWN).route is Route.READ  # the readings agree
+
+
+def test_sql_mode_set_in_the_query_changes_how_the_rest_lexes() -> None:
+    sql = "SET sql_mode = 'NO_BACKSLASH_ESCAPES'; " + DEFECT_7
+    a = analyze(sql, dialect=KNOWN)
+    assert [s.text for s in a.statements] == ["SET sql_mode = 'NO_BACKSLASH_ESCAPES'", r"select 'a\'",
+                                              "delete from t where id = 3"]
+    assert [s.dialect.no_backslash_escapes for s in a.statements] == [False, True, True]
+    assert a.dialect == NBE
+    assert classify(sql, dialect=KNOWN).statements == 3
+    for first in ("SET SESSION sql_mode = 'ANSI'", "SET @@sql_mode = 'ansi_quotes'", "SET @@SESSION.sql_mode := ANSI",
+                  "SET LOCAL sql_mode = 'DB2,STRICT_ALL_TABLES'", "SET @@local.sql_mode = 'ORACLE'"):
+        a = analyze(first + r'; SELECT "a\"; DELETE FROM t; -- "', dialect=KNOWN)
+        assert len(a.statements) == 3 and a.dialect.ansi_quotes, first
+    a = analyze("SET sql_mode = ''; " + DEFECT_7, dialect=NBE)  # back to escapes: one string
+    assert len(a.statements) == 2 and a.dialect == KNOWN
+
+
+@pytest.mark.parametrize("first", [
+    "SET sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')",
+    "SET sql_mode = @saved",
+    "SET sql_mode = DEFAULT",
+    "SET GLOBAL sql_mode = ''",
+    "EXECUTE s",
+])
+def test_an_unknown_sql_mode_in_the_query_reads_the_rest_both_ways(first: str) -> None:
+    a = analyze(first + "; " + DEFECT_7, dialect=KNOWN)
+    assert a.uncertain and a.problem == "sql_mode unknown: the query reads several ways"
+    assert a.classification.route is Route.WRITE
+    assert a.dialect.no_backslash_escapes is None
+
+
+def test_set_names_in_the_query_changes_the_charset() -> None:
+    sql = "SET NAMES gbk; SELECT '\udc95\\'; DELETE FROM t; -- '"
+    a = analyze(sql, dialect=KNOWN)
+    assert a.uncertain and a.problem == "a backslash or backtick after a non-ASCII character (character_set_client gbk)"
+    assert analyze("SET NAMES 'sjis' COLLATE sjis_bin; SELECT 1", dialect=KNOWN).dialect.charset == "sjis"
+    assert analyze("SET CHARACTER SET big5", dialect=KNOWN).dialect.charset == "big5"
+    assert analyze("SET character_set_client = utf8mb4", dialect=UNKNOWN).dialect.charset == "utf8mb4"
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT '\udc95\\'; DELETE FROM t; -- '",  # Shift-JIS 0x95 0x5c is one letter: the string ends at the '
+    "SELECT \udc81`; DELETE FROM t; -- `",  # 0x81 0x60: one letter, then a DELETE
+])
+def test_a_multibyte_character_may_end_in_a_backslash_or_backtick(sql: str) -> None:
+    c = classify(sql, dialect=MyDialect(False, False, "sjis"))
+    assert c.route is Route.WRITE and c.reason.startswith("a backslash or backtick after a non-ASCII character")
+    assert classify(sql, dialect=MyDialect(False, False, None)).route is Route.WRITE  # charset unknown
+    assert classify(sql, dialect=KNOWN).route is Route.READ  # utf8mb4 never hides one
+
+
+@pytest.mark.parametrize(("sql", "route", "statements"), [
+    # comments
+    ("SELECT 1 # ; DELETE FROM t", R, 1),
+    ("SELECT 1 -- ; DELETE FROM t", R, 1),
+    ("SELECT 1 --\t; DELETE FROM t", R, 1),
+    ("SELECT 1 --1; DELETE FROM t", W, 2),  # no space: 1 - -1, then a DELETE
+    ("SELECT 1 /* ; DELETE FROM t */", R, 1),
+    ("SELECT 1 /* /* */ ; DELETE FROM t", W, 2),  # comments do not nest
+    ("SELECT /*+ MAX_EXECUTION_TIME(1000) */ * FROM t", R, 1),
+    # executable comments: MariaDB runs their content
+    ("SELECT 1 /*! , 2 */", R, 1),
+    ("/*!50100 DELETE FROM t */", W, 1),
+    ("SELECT 1 /*M!100000 FOR UPDATE */", W, 1),
+    ("SELECT 1 /*!; DELETE FROM t */", W, 2),  # a statement boundary inside: the writer
+    ("SELECT 1 /*! /*! DELETE FROM t */ */", W, 1),  # one inside another: the writer
+    ("SELECT 1 /*!99999 /* ; */ FOR UPDATE */", W, 1),
+    # quotes
+    ("SELECT `a``; DELETE FROM t; -- `", R, 1),
+    ("SELECT 'a''; DELETE FROM t; -- '", R, 1),
+    ('SELECT "a""; DELETE FROM t; -- "', R, 1),
+    ("SELECT X'41', B'01', 0x41 FROM t", R, 1),
+    ("SELECT _utf8mb4 'x', N'y', _binary'z' FROM t", R, 1),
+    # DELIMITER belongs to the mysql client: the server does not know it
+    ("DELIMITER //", W, 1),
+    ("DELIMITER ;;\nSELECT 1;;", W, 2),
+])
+def test_lexical_traps(sql: str, route: str, statements: int) -> None:
+    c = classify(sql, dialect=KNOWN)
+    assert (c.route, c.statements) == (route, statements), c
+
+
+def test_charset_introducers_follow_the_sql_mode() -> None:
+    sql = r"SELECT _utf8mb4'a\'; DELETE FROM t; -- '"
+    assert classify(sql, dialect=KNOWN).route is Route.READ
+    assert classify(sql, dialect=NBE).route is Route.WRITE
+    assert classify(sql, dialect=UNKNOWN).route is Route.WRITE
+
+
+def test_set_assignments() -> None:
+    toks = tuple(analyze("SET GLOBAL a = 1, b = 2, SESSION @@c := 'x', @@global.d = 3, @e = @f, NAMES utf8mb4 "
+                         "COLLATE utf8mb4_bin, CHARACTER SET latin1", dialect=KNOWN).statements[0].tokens)
+    items = set_assignments(toks)
+    assert items is not None
+    assert [(i.target, i.name, i.is_global) for i in items] == [
+        ("v", "a", True), ("v", "b", True), ("v", "c", False), ("v", "d", True), ("u", "e", False),
+        ("names", "names", False), ("names", "character_set", False)]
+    assert literal_text(items[2].value, False) == "x"
+    assert literal_text(items[5].value, False) is None  # utf8mb4 COLLATE utf8mb4_bin: not one literal
+    assert literal_text(items[5].value[:1], False) == "utf8mb4"
+    for sql in ("SET TRANSACTION READ ONLY", "SET STATEMENT a = 1 FOR SELECT 1", "SET PASSWORD = 'x'", "SELECT 1"):
+        assert set_assignments(analyze(sql, dialect=KNOWN).statements[0].tokens) is None
+    items = set_assignments(analyze("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                                    dialect=KNOWN).statements[0].tokens)
+    assert items is not None and [(i.name, i.is_global) for i in items] == [("transaction", False)]
+
+
+def test_the_function_policy_applies_under_every_reading() -> None:
+    user = FunctionPolicy(write_functions=frozenset({"app.bump"}), read_functions=frozenset({"report"}))
+    assert classify('SELECT app.bump("x")', user, dialect=UNKNOWN).route is Route.WRITE
+    assert classify('SELECT report("x")', user, dialect=UNKNOWN).route is Route.READ
+    assert classify("SELECT bump(1)", user).route is Route.WRITE
+    assert classify("CALL report()", user, dialect=KNOWN).route is Route.READ
+    assert classify("CALL report(@out)", user, dialect=KNOWN).route is Route.WRITE  # sets a user variable
+    assert classify("SELECT report(1)", dialect=KNOWN).route is Route.READ  # no policy: an unknown function reads
+
+
+_DIALECTS = [KNOWN, NBE, ANSI, UNKNOWN, MyDialect(False, False, "gbk")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([*_FRAGMENTS, "sql_mode", "'ANSI_QUOTES'", "'NO_BACKSLASH_ESCAPES'", "NAMES",
+                                 "gbk", "\udc95"]), max_size=30).map(" ".join))
+def test_an_unknown_sql_mode_reads_only_when_every_sql_mode_does(sql: str) -> None:
+    c = classify(sql, dialect=UNKNOWN)
+    if c.route is Route.READ:
+        for nbe in (False, True):
+            for ansi in (False, True):
+                assert classify(sql, dialect=MyDialect(nbe, ansi, None)).route is Route.READ, (nbe, ansi)
+    for dialect in _DIALECTS:
+        a = analyze(sql, dialect=dialect)
+        assert a.classification == classify(sql, dialect=dialect)
+        assert a.classification.reason != "classifier error"
