@@ -8,9 +8,17 @@
 #   (double quotes quote identifiers under ANSI_QUOTES; backslash escapes unless NO_BACKSLASH_ESCAPES), hex and
 #   bit literals, user (@a) and system (@@a) variables. The rules look at tokens only, so a keyword inside a
 #   string, a comment or a quoted identifier never counts.
+# - The lexer depends on the session (MyDialect): NO_BACKSLASH_ESCAPES, ANSI_QUOTES, character_set_client. An
+#   unknown flag is read both ways when the text holds its character (a backslash, a double quote), and the query
+#   is WRITE unless the readings agree on statement boundaries, route and state. The server lexes each statement
+#   of a query after the previous one ran, so a `SET sql_mode` / `SET NAMES` with a literal value changes how
+#   the statements after it are read (a value not known here makes the flags unknown from there on). In a
+#   multibyte character set whose second bytes include `\` and `` ` `` (GBK, Big5, Shift-JIS, ...), one of
+#   those right after a non-ASCII character cannot be read for sure: WRITE.
 # - A versioned executable comment (`/*!NNNNN`) runs only on servers at least that new, and `/*M!` only on
 #   MariaDB. The server is unknown here, so such a query is read both ways (content as code, content skipped)
-#   and is WRITE if either reading writes.
+#   and is WRITE if either reading writes. An executable comment inside another, or a statement boundary inside
+#   one, is a lexical error here (WRITE): the server does not read them the way the nesting suggests.
 # - Everything that is not known to be a read is a write. When in doubt (unterminated literal or comment,
 #   unbalanced parentheses, an unknown verb, an EXECUTE of a statement the caller does not know) the answer is
 #   WRITE.
@@ -21,17 +29,17 @@
 #   it for the next BEGIN (which it may then treat as read-only, sending both where that transaction runs);
 #   in one multi-statement query the following BEGIN is turned into "begin_read_only" here. Other
 #   SET TRANSACTION statements are WRITE with no session state (they do not outlive the next transaction).
-# - Session state is reported in `session_state`. Some values pin the session to its backend (PINNING_STATES):
-#   user variables among them, because a user variable lives on the backend that set it. Reading a user
-#   variable (`SELECT @a`) is therefore WRITE too ("user_variable_read"): the variable, if the session set one,
-#   is on the writer. `SET autocommit = 0` ("autocommit_off") makes every later statement part of a
-#   transaction: the caller treats everything up to COMMIT/ROLLBACK (or `SET autocommit = 1`) as a
-#   transaction on the writer. `USE db` ("use") is READ and must be replayed on every backend.
+# - Session state is reported in `session_state` with the keys of session_kinds.MY_STATE_KINDS; a pinning one
+#   (PINNING_STATES) makes its statement WRITE whatever the FunctionPolicy says. Assignments of user variables
+#   are "user_variable" (the tracker tells a replayable `SET @a = 1` from `SELECT ... INTO @a`, which pins).
+#   Reading a user variable (`SELECT @a`) is READ ("user_variable_read"): every backend the session uses has
+#   its variables, or the session is pinned. `SET autocommit = 0` ("autocommit_off") makes every later
+#   statement part of a transaction: the caller treats everything up to COMMIT/ROLLBACK (or
+#   `SET autocommit = 1`) as a transaction on the writer. `USE db` ("use") is READ and must be replayed on
+#   every backend.
 # - Statements about the previous statement on the same connection (LAST_INSERT_ID(), FOUND_ROWS(),
 #   ROW_COUNT(), SHOW WARNINGS, ...) are WRITE: that statement most likely ran on the writer. For the same
 #   reason `SELECT SQL_CALC_FOUND_ROWS` is WRITE, so that its FOUND_ROWS() finds it.
-# - The caller tracks the session's sql_mode: ANSI_QUOTES and NO_BACKSLASH_ESCAPES change the lexing (the
-#   latter is also a server status flag of every OK packet).
 # - Pure: no I/O, no clock, never raises (a last-resort guard turns an internal bug into a WRITE).
 
 from __future__ import annotations
@@ -130,7 +138,7 @@ _UNESCAPE = re.compile(r"\\(.)|''|\"\"", re.DOTALL)
 _ESCAPES = {"0": "\0", "n": "\n", "r": "\r", "t": "\t", "b": "\b", "Z": "\x1a", "%": "\\%", "_": "\\_"}
 
 
-@dataclass
+@dataclass(slots=True)
 class _Lexed:
     tokens: list[_Token]  # all statements' tokens, every ';' included
     # (token index, offset, parenthesis depth, inside an executable comment) of each ';'
@@ -140,7 +148,7 @@ class _Lexed:
     conditional: bool  # a versioned or MariaDB-only executable comment was seen
 
 
-@dataclass
+@dataclass(slots=True)
 class _Statement:
     tokens: list[_Token]
     start: int  # offsets of the statement's text in the SQL, without its terminating ';'
@@ -470,7 +478,7 @@ def _split(lexed: _Lexed, n: int, start: int = 0) -> list[_Statement]:
 # Classification of one statement
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Part:
     route: Route
     reason: str
@@ -481,7 +489,7 @@ class _Part:
     # does not make it read-only
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Context:
     functions: FunctionPolicy | None
     prepared: Mapping[str, Route]
@@ -1178,7 +1186,7 @@ def _lexes_alike(a: MyDialect, b: MyDialect) -> bool:
             and a.multibyte_risk == b.multibyte_risk)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Reading:
     """The query read one way: with known sql_mode flags, executable comments as code or as comments."""
 
@@ -1201,20 +1209,20 @@ class _Reading:
 
 def _choices(dialect: MyDialect, sql: str, offset: int) -> list[MyDialect]:
     """Concrete settings to read sql[offset:] with: both values of an unknown flag whose character is there."""
-    if dialect.no_backslash_escapes is not None and dialect.ansi_quotes is not None:
-        return [dialect]
-    nbe = [dialect.no_backslash_escapes] if dialect.no_backslash_escapes is not None else (
-        [False, True] if sql.find("\\", offset) >= 0 else [False])
-    ansi = [dialect.ansi_quotes] if dialect.ansi_quotes is not None else (
-        [False, True] if sql.find('"', offset) >= 0 else [False])
+    fork_nbe = dialect.no_backslash_escapes is None and sql.find("\\", offset) >= 0
+    fork_ansi = dialect.ansi_quotes is None and sql.find('"', offset) >= 0
+    if not fork_nbe and not fork_ansi:
+        return [dialect]  # an unknown flag that cannot matter is read as off
+    nbe = [False, True] if fork_nbe else [dialect.no_backslash_escapes]
+    ansi = [False, True] if fork_ansi else [dialect.ansi_quotes]
     return [MyDialect(a, b, dialect.charset) for a in nbe for b in ansi]
 
 
 def _readings(sql: str, functions: FunctionPolicy | None, prepared: Mapping[str, Route], dialect: MyDialect,
-              as_code: bool, offset: int, depth: int, budget: list[int]) -> list[_Reading]:
+              as_code: bool, offset: int, depth: int, budget: list[int], track: bool = False) -> list[_Reading]:
     """The readings of sql[offset:]. A statement that changes how the rest lexes (SET sql_mode, SET NAMES) is
     followed by a new reading of the rest, as the server lexes each statement of a query once the previous one
-    has run."""
+    has run. `track`: work out the settings after the last statement too (for the session's tracker)."""
     readings: list[_Reading] = []
     n = len(sql)
     for settings in _choices(dialect, sql, offset):
@@ -1235,13 +1243,17 @@ def _readings(sql: str, functions: FunctionPolicy | None, prepared: Mapping[str,
         forked = False
         for k, statement in enumerate(statements):
             parts.append(_statement(statement.tokens, ctx, depth))
+            last = k + 1 == len(statements)
+            if last and not track:
+                break
             after = _dialect_after(statement.tokens, current, nbe)
-            if k + 1 < len(statements) and not _lexes_alike(after, current):
+            if not last and not _lexes_alike(after, current):
                 budget[0] -= 1
                 if budget[0] >= 0:
                     head = [settings] * (k + 1)  # this segment was read with one setting
                     head_hints = [h for h in lexed.hints if h[0] < statement.end]
-                    for rest in _readings(sql, functions, prepared, after, as_code, statement.end + 1, depth, budget):
+                    for rest in _readings(sql, functions, prepared, after, as_code, statement.end + 1, depth, budget,
+                                          track):
                         readings.append(_Reading(statements[:k + 1] + rest.statements, parts + rest.parts,
                                                  head + rest.dialects, head_hints + rest.hints, rest.error,
                                                  uncertain or rest.uncertain, rest.dialect_after))
@@ -1298,7 +1310,7 @@ def _agree(readings: list[_Reading], use_hints: bool) -> tuple[Classification, s
     return first, None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Outcome:
     classification: Classification
     problem: str | None  # why the query cannot be read for sure (not a lexical error), or None
@@ -1306,13 +1318,13 @@ class _Outcome:
 
 
 def _evaluate_text(sql: str, functions: FunctionPolicy | None, prepared: Mapping[str, Route], dialect: MyDialect,
-                   depth: int, use_hints: bool) -> _Outcome:
+                   depth: int, use_hints: bool, track: bool = False) -> _Outcome:
     """All readings of a query: every value of an unknown sql_mode flag that matters, and executable comments
     that may or may not run (versioned, MariaDB-only) as code and as comments."""
     if depth > _MAX_DEPTH:
         return _Outcome(Classification(Route.WRITE, "nested too deeply"), None, [])
     budget = [_MAX_RELEXES]
-    code = _readings(sql, functions, prepared, dialect, True, 0, depth, budget)
+    code = _readings(sql, functions, prepared, dialect, True, 0, depth, budget, track)
     verdict, problem = _agree(code, use_hints)
     readings = list(code)
     if problem is None and verdict.route is Route.READ and verdict.hint is None and _has_conditional(sql):
@@ -1341,8 +1353,11 @@ def _evaluate(sql: str, ctx: _Context, depth: int, use_hints: bool) -> Classific
     return _evaluate_text(sql, ctx.functions, ctx.prepared, dialect, depth, use_hints).classification
 
 
+_UNKNOWN = MyDialect()
+
+
 def _dialect(dialect: MyDialect | None, ansi_quotes: bool | None, no_backslash_escapes: bool | None) -> MyDialect:
-    dialect = dialect if dialect is not None else MyDialect()
+    dialect = dialect if dialect is not None else _UNKNOWN
     if ansi_quotes is not None:
         dialect = replace(dialect, ansi_quotes=ansi_quotes)
     if no_backslash_escapes is not None:
@@ -1409,7 +1424,7 @@ def analyze(sql: str, functions: FunctionPolicy | None = None, prepared: Mapping
     """`classify`, statement by statement. Never raises."""
     d = _dialect(dialect, None, None)
     try:
-        outcome = _evaluate_text(sql, functions, prepared if prepared is not None else {}, d, 0, True)
+        outcome = _evaluate_text(sql, functions, prepared if prepared is not None else {}, d, 0, True, track=True)
     except Exception:  # a bug here must not break a session
         return Analysis(Classification(Route.WRITE, "classifier error"), (), MyDialect(), "classifier error", True)
     if not outcome.readings:

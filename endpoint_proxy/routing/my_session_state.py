@@ -323,18 +323,26 @@ class MySessionState:
             pending.pins.append(("user_variable_computed", None))
 
 
+# Statements that may set up state or change the dialect begin with these (compound statements may hold a SET),
+# or hold one of _STATEFUL_WORDS, or a user variable (@).
+_STATEFUL_HEADS = ("set", "use", "begin", "if", "case", "loop", "while", "repeat", "/*", "--", "#", "(")
+_STATEFUL_WORDS = ("lock", "temporary", "handler", "prepare", "deallocate", "drop", "execute", "flush", "backup")
+_LABEL = re.compile(r"\s*[a-z_][a-z0-9_]*\s*:(?!=)")
+
+
 def _maybe_stateful(sql: str) -> bool:
     """Whether a query may change session state or the dialect (a light check: false positives only cost a
     full read). Written out for speed: it runs on every query."""
     if "@" in sql:
         return True
     t = sql.lower()
-    return ("set" in t or "lock" in t or "temporary" in t or "handler" in t or "prepare" in t or "deallocate" in t
-            or "drop" in t or "execute" in t or "flush" in t or "backup" in t
-            or ("use" in t and _USE_WORD.search(t) is not None))
-
-
-_USE_WORD = re.compile(r"\buse\b")
+    if t.lstrip().startswith(_STATEFUL_HEADS) or _LABEL.match(t):
+        return True
+    semicolon = t.find(";")
+    if semicolon >= 0 and t[semicolon + 1:].strip(" \t\r\n\0"):
+        return True  # several statements: any of them may
+    return ("lock" in t or "temporary" in t or "handler" in t or "prepare" in t or "deallocate" in t
+            or "drop" in t or "execute" in t or "flush" in t or "backup" in t)
 
 
 def _sets_up_state(sql: str, dialect: MyDialect) -> bool:

@@ -209,14 +209,14 @@ _UESCAPE = re.compile(rf"[{_SPACE}]*[uU][eE][sS][cC][aA][pP][eE][{_SPACE}]*'([^'
 _MULTIBYTE_BACKSLASH = re.compile(r"[^\x00-\x7f]\\")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Statement:
     tokens: list[_Token]
     start: int  # offsets of the statement's text in the SQL, without its terminating ';'
     end: int
 
 
-@dataclass
+@dataclass(slots=True)
 class _Lexed:
     statements: list[_Statement]
     hints: list[str]
@@ -473,7 +473,7 @@ def _literal_value(source: str, standard_conforming_strings: bool) -> str | None
 # Classification of one statement
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Part:
     route: Route
     reason: str
@@ -485,7 +485,7 @@ class _Part:
     detail: str | None = None  # why the session state pins, when the kind's label does not say it all
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Context:
     functions: FunctionPolicy | None
     prepared: Mapping[str, Route]
@@ -1127,7 +1127,7 @@ def _verdict(lexed: _Lexed, parts: list[_Part], transaction: str | None) -> Clas
                           statements=count, prepared_name=prepared_name)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Reading:
     """The query read with one value of standard_conforming_strings."""
 
@@ -1167,8 +1167,11 @@ def _readings(sql: str, functions: FunctionPolicy | None, prepared: Mapping[str,
     return readings, None
 
 
+_UNKNOWN = PgDialect()
+
+
 def _dialect(dialect: PgDialect | None, standard_conforming_strings: bool | None) -> PgDialect:
-    dialect = dialect if dialect is not None else PgDialect()
+    dialect = dialect if dialect is not None else _UNKNOWN
     if standard_conforming_strings is not None:
         dialect = replace(dialect, standard_conforming_strings=standard_conforming_strings)
     return dialect

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from endpoint_proxy.protocol.mysql import constants as k
+from endpoint_proxy.routing import my_session_state as my_state_module
 from endpoint_proxy.routing.dialect import MyDialect
-from endpoint_proxy.routing.my_classify import Route, classify
+from endpoint_proxy.routing.my_classify import Route, analyze, classify
 from endpoint_proxy.routing.my_session_state import MySessionState
 from endpoint_proxy.routing.session_kinds import MY_PINNING_STATES, MY_STATE_KINDS
 
@@ -207,3 +210,21 @@ def test_the_replay_list_is_bounded() -> None:
     for _ in range(1100):
         _run(s, "SET @a = @a + 1")  # each reads the one before: none can go
     assert s.pinned_by == "too much session state"
+
+
+_FRAGMENTS = ["SET", "sql_mode", "=", "'ANSI'", "NAMES", "gbk", "USE", "db", "@a", "LOCK", "TABLES", "CREATE",
+              "TEMPORARY", "TABLE", "t", "HANDLER", "OPEN", "GET_LOCK", "(", ")", "'x'", ";", "SELECT", "INTO", "BEGIN",
+              "NOT", "ATOMIC", "END", "IF", "THEN", "/*!", "/*!50000", "*/", "-- ", "\n", "#", "PREPARE", "s", "FROM",
+              "EXECUTE", "IMMEDIATE", "CALL", "p", "lbl:", "x", "UPDATE", "INSERT", "VALUES", "FLUSH", "WITH", "READ",
+              "autocommit", "0", "SESSION", "CHARACTER", "DEALLOCATE", "DROP", "BACKUP", "STAGE", "1", ",", "`a`"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_FRAGMENTS), max_size=25).map(" ".join))
+def test_the_hot_path_check_misses_nothing(sql: str) -> None:
+    if my_state_module._maybe_stateful(sql):
+        return
+    dialect = MyDialect(False, False, "utf8mb4")
+    a = analyze(sql, dialect=dialect)
+    assert a.states <= {"user_variable_read", "unlock_tables"}, (sql, a.states)
+    assert a.dialect in (dialect, MyDialect()), sql  # unknown only after a lexical error

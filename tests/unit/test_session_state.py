@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from endpoint_proxy.protocol.pg import messages as m
 from endpoint_proxy.routing import session_state as state_module
 from endpoint_proxy.routing.dialect import PgDialect
+from endpoint_proxy.routing.pg_classify import analyze
 from endpoint_proxy.routing.session_kinds import PG_PINNING_STATES, PG_STATE_KINDS
 from endpoint_proxy.routing.session_state import SessionState, ends_transaction, is_rollback
 
@@ -234,3 +237,18 @@ def test_every_pinning_kind_has_a_label() -> None:
         s = _state()
         s._pin(key)
         assert s.pinned_by == labels[key]
+
+
+_FRAGMENTS = ["SET", "search_path", "set_config", "(", ")", "'a'", "false", "true", "$1", ",", "SELECT", "LISTEN",
+              "CREATE", "TEMP", "TABLE", "DO", "$$", "BEGIN", "END", "PREPARE", "p", "AS", "DECLARE", "CURSOR", "WITH",
+              "HOLD", "FOR", "INTO", "pg_advisory_lock", "setseed", "UPDATE", "pg_settings", 'U&"set_config"', "LOAD",
+              "RESET", "DISCARD", "ALL", "/*", "*/", "--", "\n", "EXPLAIN", "ANALYZE", "COPY", "TO", "STDOUT",
+              "pg_temp", ".", "x", ";", "dblink_connect", "LOCAL", "FROM", "t", "=", "E'\\\\'"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_FRAGMENTS), max_size=25).map(" ".join))
+def test_the_hot_path_check_misses_nothing(sql: str) -> None:
+    if state_module._maybe_stateful(sql) or not state_module._single(sql):
+        return
+    assert analyze(sql, dialect=KNOWN).states <= {"unlisten"}, sql
