@@ -153,6 +153,11 @@ class MySessionState:
         if status is not None:
             self.on_status(status)
 
+    def on_sql_mode(self, sql_mode: str) -> None:
+        """The session's @@sql_mode, when the session asked its backend (say, after a SET sql_mode with a value
+        not known here left ANSI_QUOTES unknown)."""
+        self.dialect = self.dialect.with_sql_mode(sql_mode)
+
     def on_status(self, status: int) -> None:
         """Status flags of any OK or EOF packet from the session's backend: NO_BACKSLASH_ESCAPES is the truth."""
         nbe = bool(status & SERVER_STATUS_NO_BACKSLASH_ESCAPES)
@@ -271,6 +276,10 @@ class MySessionState:
         if items is None:  # SET STATEMENT ... FOR a statement that set a user variable
             if statement.session_state == "user_variable":
                 pending.pins.append(("user_variable_computed", None))
+            return
+        if any(item.is_global for item in items) and not all(item.is_global for item in items):
+            # replayed whole, it would set the other server's GLOBAL value too
+            pending.pins.append(("set_computed", "a SET of session and GLOBAL variables in one statement"))
             return
         sets: set[str] = set()
         reads: set[str] = set()

@@ -74,7 +74,7 @@ PG_STATE_KINDS: tuple[StateKind, ...] = (
               "the session stays on the writer"),
     StateKind("set_config_computed", "set_config with a computed value", "set_config(..., false) with a "
               "parameter ($1), a column or an expression, with FROM/WHERE around it, in PREPARE, EXPLAIN ANALYZE, "
-              "COPY or a named Parse, or with is_local not a literal", _P,
+              "COPY or DECLARE, or with is_local not a literal", _P,
               "the session stays on the writer (what it set cannot be known)"),
     StateKind("do_block", "DO block", "`DO` whose body may set session state (SET, RESET, set_config, EXECUTE, "
               "LISTEN, temporary tables, advisory locks, setseed) or in a language other than plpgsql", _P,
@@ -117,7 +117,7 @@ MY_STATE_KINDS: tuple[StateKind, ...] = (
     StateKind("autocommit_on", "autocommit on", "`SET autocommit = 1`", _R, "the statement, in order"),
     StateKind("user_variable", "user variable", "`SET @a = value`, same values as above", _R,
               "the statement, in order"),
-    StateKind("use", "default database", "`USE db`, COM_INIT_DB", _R, "as `USE `db``, in order"),
+    StateKind("use", "default database", "`USE db`, COM_INIT_DB", _R, "a `USE` statement, in order"),
     StateKind("prepare", "SQL prepared statement", "`PREPARE s FROM 'text'` or `FROM @var`", _R,
               "the statement, in order; `DEALLOCATE PREPARE` forgets it"),
     StateKind("deallocate", "DEALLOCATE PREPARE", "`DEALLOCATE PREPARE s`, `DROP PREPARE s`", _R,
@@ -129,7 +129,8 @@ MY_STATE_KINDS: tuple[StateKind, ...] = (
               "`SET @a = (SELECT ...)`, `SET @a = UUID()`, `CALL p(@out)`, `EXPLAIN ... INTO @a`, "
               "`GET DIAGNOSTICS @a`", _P, "the session stays on the writer"),
     StateKind("set_computed", "session variable with a computed value", "`SET var = (SELECT ...)`, "
-              "`SET var = RAND()`, any function not known to give the same result on every server", _P,
+              "`SET var = RAND()`, any function not known to give the same result on every server; a SET of "
+              "session and GLOBAL variables in one statement", _P,
               "the session stays on the writer"),
     StateKind("temp_table", "temporary table", "`CREATE TEMPORARY TABLE`, `CREATE TEMPORARY SEQUENCE`", _P,
               "the session stays on the writer"),

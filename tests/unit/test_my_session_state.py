@@ -58,6 +58,7 @@ def test_the_status_flag_is_the_truth_for_backslashes() -> None:
     ("SET sql_mode = 0", False, False),
     ("SET sql_mode = CONCAT(@@sql_mode, ',ANSI_QUOTES')", None, None),
     ("SET sql_mode = @saved", None, None),
+    ("SET @@SESSION.sql_mode = REPLACE(@@SESSION.sql_mode, 'ONLY_FULL_GROUP_BY', '')", None, None),
     ("SET sql_mode = DEFAULT", None, None),
     ("SET GLOBAL sql_mode = 'ANSI_QUOTES'", None, None),
     ("SET @@global.sql_mode = ''", None, None),
@@ -173,6 +174,7 @@ def test_prepared_sql_is_replayed_and_deallocate_forgets_it() -> None:
     ("SET @id = @@identity", "user variable with a computed value"),
     ("SET time_zone = (SELECT tz FROM settings)", "session variable with a computed value"),
     ("SET SESSION rand_seed1 = RAND()", "session variable with a computed value"),
+    ("SET @a = 1, GLOBAL max_connections = 10", "session variable with a computed value"),
     ("PREPARE s FROM 'SET @a = ?'; EXECUTE s USING @b", "state set up by a prepared statement"),
     ("EXECUTE IMMEDIATE 'SET @a = 1'", "state set up by a prepared statement"),
     ("EXECUTE IMMEDIATE @sql", "state set up by a prepared statement"),
@@ -228,3 +230,12 @@ def test_the_hot_path_check_misses_nothing(sql: str) -> None:
     a = analyze(sql, dialect=dialect)
     assert a.states <= {"user_variable_read", "unlock_tables"}, (sql, a.states)
     assert a.dialect in (dialect, MyDialect()), sql  # unknown only after a lexical error
+
+
+def test_the_session_may_ask_the_server_for_sql_mode() -> None:
+    s = _state()
+    _run(s, "SET @@SESSION.sql_mode = REPLACE(@@SESSION.sql_mode, 'ONLY_FULL_GROUP_BY', '')", status=OK)
+    assert (s.dialect.no_backslash_escapes, s.dialect.ansi_quotes) == (False, None)  # the status flag says one
+    assert s.replayable and len(s.entries) == 1  # deterministic given the replayed sql_mode
+    s.on_sql_mode("STRICT_TRANS_TABLES,ANSI_QUOTES")
+    assert s.dialect == MyDialect(False, True, "utf8mb4")
