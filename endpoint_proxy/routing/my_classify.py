@@ -8,9 +8,17 @@
 #   (double quotes quote identifiers under ANSI_QUOTES; backslash escapes unless NO_BACKSLASH_ESCAPES), hex and
 #   bit literals, user (@a) and system (@@a) variables. The rules look at tokens only, so a keyword inside a
 #   string, a comment or a quoted identifier never counts.
+# - The lexer depends on the session (MyDialect): NO_BACKSLASH_ESCAPES, ANSI_QUOTES, character_set_client. An
+#   unknown flag is read both ways when the text holds its character (a backslash, a double quote), and the query
+#   is WRITE unless the readings agree on statement boundaries, route and state. The server lexes each statement
+#   of a query after the previous one ran, so a `SET sql_mode` / `SET NAMES` with a literal value changes how
+#   the statements after it are read (a value not known here makes the flags unknown from there on). In a
+#   multibyte character set whose second bytes include `\` and `` ` `` (GBK, Big5, Shift-JIS, ...), one of
+#   those right after a non-ASCII character cannot be read for sure: WRITE.
 # - A versioned executable comment (`/*!NNNNN`) runs only on servers at least that new, and `/*M!` only on
 #   MariaDB. The server is unknown here, so such a query is read both ways (content as code, content skipped)
-#   and is WRITE if either reading writes.
+#   and is WRITE if either reading writes. An executable comment inside another, or a statement boundary inside
+#   one, is a lexical error here (WRITE): the server does not read them the way the nesting suggests.
 # - Everything that is not known to be a read is a write. When in doubt (unterminated literal or comment,
 #   unbalanced parentheses, an unknown verb, an EXECUTE of a statement the caller does not know) the answer is
 #   WRITE.
@@ -21,36 +29,45 @@
 #   it for the next BEGIN (which it may then treat as read-only, sending both where that transaction runs);
 #   in one multi-statement query the following BEGIN is turned into "begin_read_only" here. Other
 #   SET TRANSACTION statements are WRITE with no session state (they do not outlive the next transaction).
-# - Session state is reported in `session_state`. Some values pin the session to its backend (PINNING_STATES):
-#   user variables among them, because a user variable lives on the backend that set it. Reading a user
-#   variable (`SELECT @a`) is therefore WRITE too ("user_variable_read"): the variable, if the session set one,
-#   is on the writer. `SET autocommit = 0` ("autocommit_off") makes every later statement part of a
-#   transaction: the caller treats everything up to COMMIT/ROLLBACK (or `SET autocommit = 1`) as a
-#   transaction on the writer. `USE db` ("use") is READ and must be replayed on every backend.
+# - Session state is reported in `session_state` with the keys of session_kinds.MY_STATE_KINDS; a pinning one
+#   (PINNING_STATES) makes its statement WRITE whatever the FunctionPolicy says. Assignments of user variables
+#   are "user_variable" (the tracker tells a replayable `SET @a = 1` from `SELECT ... INTO @a`, which pins).
+#   Reading a user variable (`SELECT @a`) is READ ("user_variable_read"): every backend the session uses has
+#   its variables, or the session is pinned. `SET autocommit = 0` ("autocommit_off") makes every later
+#   statement part of a transaction: the caller treats everything up to COMMIT/ROLLBACK (or
+#   `SET autocommit = 1`) as a transaction on the writer. `USE db` ("use") is READ and must be replayed on
+#   every backend.
 # - Statements about the previous statement on the same connection (LAST_INSERT_ID(), FOUND_ROWS(),
 #   ROW_COUNT(), SHOW WARNINGS, ...) are WRITE: that statement most likely ran on the writer. For the same
 #   reason `SELECT SQL_CALC_FOUND_ROWS` is WRITE, so that its FOUND_ROWS() finds it.
-# - The caller tracks the session's sql_mode: ANSI_QUOTES and NO_BACKSLASH_ESCAPES change the lexing (the
-#   latter is also a server status flag of every OK packet).
 # - Pure: no I/O, no clock, never raises (a last-resort guard turns an internal bug into a WRITE).
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from .dialect import MyDialect
 from .pg_classify import Classification, FunctionPolicy, Route
+from .session_kinds import MY_PINNING_STATES
 
 __all__ = [
     "BUILTIN_WRITE_FUNCTIONS",
     "NAMED_LOCK_FUNCTIONS",
     "PINNING_STATES",
     "WRITER_SESSION_FUNCTIONS",
+    "Analysis",
+    "Assignment",
     "Classification",
     "FunctionPolicy",
+    "MyDialect",
     "Route",
+    "StatementInfo",
+    "analyze",
     "classify",
+    "literal_text",
+    "set_assignments",
     "split_statements",
 ]
 
@@ -67,8 +84,12 @@ BUILTIN_WRITE_FUNCTIONS: frozenset[str] = WRITER_SESSION_FUNCTIONS | NAMED_LOCK_
     "is_used_lock", "is_free_lock", "nextval", "setval", "lastval",
 })
 
-# session_state values that pin the session to its backend (reported first in a multi-statement query)
-PINNING_STATES: frozenset[str] = frozenset({"temp_table", "lock_tables", "named_lock", "user_variable", "handler"})
+# session_state values that pin the session to its backend (session_kinds.MY_STATE_KINDS): their statements go to
+# the writer whatever the FunctionPolicy says
+PINNING_STATES: frozenset[str] = MY_PINNING_STATES
+# reported first in a multi-statement query: the pinning ones, and user variables (the tracker decides whether
+# an assignment can be replayed)
+_REPORT_FIRST = PINNING_STATES | {"user_variable"}
 
 # System variables that read the previous statement's session
 _WRITER_SESSION_VARIABLES = frozenset({"identity", "last_insert_id"})
@@ -93,6 +114,7 @@ _WORD_CHARS = r"0-9A-Za-z_$\u0080-\U0010FFFF"
 _LEX = re.compile(
     rf"""
     (?P<space>[ \t\n\r\x0b\x0c]+)
+  | (?P<word>(?![xXbB]')[A-Za-z_$\u0080-\U0010FFFF][{_WORD_CHARS}]*)
   | (?P<line>--(?=[\x00-\x20\x7f]|\Z)|\#)
   | (?P<block>/\*)
   | (?P<close>\*/)
@@ -102,7 +124,6 @@ _LEX = re.compile(
   | (?P<uservar>@)
   | (?P<assign>:=)
   | (?P<number>[0-9][{_WORD_CHARS}]*)
-  | (?P<word>[A-Za-z_$\u0080-\U0010FFFF][{_WORD_CHARS}]*)
   | (?P<punct>[(),;.])
   | (?P<other>.)
     """,
@@ -117,16 +138,17 @@ _UNESCAPE = re.compile(r"\\(.)|''|\"\"", re.DOTALL)
 _ESCAPES = {"0": "\0", "n": "\n", "r": "\r", "t": "\t", "b": "\b", "Z": "\x1a", "%": "\\%", "_": "\\_"}
 
 
-@dataclass
+@dataclass(slots=True)
 class _Lexed:
     tokens: list[_Token]  # all statements' tokens, every ';' included
-    semicolons: list[tuple[int, int, int]]  # (token index, offset, parenthesis depth) of each ';'
-    hints: list[str]
+    # (token index, offset, parenthesis depth, inside an executable comment) of each ';'
+    semicolons: list[tuple[int, int, int, bool]]
+    hints: list[tuple[int, str]]  # (offset, "writer" | "reader")
     error: str | None
     conditional: bool  # a versioned or MariaDB-only executable comment was seen
 
 
-@dataclass
+@dataclass(slots=True)
 class _Statement:
     tokens: list[_Token]
     start: int  # offsets of the statement's text in the SQL, without its terminating ';'
@@ -194,24 +216,28 @@ def _string_value(raw: str, no_backslash_escapes: bool) -> str:
     return _UNESCAPE.sub(unescape, body)
 
 
-def _lex(sql: str, ansi_quotes: bool, no_backslash_escapes: bool, as_code: bool) -> _Lexed:
-    """Tokens, the comment hints, and the first lexical error; after an error the rest is one last token.
+def _lex(sql: str, ansi_quotes: bool, no_backslash_escapes: bool, as_code: bool, offset: int = 0) -> _Lexed:
+    """Tokens from `offset` on, the comment hints, and the first lexical error; after an error the rest is
+    one last token.
 
     `as_code` says how to read versioned and MariaDB-only executable comments: their content as code, or as a
-    comment.
+    comment. An executable comment inside another one is an error here: the server ends both at the first `*/`,
+    which this lexer does not follow.
     """
     tokens: list[_Token] = []
-    semicolons: list[tuple[int, int, int]] = []
-    hints: list[str] = []
+    semicolons: list[tuple[int, int, int, bool]] = []
+    hints: list[tuple[int, str]] = []
     paren = 0
     in_executable = 0
     conditional = False
     last_end = -1
-    pos = 0
+    pos = offset
     n = len(sql)
     error: str | None = None
+    match = _LEX.match
+    append = tokens.append
     while pos < n:
-        m = _LEX.match(sql, pos)
+        m = match(sql, pos)
         assert m is not None  # the last alternative matches any character
         kind = m.lastgroup
         start = pos
@@ -219,10 +245,25 @@ def _lex(sql: str, ansi_quotes: bool, no_backslash_escapes: bool, as_code: bool)
         if kind == "space":
             pos = end
             continue
+        if kind == "word":  # the commonest token first
+            append(("w", m.group().lower()))
+            last_end = pos = end
+            continue
+        if kind == "punct":
+            text = m.group()
+            if text == ";":
+                semicolons.append((len(tokens), start, paren, in_executable > 0))
+            elif text == "(":
+                paren += 1
+            elif text == ")" and paren > 0:
+                paren -= 1
+            append((text, text))
+            last_end = pos = end
+            continue
         if kind == "line":
             stop = sql.find("\n", end)
             stop = n if stop < 0 else stop
-            hints.extend(h.lower() for h in _HINT.findall(sql, end, stop))
+            hints.extend((end, h.lower()) for h in _HINT.findall(sql, end, stop))
             pos = stop
             continue
         if kind == "block":
@@ -241,6 +282,9 @@ def _lex(sql: str, ansi_quotes: bool, no_backslash_escapes: bool, as_code: bool)
                             break
                         pos = stop
                         continue
+                if in_executable:
+                    error = "an executable comment inside another one"
+                    break
                 in_executable += 1
                 pos = j
                 continue
@@ -248,7 +292,7 @@ def _lex(sql: str, ansi_quotes: bool, no_backslash_escapes: bool, as_code: bool)
             if stop < 0:
                 error = "unterminated comment"
                 break
-            hints.extend(h.lower() for h in _HINT.findall(sql, end, stop))
+            hints.extend((end, h.lower()) for h in _HINT.findall(sql, end, stop))
             pos = stop + 2
             continue
         tok: _Token
@@ -305,24 +349,13 @@ def _lex(sql: str, ansi_quotes: bool, no_backslash_escapes: bool, as_code: bool)
                 assert name is not None
                 tok = ("u", name.group().lower())
                 end = name.end()
-        elif kind == "word":
-            tok = ("w", m.group().lower())
         elif kind == "number":
             tok = ("n", m.group())
-        elif kind == "punct":
-            text = m.group()
-            if text == ";":
-                semicolons.append((len(tokens), start, paren))
-            elif text == "(":
-                paren += 1
-            elif text == ")" and paren > 0:
-                paren -= 1
-            tok = (text, text)
         elif kind == "assign":
             tok = ("o", ":=")
         else:
             tok = ("o", m.group())
-        tokens.append(tok)
+        append(tok)
         last_end = pos = end
     if error is None and in_executable:
         error = "unterminated comment"
@@ -413,14 +446,15 @@ class _Blocks:
         return depth
 
 
-def _split(lexed: _Lexed, n: int) -> list[_Statement]:
+def _split(lexed: _Lexed, n: int, start: int = 0) -> list[_Statement]:
+    """The statements of a lexed text (that began at offset `start`). A statement boundary inside an executable
+    comment becomes the lexing error: the server would start the next statement outside the comment."""
     toks = lexed.tokens
     statements: list[_Statement] = []
     first = 0
-    start = 0
     compound: bool | None = None
     blocks = _Blocks(0)
-    for index, offset, paren in lexed.semicolons:
+    for index, offset, paren, executable in lexed.semicolons:
         if paren != 0:
             continue
         if index > first:
@@ -428,6 +462,8 @@ def _split(lexed: _Lexed, n: int) -> list[_Statement]:
                 compound = _is_compound(toks, first, index)
             if compound and blocks.advance(toks, index) > 0:
                 continue
+            if executable and lexed.error is None:
+                lexed.error = "a statement boundary inside an executable comment"
             statements.append(_Statement(toks[first:index], start, offset))
         first = index + 1
         start = offset + 1
@@ -442,7 +478,7 @@ def _split(lexed: _Lexed, n: int) -> list[_Statement]:
 # Classification of one statement
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Part:
     route: Route
     reason: str
@@ -453,7 +489,7 @@ class _Part:
     # does not make it read-only
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Context:
     functions: FunctionPolicy | None
     prepared: Mapping[str, Route]
@@ -496,14 +532,14 @@ def _balanced(toks: list[_Token]) -> bool:
 def _pick_state(states: list[str]) -> str | None:
     """The state to report among several: a pinning one first."""
     for state in states:
-        if state in PINNING_STATES:
+        if state in _REPORT_FIRST:
             return state
     return states[0] if states else None
 
 
 def _call(ctx: _Context, schema: str | None, name: str, states: list[str]) -> str | None:
     """The write reason of a call of schema.name (None for a read); records the state it sets up."""
-    if name in NAMED_LOCK_FUNCTIONS:
+    if name == "get_lock":  # releasing holds nothing: a session that took a lock is pinned already
         states.append("named_lock")
     decided = ctx.functions.writes(schema, name) if ctx.functions is not None else None
     if decided is not None:
@@ -579,8 +615,7 @@ def _query(toks: list[_Token], start: int, ctx: _Context) -> _Part:
             if i + 1 < n and toks[i + 1] == ("o", ":="):
                 found = "user variable assignment"
                 states.append("user_variable")
-            elif not into_list:
-                found = "user variable"
+            elif not into_list:  # a read: every backend the session uses has its variables, or it is pinned
                 states.append("user_variable_read")
         elif kind == "v":
             name = text.rsplit(".", 1)[-1]
@@ -757,20 +792,79 @@ def _assignments(toks: list[_Token], start: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def _autocommit(toks: list[_Token], i: int, stop: int, ctx: _Context) -> str:
-    """The state set by `autocommit = <tokens i..stop>`; a value not known to be on counts as off."""
-    if i < stop and toks[i] in (("o", "="), ("o", ":=")):
-        i += 1
-    if stop - i == 1:
-        kind, text = toks[i]
-        value = _string_value(text, ctx.no_backslash_escapes) if kind == "s" else text
-        if value.lower() in ("1", "on", "true"):
-            return "autocommit_on"
-    return "autocommit_off"
-
-
 _SCOPES = frozenset({"global", "session", "local", "persist", "persist_only"})
 _GLOBAL_SCOPES = frozenset({"global", "persist", "persist_only"})
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One item of a SET statement."""
+
+    # "u" user variable, "v" system variable, "names" (SET NAMES / SET CHARACTER SET / SET CHARSET),
+    # "?" something else
+    target: str
+    # lower-case: "a" for @a; "sql_mode" for sql_mode, @@sql_mode, @@session.sql_mode; "names" or "character_set"
+    name: str
+    is_global: bool  # GLOBAL, PERSIST, PERSIST_ONLY, @@global.: the server's setting, not the session's
+    value: tuple[tuple[str, str], ...]  # the value's tokens, after = or := (after NAMES / CHARACTER SET)
+
+
+def set_assignments(toks: Sequence[tuple[str, str]]) -> list[Assignment] | None:
+    """The items of a SET statement (its tokens, SET first). None for SET statements that assign no variable:
+    SET TRANSACTION (the next transaction), SET STATEMENT ... FOR, SET PASSWORD, SET DEFAULT ROLE. SET SESSION
+    TRANSACTION is one item named "transaction"."""
+    toks = list(toks)
+    first = _word(toks, 1)
+    if _word(toks, 0) != "set" or first in ("statement", "transaction", "password") or (
+            first == "default" and _word(toks, 2) == "role"):
+        return None
+    if first in _SCOPES and _word(toks, 2) == "transaction":
+        return [Assignment("v", "transaction", first in _GLOBAL_SCOPES, tuple(toks[3:]))]
+    items: list[Assignment] = []
+    scope_global = False  # a GLOBAL/SESSION keyword holds for the assignments after it
+    for a, b in _assignments(toks, 1):
+        if _word(toks, a) in _SCOPES:
+            scope_global = toks[a][1] in _GLOBAL_SCOPES
+            a += 1
+        if a >= b:
+            items.append(Assignment("?", "", scope_global, ()))
+            continue
+        kind, text = toks[a]
+        is_global = scope_global
+        if kind == "w" and text == "names":
+            items.append(Assignment("names", "names", False, tuple(toks[a + 1:b])))
+            continue
+        if kind == "w" and (text == "charset" or (text == "character" and _word(toks, a + 1) == "set")):
+            j = a + 1 if text == "charset" else a + 2
+            items.append(Assignment("names", "character_set", False, tuple(toks[j:b])))
+            continue
+        if kind == "u":
+            target, name = "u", text
+        elif kind == "v":
+            prefix, _, name = text.rpartition(".")
+            if prefix in _SCOPES:
+                is_global = prefix in _GLOBAL_SCOPES
+            target = "v"
+        elif kind in ("w", "q"):
+            target, name = "v", text.lower()
+        else:
+            items.append(Assignment("?", "", is_global, tuple(toks[a:b])))
+            continue
+        j = a + 1
+        if j < b and toks[j] in (("o", "="), ("o", ":=")):
+            j += 1
+        items.append(Assignment(target, name, is_global, tuple(toks[j:b])))
+    return items
+
+
+def _autocommit(value: tuple[_Token, ...], ctx: _Context) -> str:
+    """The state set by `autocommit = <value>`; a value not known to be on counts as off."""
+    if len(value) == 1:
+        kind, text = value[0]
+        text = _string_value(text, ctx.no_backslash_escapes) if kind == "s" else text
+        if text.lower() in ("1", "on", "true"):
+            return "autocommit_on"
+    return "autocommit_off"
 
 
 def _set(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
@@ -789,32 +883,13 @@ def _set(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
     if first == "password" or (first == "default" and _word(toks, v + 2) == "role"):
         return _write(f"set {first}")  # account changes, not session state
     scanned = _query(toks, v + 1, ctx)  # the values may call functions that pin the session
-    user_variable = session = False
+    items = set_assignments(toks[v:]) or []
+    user_variable = any(item.target == "u" for item in items)
+    session = any(item.target != "u" and not item.is_global for item in items)
     autocommit: str | None = None
-    scope: str | None = None  # a GLOBAL/SESSION keyword holds for the assignments after it
-    for a, b in _assignments(toks, v + 1):
-        if _word(toks, a) in _SCOPES:
-            scope = toks[a][1]
-            a += 1
-        kind, text = toks[a] if a < b else ("", "")
-        target_scope = scope
-        if kind == "u":
-            user_variable = True
-            continue
-        if kind == "v":
-            prefix, _, name = text.rpartition(".")
-            if prefix in _SCOPES:
-                target_scope = prefix
-        elif kind in ("w", "q"):
-            name = text.lower()
-        else:
-            session = True
-            continue
-        if target_scope in _GLOBAL_SCOPES:
-            continue  # the server's setting, not the session's: nothing to replay
-        session = True
-        if name == "autocommit":
-            autocommit = _autocommit(toks, a + 1, b, ctx)
+    for item in items:
+        if item.target == "v" and item.name == "autocommit" and not item.is_global:
+            autocommit = _autocommit(item.value, ctx)
     if scanned.session_state in PINNING_STATES:
         state: str | None = scanned.session_state
     elif user_variable:
@@ -845,16 +920,31 @@ def _set_statement(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Pa
 
 def _literal_text(toks: list[_Token], i: int, ctx: _Context) -> tuple[str | None, int]:
     """The text of a string literal at i ([_charset | N] 'a' 'b' ... [COLLATE c]) and the index after it."""
-    word = _word(toks, i)
+    return _literal_at(toks, i, ctx.no_backslash_escapes)
+
+
+def _literal_at(toks: Sequence[_Token], i: int, no_backslash_escapes: bool) -> tuple[str | None, int]:
+    word = _word(list(toks[i:i + 1]), 0)
     if word is not None and (word.startswith("_") or word == "n") and i + 1 < len(toks) and toks[i + 1][0] == "s":
         i += 1
     pieces: list[str] = []
     while i < len(toks) and toks[i][0] == "s":
-        pieces.append(_string_value(toks[i][1], ctx.no_backslash_escapes))
+        pieces.append(_string_value(toks[i][1], no_backslash_escapes))
         i += 1
-    if pieces and _word(toks, i) == "collate":
+    if pieces and i < len(toks) and toks[i] == ("w", "collate"):
         i += 2
     return ("".join(pieces) if pieces else None), i
+
+
+def literal_text(value: Sequence[tuple[str, str]], no_backslash_escapes: bool) -> str | None:
+    """The text of a value that is one literal: a string ([_charset | N] 'a' 'b' ... [COLLATE c]), a bare word
+    (lower-case) or a number; None for anything else (an expression, a variable, a function call)."""
+    text, end = _literal_at(value, 0, no_backslash_escapes)
+    if text is not None and end == len(value):
+        return text
+    if len(value) == 1 and value[0][0] in ("w", "n"):
+        return value[0][1]
+    return None
 
 
 def _prepare(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
@@ -884,10 +974,10 @@ def _execute(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
         return _write("execute unknown prepared statement", prepared_name=name)
     if known is Route.WRITE:
         return _write("execute", prepared_name=name)
-    args = _query(toks, v + 2, ctx)  # USING @a, @b: user variables live on the writer
+    args = _query(toks, v + 2, ctx)  # USING 1, @a: the arguments may call writing functions
     if args.route is Route.WRITE:
         return _write(args.reason, session_state=args.session_state, prepared_name=name)
-    return _read("execute", prepared_name=name)
+    return _read("execute", session_state=args.session_state, prepared_name=name)
 
 
 def _deallocate(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
@@ -962,6 +1052,8 @@ def _call_verb(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
     if name is not None and ctx.functions is not None and ctx.functions.writes(schema, name) is False:
         if args.route is Route.WRITE:
             return _write(args.reason, session_state=state)
+        if state == "user_variable":  # an OUT parameter: a variable set by the procedure, on the writer
+            return _write("call with a user variable", session_state=state)
         return _read("call", session_state=state)
     return _write("call", session_state=state)
 
@@ -1008,11 +1100,15 @@ def _statement(toks: list[_Token], ctx: _Context, depth: int) -> _Part:
     if verb is None:
         return _write("unknown")
     if v > 0:  # (SELECT ...) UNION (SELECT ...)
-        return _query(toks, 0, ctx) if verb in ("select", "values", "table", "with") else _write(verb)
-    handler = _VERBS.get(verb)
-    if handler is None:
-        return _write(verb)  # ALTER, TRUNCATE, RENAME, GRANT, OPTIMIZE, REPAIR, KILL, CHANGE, PURGE, ...
-    return handler(toks, v, ctx, depth)
+        part = _query(toks, 0, ctx) if verb in ("select", "values", "table", "with") else _write(verb)
+    else:
+        handler = _VERBS.get(verb)
+        if handler is None:
+            return _write(verb)  # ALTER, TRUNCATE, RENAME, GRANT, OPTIMIZE, REPAIR, KILL, CHANGE, PURGE, DELIMITER ...
+        part = handler(toks, v, ctx, depth)
+    if part.route is Route.READ and part.session_state in PINNING_STATES:
+        return replace(part, route=Route.WRITE)  # the session will be pinned to the writer: set it up there
+    return part
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1059,65 +1155,295 @@ def _combine(parts: list[_Part]) -> tuple[list[_Part], str | None]:
     return parts, closed or other
 
 
-def _verdict(sql: str, ctx: _Context, depth: int, as_code: bool, use_hints: bool) -> tuple[Classification, bool]:
-    """One reading of the query, and whether it has conditional comments (so that another reading exists)."""
-    lexed = _lex(sql, ctx.ansi_quotes, ctx.no_backslash_escapes, as_code)
-    statements = _split(lexed, len(sql))
-    count = len(statements)
-    if lexed.error is not None:
-        return Classification(Route.WRITE, lexed.error, statements=count), lexed.conditional
-    hints = lexed.hints if use_hints else []
+_MULTIBYTE_RISK = re.compile(r"[^\x00-\x7f][\\`]")
+_MAX_RELEXES = 8  # sql_mode changes followed by more statements in one query; more is read as uncertain
+
+
+def _dialect_after(toks: list[_Token], dialect: MyDialect, no_backslash_escapes: bool) -> MyDialect:
+    """The lexical settings after a statement ran: SET sql_mode, SET NAMES, SET character_set_client change them;
+    an EXECUTE may run any text."""
+    verb = _word(toks, 0)
+    if verb == "execute":
+        return MyDialect()
+    if verb != "set":
+        return dialect
+    for item in set_assignments(toks) or []:
+        if item.target == "names" or (item.target == "v" and item.name == "character_set_client"):
+            if not item.is_global:
+                value = literal_text(item.value[:1], no_backslash_escapes)
+                dialect = dialect.with_charset(None if value in (None, "default") else value)
+        elif item.target == "v" and item.name == "sql_mode":
+            if item.is_global:  # the session's value stays, but what the server starts others with is unknown
+                dialect = MyDialect(None, None, dialect.charset)
+            else:
+                value = literal_text(item.value, no_backslash_escapes)
+                dialect = dialect.with_sql_mode(None if value in (None, "default") else value)
+    return dialect
+
+
+def _lexes_alike(a: MyDialect, b: MyDialect) -> bool:
+    return (a.no_backslash_escapes == b.no_backslash_escapes and a.ansi_quotes == b.ansi_quotes
+            and a.multibyte_risk == b.multibyte_risk)
+
+
+@dataclass(slots=True)
+class _Reading:
+    """The query read one way: with known sql_mode flags, executable comments as code or as comments."""
+
+    statements: list[_Statement]
+    parts: list[_Part]  # one per statement; empty after a lexical error
+    dialects: list[MyDialect]  # the settings each statement was read with
+    hints: list[tuple[int, str]]
+    error: str | None  # a lexical error: the server refuses the query from that statement on
+    uncertain: str | None  # the text cannot be read for sure here
+    dialect_after: MyDialect
+    verdict: Classification | None = None
+
+    def key(self) -> tuple[object, ...]:
+        """What must not differ between two readings for the query to be read for sure."""
+        v = self.verdict
+        assert v is not None
+        return (v.route, v.hint, v.transaction, v.session_state, v.prepared_name,
+                [(s.start, s.end) for s in self.statements], [p.session_state for p in self.parts])
+
+
+def _choices(dialect: MyDialect, sql: str, offset: int) -> list[MyDialect]:
+    """Concrete settings to read sql[offset:] with: both values of an unknown flag whose character is there."""
+    fork_nbe = dialect.no_backslash_escapes is None and sql.find("\\", offset) >= 0
+    fork_ansi = dialect.ansi_quotes is None and sql.find('"', offset) >= 0
+    if not fork_nbe and not fork_ansi:
+        return [dialect]  # an unknown flag that cannot matter is read as off
+    nbe = [False, True] if fork_nbe else [dialect.no_backslash_escapes]
+    ansi = [False, True] if fork_ansi else [dialect.ansi_quotes]
+    return [MyDialect(a, b, dialect.charset) for a in nbe for b in ansi]
+
+
+def _readings(sql: str, functions: FunctionPolicy | None, prepared: Mapping[str, Route], dialect: MyDialect,
+              as_code: bool, offset: int, depth: int, budget: list[int], track: bool = False) -> list[_Reading]:
+    """The readings of sql[offset:]. A statement that changes how the rest lexes (SET sql_mode, SET NAMES) is
+    followed by a new reading of the rest, as the server lexes each statement of a query once the previous one
+    has run. `track`: work out the settings after the last statement too (for the session's tracker)."""
+    readings: list[_Reading] = []
+    n = len(sql)
+    for settings in _choices(dialect, sql, offset):
+        nbe, ansi = bool(settings.no_backslash_escapes), bool(settings.ansi_quotes)
+        ctx = _Context(functions, prepared, ansi, nbe)
+        lexed = _lex(sql, ansi, nbe, as_code, offset)
+        statements = _split(lexed, n, offset)
+        uncertain = None
+        if settings.multibyte_risk and not sql.isascii() and _MULTIBYTE_RISK.search(sql, offset):
+            uncertain = (f"a backslash or backtick after a non-ASCII character "
+                         f"(character_set_client {settings.charset or 'unknown'})")
+        if lexed.error is not None:
+            readings.append(_Reading(statements, [], [settings] * len(statements), lexed.hints, lexed.error,
+                                     uncertain, MyDialect()))
+            continue
+        parts: list[_Part] = []
+        current = dialect  # what is known of the settings (lexing goes on with the concrete `settings`)
+        forked = False
+        for k, statement in enumerate(statements):
+            parts.append(_statement(statement.tokens, ctx, depth))
+            last = k + 1 == len(statements)
+            if last and not track:
+                break
+            after = _dialect_after(statement.tokens, current, nbe)
+            if not last and not _lexes_alike(after, current):
+                budget[0] -= 1
+                if budget[0] >= 0:
+                    head = [settings] * (k + 1)  # this segment was read with one setting
+                    head_hints = [h for h in lexed.hints if h[0] < statement.end]
+                    for rest in _readings(sql, functions, prepared, after, as_code, statement.end + 1, depth, budget,
+                                          track):
+                        readings.append(_Reading(statements[:k + 1] + rest.statements, parts + rest.parts,
+                                                 head + rest.dialects, head_hints + rest.hints, rest.error,
+                                                 uncertain or rest.uncertain, rest.dialect_after))
+                    forked = True
+                    break
+                uncertain = uncertain or "too many sql_mode changes in one query"
+            current = after
+        if not forked:
+            readings.append(_Reading(statements, parts, [settings] * len(statements), lexed.hints, None, uncertain,
+                                     MyDialect() if uncertain else current))
+    return readings
+
+
+def _verdict(reading: _Reading, use_hints: bool) -> Classification:
+    count = len(reading.statements)
+    if reading.error is not None:
+        return Classification(Route.WRITE, reading.error, statements=count)
+    hints = [h for _, h in reading.hints] if use_hints else []
     hint = "writer" if "writer" in hints else ("reader" if hints else None)
     if count == 0:
         route = Route.READ if hint != "writer" else Route.WRITE
-        return Classification(route, "hint" if hint else "empty", hint=hint, statements=0), lexed.conditional
-    parts, transaction = _combine([_statement(s.tokens, ctx, depth) for s in statements])
+        return Classification(route, "hint" if hint else "empty", hint=hint, statements=0)
+    parts, transaction = _combine(reading.parts)
+    reading.parts = parts
     writes = [p for p in parts if p.route is Route.WRITE]
     route = Route.WRITE if writes else Route.READ
     reason = (writes or parts)[0].reason
     states = [p.session_state for p in parts if p.session_state is not None]
     autocommit = [s for s in states if s.startswith("autocommit_")]
-    pinning = [s for s in states if s in PINNING_STATES]
+    pinning = [s for s in states if s in _REPORT_FIRST]
     session_state = pinning[0] if pinning else (autocommit[-1] if autocommit else _pick_state(states))
     prepared_name = next((p.prepared_name for p in parts if p.prepared_name is not None), None)
     if hint is not None:
         route = Route.WRITE if hint == "writer" else Route.READ
         reason = "hint"
     return Classification(route, reason, hint=hint, transaction=transaction, session_state=session_state,
-                          statements=count, prepared_name=prepared_name), lexed.conditional
+                          statements=count, prepared_name=prepared_name)
+
+
+def _agree(readings: list[_Reading], use_hints: bool) -> tuple[Classification, str | None]:
+    """The verdict on readings that differ only in unknown sql_mode flags: the first one if they all agree,
+    else WRITE (with why)."""
+    for r in readings:
+        r.verdict = _verdict(r, use_hints)
+    first = readings[0].verdict
+    assert first is not None
+    uncertain = next((r.uncertain for r in readings if r.uncertain is not None), None)
+    if uncertain is not None:
+        return replace(first, route=Route.WRITE, reason=uncertain, hint=None), uncertain
+    key = readings[0].key()
+    if any(r.key() != key for r in readings[1:]):
+        problem = "sql_mode unknown: the query reads several ways"
+        return replace(first, route=Route.WRITE, reason=problem, hint=None), problem
+    return first, None
+
+
+@dataclass(slots=True)
+class _Outcome:
+    classification: Classification
+    problem: str | None  # why the query cannot be read for sure (not a lexical error), or None
+    readings: list[_Reading]  # the first is the code reading the classification stands on
+
+
+def _evaluate_text(sql: str, functions: FunctionPolicy | None, prepared: Mapping[str, Route], dialect: MyDialect,
+                   depth: int, use_hints: bool, track: bool = False) -> _Outcome:
+    """All readings of a query: every value of an unknown sql_mode flag that matters, and executable comments
+    that may or may not run (versioned, MariaDB-only) as code and as comments."""
+    if depth > _MAX_DEPTH:
+        return _Outcome(Classification(Route.WRITE, "nested too deeply"), None, [])
+    budget = [_MAX_RELEXES]
+    code = _readings(sql, functions, prepared, dialect, True, 0, depth, budget, track)
+    verdict, problem = _agree(code, use_hints)
+    readings = list(code)
+    if problem is None and verdict.route is Route.READ and verdict.hint is None and _has_conditional(sql):
+        other_readings = _readings(sql, functions, prepared, dialect, False, 0, depth, budget)
+        other, other_problem = _agree(other_readings, use_hints)
+        readings += other_readings
+        if other_problem is not None:
+            return _Outcome(replace(other, statements=verdict.statements), other_problem, readings)
+        if other.route is Route.WRITE:
+            return _Outcome(replace(other, statements=verdict.statements), None, readings)
+    return _Outcome(verdict, problem, readings)
+
+
+_CONDITIONAL = re.compile(r"/\*(?:M!|![0-9]{5})")
+
+
+def _has_conditional(sql: str) -> bool:
+    """Whether the text may hold a versioned or MariaDB-only executable comment (a cheap over-approximation)."""
+    return "/*" in sql and _CONDITIONAL.search(sql) is not None
 
 
 def _evaluate(sql: str, ctx: _Context, depth: int, use_hints: bool) -> Classification:
-    """The query read with conditional comments as code; if that is a read, also read without them."""
-    if depth > _MAX_DEPTH:
-        return Classification(Route.WRITE, "nested too deeply")
-    verdict, conditional = _verdict(sql, ctx, depth, True, use_hints)
-    if conditional and verdict.route is Route.READ and verdict.hint is None:
-        other, _ = _verdict(sql, ctx, depth, False, use_hints)
-        if other.route is Route.WRITE:
-            return replace(other, statements=verdict.statements)
-    return verdict
+    """A text inside a statement (PREPARE ... FROM '...', EXECUTE IMMEDIATE '...'): read with the settings of
+    the statement that holds it (its bytes were checked with it)."""
+    dialect = MyDialect(ctx.no_backslash_escapes, ctx.ansi_quotes, "binary")
+    return _evaluate_text(sql, ctx.functions, ctx.prepared, dialect, depth, use_hints).classification
+
+
+_UNKNOWN = MyDialect()
+
+
+def _dialect(dialect: MyDialect | None, ansi_quotes: bool | None, no_backslash_escapes: bool | None) -> MyDialect:
+    dialect = dialect if dialect is not None else _UNKNOWN
+    if ansi_quotes is not None:
+        dialect = replace(dialect, ansi_quotes=ansi_quotes)
+    if no_backslash_escapes is not None:
+        dialect = replace(dialect, no_backslash_escapes=no_backslash_escapes)
+    return dialect
 
 
 def classify(sql: str, functions: FunctionPolicy | None = None, prepared: Mapping[str, Route] | None = None, *,
-             ansi_quotes: bool = False, no_backslash_escapes: bool = False) -> Classification:
-    """Classify the text of one COM_QUERY (any number of statements) for the readwrite endpoint.
+             dialect: MyDialect | None = None, ansi_quotes: bool | None = None,
+             no_backslash_escapes: bool | None = None) -> Classification:
+    """Classify the text of one COM_QUERY (any number of statements) or COM_STMT_PREPARE for the readwrite
+    endpoint.
 
-    `prepared` maps SQL-level prepared statement names (lower-cased, as `Classification.prepared_name` reports
-    them) to the route their PREPARE had; EXECUTE of a name not in it is WRITE. `ansi_quotes` and
-    `no_backslash_escapes` are the session's sql_mode flags. A name in `functions.read_functions` also makes a
-    CALL of that procedure a read.
+    `dialect` is the session's lexical settings (MySessionState.dialect); `ansi_quotes` and
+    `no_backslash_escapes`, when given, override its flags. An unknown flag is read both ways when the text holds
+    its character (a backslash, a double quote), and the query is WRITE unless the readings agree; a SET sql_mode
+    in the query changes how the statements after it are read. `prepared` maps SQL-level prepared statement names
+    (lower-cased, as `Classification.prepared_name` reports them) to the route their PREPARE had; EXECUTE of a
+    name not in it is WRITE. `functions` is the cluster's read_functions/write_functions (a SELECT calling a
+    write function is a write; a function or procedure named in read_functions is a read).
 
     Hints in comments (`/* endpoint: writer */`, `-- endpoint: reader`, `# endpoint: writer`) anywhere in the
     query decide the route of the whole query; a writer hint wins over a reader hint. A query that does not lex
-    (unterminated literal or comment) is WRITE and ignores hints. For per-statement detail (several SET
-    statements to replay, say) classify each of `split_statements(sql)`.
+    (unterminated literal or comment) or cannot be read for sure is WRITE and ignores hints. For per-statement
+    detail see `analyze`.
     """
     try:
-        ctx = _Context(functions, prepared if prepared is not None else {}, ansi_quotes, no_backslash_escapes)
-        return _evaluate(sql, ctx, 0, use_hints=True)
+        known = prepared if prepared is not None else {}
+        d = _dialect(dialect, ansi_quotes, no_backslash_escapes)
+        return _evaluate_text(sql, functions, known, d, 0, True).classification
     except Exception:  # a bug here must not break a session: send the query to the writer
         return Classification(Route.WRITE, "classifier error")
+
+
+@dataclass(frozen=True)
+class StatementInfo:
+    """One statement of a query, as the session-state tracker needs it."""
+
+    text: str  # the statement, its comments kept, its ';' and surrounding whitespace not
+    route: Route
+    reason: str
+    session_state: str | None = None  # a key of session_kinds.MY_STATE_KINDS
+    prepared_name: str | None = None
+    tokens: tuple[tuple[str, str], ...] = ()  # the lexer's tokens (kinds: see the Lexer section of this file)
+    dialect: MyDialect = MyDialect()  # the settings it was read with (a SET before it may have changed them)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """A query statement by statement (its first reading when there are several)."""
+
+    classification: Classification
+    statements: tuple[StatementInfo, ...]
+    dialect: MyDialect  # the settings after the query, if all of it ran
+    # why the query cannot be read for sure (a lexical error, an unknown flag the readings disagree on, a
+    # multibyte character set), or None
+    problem: str | None = None
+    uncertain: bool = False  # the problem is not a lexical error: the server may well run the text
+    states: frozenset[str] = frozenset()  # session states any reading sets up
+
+
+def analyze(sql: str, functions: FunctionPolicy | None = None, prepared: Mapping[str, Route] | None = None, *,
+            dialect: MyDialect | None = None) -> Analysis:
+    """`classify`, statement by statement. Never raises."""
+    d = _dialect(dialect, None, None)
+    try:
+        outcome = _evaluate_text(sql, functions, prepared if prepared is not None else {}, d, 0, True, track=True)
+    except Exception:  # a bug here must not break a session
+        return Analysis(Classification(Route.WRITE, "classifier error"), (), MyDialect(), "classifier error", True)
+    if not outcome.readings:
+        return Analysis(outcome.classification, (), MyDialect(), outcome.classification.reason, True)
+    first = outcome.readings[0]
+    statements: list[StatementInfo] = []
+    for index, statement in enumerate(first.statements):
+        text = sql[statement.start:statement.end].strip()
+        tokens = tuple(statement.tokens)
+        used = first.dialects[index] if index < len(first.dialects) else d
+        if index >= len(first.parts):
+            statements.append(StatementInfo(text, Route.WRITE, first.error or "unread", tokens=tokens, dialect=used))
+            continue
+        p = first.parts[index]
+        statements.append(StatementInfo(text, p.route, p.reason, p.session_state, p.prepared_name, tokens, used))
+    states = frozenset(p.session_state for r in outcome.readings for p in r.parts if p.session_state is not None)
+    problem = outcome.problem or first.error
+    return Analysis(outcome.classification, tuple(statements), first.dialect_after, problem,
+                    outcome.problem is not None, states)
 
 
 def split_statements(sql: str, *, ansi_quotes: bool = False, no_backslash_escapes: bool = False) -> list[str]:
@@ -1126,7 +1452,8 @@ def split_statements(sql: str, *, ansi_quotes: bool = False, no_backslash_escape
     A ';' inside parentheses or inside the BEGIN ... END body of a stored program (CREATE PROCEDURE, FUNCTION,
     TRIGGER, EVENT; MariaDB's compound statements) does not split. Executable comments count as code. Each
     statement keeps its comments and loses its terminating ';' and surrounding whitespace. When the text does
-    not lex, the unterminated rest is the last statement.
+    not lex, the unterminated rest is the last statement. The settings hold for the whole text (see `analyze`
+    for a query that changes them).
     """
     lexed = _lex(sql, ansi_quotes, no_backslash_escapes, True)
     return [sql[s.start:s.end].strip() for s in _split(lexed, len(sql))]

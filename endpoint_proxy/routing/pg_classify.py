@@ -2,16 +2,23 @@
 
 # Rules of this file:
 #
-# - A real lexer runs over the SQL text first (comments, quoted identifiers, the four kinds of string literal,
-#   dollar quotes, numbers, punctuation); the rules below look at tokens only, so a keyword inside a string,
-#   a comment or a quoted identifier never counts.
+# - A real lexer runs over the SQL text first, the way the server's does (comments, nested block comments,
+#   quoted identifiers with U& escapes, the kinds of string literal with their continuation across a newline,
+#   dollar quotes, numbers, punctuation); the rules below look at tokens only, so a keyword inside a string, a
+#   comment or a quoted identifier never counts.
+# - The lexer depends on the session (PgDialect): with standard_conforming_strings off a backslash escapes in
+#   '...' too. When that setting is unknown and the text holds a backslash, the query is read both ways and is
+#   WRITE unless both readings agree. In a client-only multibyte encoding (SJIS, GBK, Big5, ...) a backslash
+#   right after a non-ASCII character may be half of that character: WRITE.
 # - Everything that is not known to be a read is a write. When in doubt (unterminated literal, unbalanced
 #   parentheses, an unknown verb, an EXECUTE of a statement the caller does not know) the answer is WRITE.
 # - Transaction control other than BEGIN (COMMIT, ROLLBACK, SAVEPOINT, SET LOCAL, ...) writes nothing by itself
 #   and is READ: the caller sends it to whichever backend holds the open transaction. So a self-contained
 #   `BEGIN READ ONLY; SELECT ...; COMMIT` is READ as a whole.
-# - Session state (SET, PREPARE, LISTEN, temporary tables, ...) is reported in `session_state`; SET, RESET and
-#   DISCARD are routed to the writer (the default for anything that is not a read), and the caller replays them.
+# - Session state is reported in `session_state` with the keys of session_kinds.PG_STATE_KINDS. A state that
+#   pins the session makes its statement WRITE whatever the FunctionPolicy says (the pinned backend is the
+#   writer). SET, RESET, DISCARD and set_config(..., false) go to the writer (the default for anything that is
+#   not a read), and the caller replays them; `analyze` gives what to replay per statement.
 # - Cursors (FETCH, MOVE, CLOSE) are WRITE: outside a transaction only WITH HOLD cursors exist, and those are
 #   declared on the writer (DECLARE ... WITH HOLD is WRITE and pins the session).
 # - Pure: no I/O, no clock, never raises (a last-resort guard turns an internal bug into a WRITE).
@@ -23,12 +30,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from .dialect import PgDialect
+from .session_kinds import PG_PINNING_STATES
+
 __all__ = [
     "BUILTIN_WRITE_FUNCTIONS",
+    "PINNING_STATES",
     "SESSION_ADVISORY_LOCK_FUNCTIONS",
+    "Analysis",
     "Classification",
     "FunctionPolicy",
+    "PgDialect",
     "Route",
+    "StatementInfo",
+    "analyze",
     "classify",
     "split_statements",
 ]
@@ -50,8 +65,8 @@ class Classification:
     hint: str | None = None  # "writer" / "reader" when a comment hint decided the route
     # "begin" | "begin_read_only" | "commit" | "rollback" | "set_transaction_read_only" | "savepoint" | None
     transaction: str | None = None
-    # "set" | "reset" | "discard" | "prepare" | "deallocate" | "listen" | "unlisten" | "temp_table"
-    # | "advisory_lock" | "cursor_with_hold" | None: state the caller must replay, or that pins the session
+    # a key of session_kinds (PG_STATE_KINDS / MY_STATE_KINDS): state the caller must replay, or that pins the
+    # session (a pinning one is reported first in a multi-statement query); None: no session state
     session_state: str | None = None
     statements: int = 1
     # the name in PREPARE name / EXECUTE name / DEALLOCATE name (as PostgreSQL folds it: lower-cased unless
@@ -64,9 +79,9 @@ class FunctionPolicy:
     """User knowledge about functions: names are lower-cased, optionally schema-qualified ("app.bump").
 
     A name in `write_functions` makes a query that calls it a write; a name in `read_functions` declares a
-    function safe, overriding BUILTIN_WRITE_FUNCTIONS (but never `write_functions`). A bare entry matches a call
-    in any schema; a qualified entry in `write_functions` also matches an unqualified call of that name (the
-    search_path is unknown here, so the conservative reading wins).
+    function safe, overriding BUILTIN_WRITE_FUNCTIONS (but never `write_functions`, and never a function that
+    pins the session). A bare entry matches a call in any schema; a qualified entry in `write_functions` also
+    matches an unqualified call of that name (the search_path is unknown here, so the conservative reading wins).
     """
 
     read_functions: frozenset[str] = frozenset()
@@ -105,8 +120,10 @@ BUILTIN_WRITE_FUNCTIONS: frozenset[str] = frozenset({
     "pg_advisory_xact_lock", "pg_advisory_xact_lock_shared",
     "pg_try_advisory_xact_lock", "pg_try_advisory_xact_lock_shared",
     "pg_advisory_unlock", "pg_advisory_unlock_shared", "pg_advisory_unlock_all",
-    # session configuration (reported as session_state "set")
+    # session configuration: set_config(..., false) is replayed like SET (set_config(..., true) is a read)
     "set_config",
+    # session state that cannot be copied (pins the session, see _PINNING_FUNCTIONS)
+    "setseed", "dblink_connect", "dblink_connect_u",
     # WAL position and control: these fail during recovery or act on the primary
     "pg_current_wal_lsn", "pg_current_wal_insert_lsn", "pg_current_wal_flush_lsn",
     "pg_walfile_name", "pg_walfile_name_offset", "pg_switch_wal", "pg_create_restore_point",
@@ -134,8 +151,16 @@ SESSION_ADVISORY_LOCK_FUNCTIONS: frozenset[str] = frozenset({
     "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared",
 })
 
+# Functions whose effect stays in the session that ran them, with the state kind they pin the session with.
+_PINNING_FUNCTIONS: dict[str, str] = {
+    **dict.fromkeys(SESSION_ADVISORY_LOCK_FUNCTIONS, "advisory_lock"),
+    "setseed": "setseed",
+    "dblink_connect": "dblink_connection", "dblink_connect_u": "dblink_connection",
+    "pg_replication_origin_session_setup": "replication_origin",
+}
+
 # session_state values that pin the session to its backend (reported first in a multi-statement query)
-_PINNING_STATES = frozenset({"listen", "temp_table", "advisory_lock", "cursor_with_hold"})
+PINNING_STATES: frozenset[str] = PG_PINNING_STATES
 
 _MAX_DEPTH = 16  # EXPLAIN ANALYZE / PREPARE / COPY (...) / DECLARE nest statements; deeper is refused as WRITE
 
@@ -143,28 +168,31 @@ _MAX_DEPTH = 16  # EXPLAIN ANALYZE / PREPARE / COPY (...) / DECLARE nest stateme
 # ---------------------------------------------------------------------------------------------------------------
 # Lexer
 
-# Token kinds: "w" bare word (lower-cased), "q" quoted identifier (as written, "" unescaped), "s" string or
-# dollar-quoted literal (text dropped), "n" number, "p" parameter ($1), "o" any other single character
-# (operators), and the punctuation "(", ")", ",", ";", "." as their own kinds.
+# Token kinds: "w" bare word (lower-cased), "q" quoted identifier (its name: "" unescaped, U& escapes decoded),
+# "s" string or dollar-quoted literal (its source text, prefix and quotes included; continued pieces included),
+# "n" number, "p" parameter ($1), "o" any other single character (operators), and the punctuation
+# "(", ")", ",", ";", "." as their own kinds.
 _Token = tuple[str, str]
 
 _IDENT_START = r"A-Za-z_\u0080-\U0010FFFF"
 _IDENT_CONT = r"A-Za-z0-9_\u0080-\U0010FFFF"
+_SPACE = r" \t\n\r\f\v"
 
 _LEX = re.compile(
     rf"""
-    (?P<space>\s+)
+    (?P<space>[{_SPACE}]+)
+  | (?P<word>(?![eEbBxXnN]'|[uU]&['"])[{_IDENT_START}][{_IDENT_CONT}$]*)
   | (?P<line>--)
   | (?P<block>/\*)
   | (?P<estring>[eE]')
+  | (?P<bstring>[bBxX]')
   | (?P<ustring>[uU]&')
   | (?P<uident>[uU]&")
-  | (?P<string>')
+  | (?P<string>[nN]?')
   | (?P<ident>")
   | (?P<dollar>\$(?:[{_IDENT_START}][{_IDENT_CONT}]*)?\$)
   | (?P<param>\$[0-9]+)
   | (?P<number>[0-9][0-9A-Za-z_.]*|\.[0-9][0-9A-Za-z_.]*)
-  | (?P<word>[{_IDENT_START}][{_IDENT_CONT}$]*)
   | (?P<punct>[(),;.])
   | (?P<other>.)
     """,
@@ -174,16 +202,21 @@ _EOL = re.compile(r"[\r\n]")
 _COMMENT_MARK = re.compile(r"/\*|\*/")
 _ESCAPE_STOP = re.compile(r"[\\']")
 _HINT = re.compile(r"\bendpoint\s*:\s*(writer|reader)\b", re.IGNORECASE)
+# Between two pieces of one string literal: horizontal space or -- comments, a newline, then more space or
+# comments each ending in a newline (scan.l's whitespace_with_newline); only then does a quote continue it.
+_CONTINUATION = re.compile(r"(?:[ \t\f]|--[^\n\r]*)*[\n\r](?:[ \t\n\r\f\v]+|--[^\n\r]*[\n\r])*")
+_UESCAPE = re.compile(rf"[{_SPACE}]*[uU][eE][sS][cC][aA][pP][eE][{_SPACE}]*'([^'])'")
+_MULTIBYTE_BACKSLASH = re.compile(r"[^\x00-\x7f]\\")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Statement:
     tokens: list[_Token]
     start: int  # offsets of the statement's text in the SQL, without its terminating ';'
     end: int
 
 
-@dataclass
+@dataclass(slots=True)
 class _Lexed:
     statements: list[_Statement]
     hints: list[str]
@@ -215,6 +248,34 @@ def _scan_escaped(sql: str, pos: int) -> int:
         return j + 1
 
 
+def _scan_bits(sql: str, pos: int) -> int:
+    """End of a B'...' or X'...' literal: no escapes at all, the first quote ends it; -1 if unterminated."""
+    j = sql.find("'", pos)
+    return j + 1 if j >= 0 else -1
+
+
+def _scan_piece(sql: str, pos: int, style: str) -> int:
+    if style == "e":
+        return _scan_escaped(sql, pos)
+    if style == "b":
+        return _scan_bits(sql, pos)
+    return _scan_doubled(sql, pos, "'")
+
+
+def _scan_literal(sql: str, pos: int, style: str) -> int:
+    """End of a string literal whose first piece starts at pos (after its opening quote), continuation pieces
+    (a quote after whitespace holding a newline) included, each lexed like the first; -1 if unterminated."""
+    n = len(sql)
+    while True:
+        stop = _scan_piece(sql, pos, style)
+        if stop < 0:
+            return -1
+        gap = _CONTINUATION.match(sql, stop)
+        if gap is None or gap.end() >= n or sql[gap.end()] != "'":
+            return stop
+        pos = gap.end() + 1
+
+
 def _scan_block_comment(sql: str, pos: int) -> int:
     """End of a block comment whose opener ends at pos; comments nest. -1 if unterminated."""
     depth = 1
@@ -226,6 +287,33 @@ def _scan_block_comment(sql: str, pos: int) -> int:
         pos = m.end()
         if depth == 0:
             return pos
+
+
+def _unicode_escapes(body: str, escape: str) -> str | None:
+    """The text of a U&"..." body: `<escape>XXXX`, `<escape>+XXXXXX`, a doubled escape; None if malformed."""
+    out: list[str] = []
+    i = 0
+    n = len(body)
+    while i < n:
+        c = body[i]
+        if c != escape:
+            out.append(c)
+            i += 1
+            continue
+        if body.startswith(escape, i + 1):
+            out.append(escape)
+            i += 2
+            continue
+        plus = body.startswith("+", i + 1)
+        digits = body[i + 2:i + 8] if plus else body[i + 1:i + 5]
+        if len(digits) != (6 if plus else 4) or any(d not in "0123456789abcdefABCDEF" for d in digits):
+            return None
+        code = int(digits, 16)
+        if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+            return None  # a surrogate pair written as two escapes: rare, and not needed to find a name
+        out.append(chr(code))
+        i += 8 if plus else 5
+    return "".join(out)
 
 
 def _is_routine(lead: list[str]) -> bool:
@@ -245,6 +333,7 @@ def _lex(sql: str, standard_conforming_strings: bool) -> _Lexed:
     statements: list[_Statement] = []
     hints: list[str] = []
     tokens: list[_Token] = []
+    append = tokens.append
     start = 0
     paren = 0
     atomic = 0
@@ -252,13 +341,48 @@ def _lex(sql: str, standard_conforming_strings: bool) -> _Lexed:
     pos = 0
     n = len(sql)
     error: str | None = None
+    plain = "s" if standard_conforming_strings else "e"
+    unicode_token = -1  # index of the last U& literal or identifier in tokens
+    match = _LEX.match
     while pos < n:
-        m = _LEX.match(sql, pos)
+        m = match(sql, pos)
         assert m is not None  # the last alternative matches any character
         kind = m.lastgroup
         end = m.end()
         if kind == "space":
             pos = end
+            continue
+        if kind == "word":
+            pos = end
+            word = m.group().lower()
+            append(("w", word))
+            if len(lead) < 4:
+                lead.append(word)
+            if paren == 0 and word in ("begin", "case", "end") and _is_routine(lead):
+                if word == "begin" or (word == "case" and atomic > 0):
+                    atomic += 1
+                elif word == "end" and atomic > 0:
+                    atomic -= 1
+            elif word == "uescape" and unicode_token == len(tokens) - 2:
+                error = "UESCAPE not right after its literal"  # only whitespace is understood in between
+                break
+            continue
+        if kind == "punct":
+            pos = end
+            text = m.group()
+            if text == ";" and paren == 0 and atomic == 0:
+                if tokens:
+                    statements.append(_Statement(tokens, start, m.start()))
+                tokens = []
+                append = tokens.append
+                lead = []
+                start = end
+                continue
+            append((text, text))
+            if text == "(":
+                paren += 1
+            elif text == ")" and paren > 0:
+                paren -= 1
             continue
         if kind == "line":
             eol = _EOL.search(sql, end)
@@ -274,15 +398,17 @@ def _lex(sql: str, standard_conforming_strings: bool) -> _Lexed:
             hints.extend(h.lower() for h in _HINT.findall(sql, end, stop - 2))
             pos = stop
             continue
-        if kind in ("string", "estring", "ustring"):
-            if kind == "estring" or (kind == "string" and not standard_conforming_strings):
-                stop = _scan_escaped(sql, end)
-            else:
-                stop = _scan_doubled(sql, end, "'")
+        if kind in ("string", "estring", "bstring", "ustring"):
+            style = {"string": plain, "estring": "e", "bstring": "b", "ustring": "s"}[kind]
+            stop = _scan_literal(sql, end, style)
             if stop < 0:
                 error = "unterminated string literal"
                 break
-            tokens.append(("s", ""))
+            if kind == "ustring":
+                escape = _UESCAPE.match(sql, stop)
+                stop = escape.end() if escape is not None else stop
+                unicode_token = len(tokens)
+            append(("s", sql[pos:stop]))
             pos = stop
             continue
         if kind in ("ident", "uident"):
@@ -290,7 +416,18 @@ def _lex(sql: str, standard_conforming_strings: bool) -> _Lexed:
             if stop < 0:
                 error = "unterminated quoted identifier"
                 break
-            tokens.append(("q", sql[end:stop - 1].replace('""', '"')))
+            name = sql[end:stop - 1].replace('""', '"')
+            if kind == "uident":
+                escape = _UESCAPE.match(sql, stop)
+                if escape is not None:
+                    stop = escape.end()
+                decoded = _unicode_escapes(name, escape.group(1) if escape else "\\")
+                if decoded is None:
+                    error = "invalid Unicode escape in an identifier"
+                    break
+                name = decoded
+                unicode_token = len(tokens)
+            append(("q", name))
             pos = stop
             continue
         if kind == "dollar":
@@ -298,40 +435,17 @@ def _lex(sql: str, standard_conforming_strings: bool) -> _Lexed:
             if close < 0:
                 error = "unterminated dollar-quoted string"
                 break
-            tokens.append(("s", ""))
-            pos = close + len(m.group())
+            stop = close + len(m.group())
+            append(("s", sql[pos:stop]))
+            pos = stop
             continue
         pos = end
-        text = m.group()
-        if kind == "word":
-            word = text.lower()
-            tokens.append(("w", word))
-            if len(lead) < 4:
-                lead.append(word)
-            if paren == 0 and word in ("begin", "case", "end") and _is_routine(lead):
-                if word == "begin" or (word == "case" and atomic > 0):
-                    atomic += 1
-                elif word == "end" and atomic > 0:
-                    atomic -= 1
-        elif kind == "punct":
-            if text == ";" and paren == 0 and atomic == 0:
-                if tokens:
-                    statements.append(_Statement(tokens, start, m.start()))
-                tokens = []
-                lead = []
-                start = end
-                continue
-            tokens.append((text, text))
-            if text == "(":
-                paren += 1
-            elif text == ")" and paren > 0:
-                paren -= 1
-        elif kind == "number":
-            tokens.append(("n", text))
+        if kind == "number":
+            append(("n", m.group()))
         elif kind == "param":
-            tokens.append(("p", text))
+            append(("p", m.group()))
         else:
-            tokens.append(("o", text))
+            append(("o", m.group()))
     if error is not None:
         tokens.append(("o", ""))  # the unterminated piece is a statement of its own, even if only a comment
     if tokens:
@@ -339,11 +453,27 @@ def _lex(sql: str, standard_conforming_strings: bool) -> _Lexed:
     return _Lexed(statements, hints, error)
 
 
+def _literal_value(source: str, standard_conforming_strings: bool) -> str | None:
+    """The value of a string token when it is plain enough to read here ('...', E'...' or $$...$$ without
+    backslashes, one piece); None otherwise."""
+    if source.startswith("$"):
+        tag_end = source.index("$", 1) + 1
+        return source[tag_end:len(source) - tag_end]
+    if source[:1] in "eEnN":
+        source = source[1:]
+    if not source.startswith("'") or "\\" in source:
+        return None
+    body = source[1:-1]
+    if "'" in body.replace("''", ""):
+        return None  # continued over several pieces
+    return body.replace("''", "'")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Classification of one statement
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Part:
     route: Route
     reason: str
@@ -351,20 +481,23 @@ class _Part:
     session_state: str | None = None
     prepared_name: str | None = None
     serializable: bool = False  # a BEGIN asking for SERIALIZABLE, which a hot standby refuses
+    replay: tuple[str, ...] = ()  # set_config: statements that set the same on another backend
+    detail: str | None = None  # why the session state pins, when the kind's label does not say it all
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Context:
     functions: FunctionPolicy | None
     prepared: Mapping[str, Route]
+    standard_conforming_strings: bool = True
 
 
 _Handler = Callable[[list[_Token], int, _Context, int], _Part]  # a verb's classifier: (tokens, verb index, ...)
 
 
 def _write(reason: str, *, transaction: str | None = None, session_state: str | None = None,
-           prepared_name: str | None = None) -> _Part:
-    return _Part(Route.WRITE, reason, transaction, session_state, prepared_name)
+           prepared_name: str | None = None, detail: str | None = None) -> _Part:
+    return _Part(Route.WRITE, reason, transaction, session_state, prepared_name, detail=detail)
 
 
 def _read(reason: str, *, transaction: str | None = None, session_state: str | None = None,
@@ -458,11 +591,102 @@ def _data_modifying(toks: list[_Token], i: int, word: str) -> bool:
     return nxt[0] in ("w", "q")  # UPDATE [ONLY] table
 
 
-def _query(toks: list[_Token], start: int, ctx: _Context) -> _Part:
+def _updates_pg_settings(toks: list[_Token], i: int) -> bool:
+    """Whether the UPDATE at index i targets pg_settings (its rule calls set_config: session state)."""
+    j = i + 1
+    if _word(toks, j) == "only":
+        j += 1
+    if _name(toks, j) == "pg_catalog" and j + 1 < len(toks) and toks[j + 1][0] == ".":
+        j += 2
+    return _name(toks, j) == "pg_settings"
+
+
+_BOOLEANS = {"true": True, "t": True, "yes": True, "y": True, "on": True, "1": True,
+             "false": False, "f": False, "no": False, "n": False, "off": False, "0": False}
+_MAX_ARGUMENT_TOKENS = 64  # set_config's arguments are read only when this short (they are literals or not)
+
+
+def _call_arguments(toks: list[_Token], open_index: int) -> list[list[_Token]] | None:
+    """The arguments of the call whose '(' is at open_index, split at its own commas; None if it does not close
+    within _MAX_ARGUMENT_TOKENS tokens."""
+    args: list[list[_Token]] = [[]]
+    depth = 0
+    for j in range(open_index, min(len(toks), open_index + _MAX_ARGUMENT_TOKENS)):
+        kind = toks[j][0]
+        if kind == "(":
+            depth += 1
+            if depth == 1:
+                continue
+        elif kind == ")":
+            depth -= 1
+            if depth == 0:
+                return [] if args == [[]] else args
+        elif kind == "," and depth == 1:
+            args.append([])
+            continue
+        args[-1].append(toks[j])
+    return None
+
+
+def _set_config_call(toks: list[_Token], i: int, ctx: _Context) -> tuple[bool | None, str | None]:
+    """A call of set_config(name, value, is_local) whose name is at i: (is_local when it is a literal, else
+    None; the statement that sets the same on another backend when name and value are literals and is_local is
+    false)."""
+    args = _call_arguments(toks, i + 1)
+    if args is None or len(args) != 3:
+        return None, None
+    local: bool | None = None
+    if len(args[2]) == 1:
+        kind, text = args[2][0]
+        if kind == "w":
+            local = {"true": True, "false": False, "null": False}.get(text)  # NULL: set_config takes it as false
+        elif kind == "s":
+            text_value = _literal_value(text, ctx.standard_conforming_strings)
+            local = _BOOLEANS.get(text_value.strip().lower()) if text_value is not None else None
+    name, value = args[0], args[1]
+    if local is not False or len(name) != 1 or name[0][0] != "s" or len(value) != 1:
+        return local, None
+    if value[0][0] == "s":
+        return False, f"SELECT pg_catalog.set_config({name[0][1]}, {value[0][1]}, false)"
+    if value[0] == ("w", "null"):  # a NULL value resets the setting
+        return False, f"SELECT pg_catalog.set_config({name[0][1]}, NULL, false)"
+    return False, None
+
+
+_NOT_AN_ALIAS = frozenset({"from", "where", "group", "having", "order", "limit", "offset", "union", "intersect",
+                           "except", "into", "for", "window", "fetch"})
+
+
+def _only_set_config_calls(toks: list[_Token]) -> bool:
+    """SELECT [pg_catalog.]set_config(...) [[AS] alias] [, ...] and nothing else: each call runs exactly once."""
+    n = len(toks)
+    if _word(toks, 0) != "select":
+        return False
+    i = 1
+    while True:
+        if _name(toks, i) == "pg_catalog" and i + 1 < n and toks[i + 1][0] == ".":
+            i += 2
+        if _name(toks, i) != "set_config" or i + 1 >= n or toks[i + 1][0] != "(":
+            return False
+        i = _matching(toks, i + 1) + 1
+        if _word(toks, i) == "as":
+            i += 1
+        if i < n and toks[i][0] in ("w", "q") and toks[i][1] not in _NOT_AN_ALIAS:
+            i += 1
+        if i >= n:
+            return True
+        if toks[i][0] != ",":
+            return False
+        i += 1
+
+
+def _query(toks: list[_Token], start: int, ctx: _Context, top: bool = False) -> _Part:
     """SELECT, WITH, VALUES, TABLE (possibly parenthesized): a read unless something in it writes.
 
     One pass over the tokens: locking clauses at any depth, SELECT ... INTO, data-modifying statements in
-    WITH (also nested, and the main statement after the CTE list), and calls of writing functions.
+    WITH (also nested, and the main statement after the CTE list), and calls of writing functions and of
+    functions that set up session state. `top`: the tokens are a whole statement of the query, so that a
+    statement made of set_config calls only can be replayed.
     """
     i = start
     while i < len(toks) and toks[i][0] == "(":
@@ -470,7 +694,8 @@ def _query(toks: list[_Token], start: int, ctx: _Context) -> _Part:
     verb = _word(toks, i)
     read_reason = verb if verb in ("values", "table") else "select"
     write_reason: str | None = None
-    state: str | None = None
+    states: list[str] = []
+    replay: list[str] = []
     main_found = verb != "with"
     depth = 0
     prev: _Token = ("", "")
@@ -494,25 +719,48 @@ def _query(toks: list[_Token], start: int, ctx: _Context) -> _Part:
             elif text == "into" and prev not in (("w", "insert"), ("w", "merge")):
                 found = "select into"
                 if _into_is_temp(toks, i):
-                    state = state or "temp_table"
+                    states.append("temp_table")
             elif text in _DML and _data_modifying(toks, i, text):
                 found = "data-modifying cte"
-            if found is not None and write_reason is None:
-                write_reason = found
+            if found is not None:
+                if found in ("update", "data-modifying cte") and text == "update" and _updates_pg_settings(toks, i):
+                    states.append("pg_settings_update")
+                if write_reason is None:
+                    write_reason = found
         if kind in ("w", "q") and i + 1 < n and toks[i + 1][0] == "(":
             name = text.lower()
             qualified = i - 2 >= start and prev[0] == "." and toks[i - 2][0] in ("w", "q")
             schema = toks[i - 2][1].lower() if qualified else None
-            if _function_writes(ctx, schema, name) and write_reason is None:
+            writes = _function_writes(ctx, schema, name)
+            if name == "set_config" and schema in (None, "pg_catalog"):
+                local, statement = _set_config_call(toks, i, ctx)
+                if local is True:  # like SET LOCAL: nothing outlives the transaction
+                    writes = ctx.functions is not None and ctx.functions.writes(schema, name) is True
+                elif statement is None:
+                    states.append("set_config_computed")
+                else:
+                    states.append("set_config")
+                    replay.append(statement)
+            if writes and write_reason is None:
                 write_reason = f"writing function {name}"
-            if name in SESSION_ADVISORY_LOCK_FUNCTIONS:
-                state = state or "advisory_lock"
-            elif name == "set_config":
-                state = state or "set"
+            pin = _PINNING_FUNCTIONS.get(name)
+            if pin is not None:
+                states.append(pin)
         prev = tok
-    if write_reason is not None:
-        return _write(write_reason, session_state=state)
-    return _read(read_reason, session_state=state)
+    state = _pick_state(states)
+    if state == "set_config" and not (top and _only_set_config_calls(toks)):
+        state = "set_config_computed"  # it may run any number of times, or in another statement's time
+    part = _Part(Route.WRITE if write_reason else Route.READ, write_reason or read_reason, session_state=state,
+                 replay=tuple(replay) if state == "set_config" else ())
+    return part
+
+
+def _pick_state(states: list[str]) -> str | None:
+    """The state to report among several: a pinning one first."""
+    for state in states:
+        if state in PINNING_STATES:
+            return state
+    return states[0] if states else None
 
 
 def _transaction_modes(toks: list[_Token], start: int) -> tuple[bool, bool, bool]:
@@ -655,6 +903,9 @@ def _prepare(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
     if _word(toks, i) != "as":
         return _write("prepare", session_state="prepare", prepared_name=name)
     inner = _statement(toks[i + 1:], ctx, depth + 1)
+    if inner.session_state in PINNING_STATES:  # what it sets up happens at each EXECUTE: pin now
+        return _write(f"prepare {inner.reason}", session_state=inner.session_state, prepared_name=name,
+                      detail=f"a prepared statement that sets up {inner.session_state}")
     return _Part(inner.route, f"prepare {inner.reason}", session_state="prepare", prepared_name=name)
 
 
@@ -694,11 +945,76 @@ def _declare(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
 
 def _dml(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
     scanned = _query(toks, v, ctx)  # only for the session state of functions it calls
-    return _write(toks[v][1], session_state=scanned.session_state)
+    state = scanned.session_state
+    if toks[v][1] == "update" and state not in PINNING_STATES and _updates_pg_settings(toks, v):
+        state = "pg_settings_update"
+    return _write(toks[v][1], session_state=state)
 
 
 def _query_verb(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
-    return _query(toks, 0, ctx)
+    return _query(toks, 0, ctx, top=depth == 0)
+
+
+_DO_STATEMENT_WORDS = frozenset({"set", "reset", "discard", "listen", "load", "prepare", "deallocate"})
+_DO_STATEMENT_AFTER = frozenset({"begin", "then", "else", "loop", "exception"})
+
+
+def _do_body(body: str, ctx: _Context) -> str | None:
+    """Why a PL/pgSQL DO body may set up session state, or None. Dynamic SQL (EXECUTE) may do anything."""
+    lexed = _lex(body, ctx.standard_conforming_strings)
+    if lexed.error is not None:
+        return "a DO block the proxy cannot read"
+    for statement in lexed.statements:
+        toks = statement.tokens
+        prev: _Token = ("", "")
+        for j, (kind, text) in enumerate(toks):
+            if kind == "w":
+                starts = j == 0 or (prev[0] == "w" and prev[1] in _DO_STATEMENT_AFTER) or prev == ("o", ">")
+                if text == "execute" or (starts and text in _DO_STATEMENT_WORDS):
+                    return f"a DO block that runs {text.upper()}"
+                if text in ("temp", "temporary", "pg_temp"):
+                    return "a DO block that may create a temporary table"
+                if text == "pg_settings":
+                    return "a DO block that may update pg_settings"
+            if kind in ("w", "q") and j + 1 < len(toks) and toks[j + 1][0] == "(":
+                name = text.lower()
+                if name in _PINNING_FUNCTIONS:
+                    return f"a DO block that calls {name}"
+                if name == "set_config" and _set_config_call(toks, j, ctx)[0] is not True:
+                    return "a DO block that calls set_config"
+            prev = (kind, text)
+    return None
+
+
+def _do(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
+    # DO [LANGUAGE lang] code [LANGUAGE lang]: runs anything; a write, and it pins if it may set up state
+    language = "plpgsql"
+    body: str | None = None
+    seen_body = False
+    i = v + 1
+    while i < len(toks):
+        kind, text = toks[i]
+        if kind == "w" and text == "language" and i + 1 < len(toks):
+            lang_kind, lang = toks[i + 1]
+            value = _literal_value(lang, ctx.standard_conforming_strings) if lang_kind == "s" else lang
+            language = (value or "?").lower()
+            i += 2
+        elif kind == "s" and not seen_body:
+            body = _literal_value(text, ctx.standard_conforming_strings)
+            seen_body = True
+            i += 1
+        else:
+            body = None
+            break
+    if language != "plpgsql":
+        why: str | None = f"a DO block in {language}"
+    elif body is None:
+        why = "a DO block the proxy cannot read"
+    else:
+        why = _do_body(body, ctx)
+    if why is not None:
+        return _write("do", session_state="do_block", detail=why)
+    return _write("do")
 
 
 def _show(toks: list[_Token], v: int, ctx: _Context, depth: int) -> _Part:
@@ -720,7 +1036,8 @@ _VERBS: dict[str, _Handler] = {
     "commit": _commit, "end": _commit, "rollback": _rollback, "abort": _rollback,
     "savepoint": _savepoint, "release": _savepoint,
     "set": _set, "reset": _state_verb("reset"), "discard": _state_verb("discard"),
-    "listen": _state_verb("listen"), "unlisten": _state_verb("unlisten"),
+    "listen": _state_verb("listen"), "unlisten": _state_verb("unlisten"), "load": _state_verb("load"),
+    "do": _do,
 }
 
 
@@ -739,11 +1056,15 @@ def _statement(toks: list[_Token], ctx: _Context, depth: int) -> _Part:
     if verb is None:
         return _write("unknown")
     if v > 0:  # (SELECT ...) UNION (SELECT ...), ((VALUES (1)))
-        return _query(toks, 0, ctx) if verb in ("select", "values", "table", "with") else _write(verb)
-    handler = _VERBS.get(verb)
-    if handler is None:
-        return _write(verb)  # ALTER, DROP, TRUNCATE, GRANT, VACUUM, ANALYZE, LOCK, DO, CALL, FETCH, NOTIFY, ...
-    return handler(toks, v, ctx, depth)
+        part = _query(toks, 0, ctx) if verb in ("select", "values", "table", "with") else _write(verb)
+    else:
+        handler = _VERBS.get(verb)
+        if handler is None:
+            return _write(verb)  # ALTER, DROP, TRUNCATE, GRANT, VACUUM, ANALYZE, LOCK, CALL, FETCH, NOTIFY, ...
+        part = handler(toks, v, ctx, depth)
+    if part.route is Route.READ and part.session_state in PINNING_STATES:
+        return replace(part, route=Route.WRITE)  # the session will be pinned to the writer: set it up there
+    return part
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -785,24 +1106,19 @@ def _combine(parts: list[_Part]) -> tuple[list[_Part], str | None]:
     return parts, closed or other
 
 
-def _classify(sql: str, functions: FunctionPolicy | None, prepared: Mapping[str, Route] | None,
-              standard_conforming_strings: bool) -> Classification:
-    lexed = _lex(sql, standard_conforming_strings)
+def _verdict(lexed: _Lexed, parts: list[_Part], transaction: str | None) -> Classification:
     count = len(lexed.statements)
     if lexed.error is not None:
         return Classification(Route.WRITE, lexed.error, statements=count)
-    hint = "writer" if "writer" in lexed.hints else ("reader" if lexed.hints else None)
+    hints = lexed.hints
+    hint = "writer" if "writer" in hints else ("reader" if hints else None)
     if count == 0:
         route = Route.READ if hint != "writer" else Route.WRITE
         return Classification(route, "hint" if hint else "empty", hint=hint, statements=0)
-    ctx = _Context(functions, prepared if prepared is not None else {})
-    parts, transaction = _combine([_statement(s.tokens, ctx, 0) for s in lexed.statements])
     writes = [p for p in parts if p.route is Route.WRITE]
     route = Route.WRITE if writes else Route.READ
     reason = (writes or parts)[0].reason
-    states = [p.session_state for p in parts if p.session_state is not None]
-    pinning = [s for s in states if s in _PINNING_STATES]
-    session_state = (pinning or states)[0] if states else None
+    session_state = _pick_state([p.session_state for p in parts if p.session_state is not None])
     prepared_name = next((p.prepared_name for p in parts if p.prepared_name is not None), None)
     if hint is not None:
         route = Route.WRITE if hint == "writer" else Route.READ
@@ -811,23 +1127,134 @@ def _classify(sql: str, functions: FunctionPolicy | None, prepared: Mapping[str,
                           statements=count, prepared_name=prepared_name)
 
 
-def classify(sql: str, functions: FunctionPolicy | None = None, prepared: Mapping[str, Route] | None = None, *,
-             standard_conforming_strings: bool = True) -> Classification:
-    """Classify the text of one simple Query (any number of statements) for the readwrite endpoint.
+@dataclass(slots=True)
+class _Reading:
+    """The query read with one value of standard_conforming_strings."""
 
-    `prepared` maps SQL-level prepared statement names (as `Classification.prepared_name` reports them) to the
-    route their PREPARE had; EXECUTE of a name not in it is WRITE. `standard_conforming_strings` is the
-    session's setting (ParameterStatus): when off, backslash escapes in ordinary '...' literals too.
+    lexed: _Lexed
+    parts: list[_Part]  # one per statement (empty after a lexical error)
+    verdict: Classification
+
+    def key(self) -> tuple[object, ...]:
+        """What must not differ between two readings for the query to be read for sure."""
+        v = self.verdict
+        return (v.route, v.hint, v.transaction, v.session_state, v.prepared_name,
+                [(s.start, s.end) for s in self.lexed.statements], [(p.session_state, p.replay) for p in self.parts])
+
+
+def _read_query(sql: str, ctx: _Context) -> _Reading:
+    lexed = _lex(sql, ctx.standard_conforming_strings)
+    if lexed.error is not None or not lexed.statements:
+        return _Reading(lexed, [], _verdict(lexed, [], None))
+    parts, transaction = _combine([_statement(s.tokens, ctx, 0) for s in lexed.statements])
+    return _Reading(lexed, parts, _verdict(lexed, parts, transaction))
+
+
+def _readings(sql: str, functions: FunctionPolicy | None, prepared: Mapping[str, Route] | None,
+              dialect: PgDialect) -> tuple[list[_Reading], str | None]:
+    """The readings of a query (two when standard_conforming_strings is unknown and it matters) and, when the
+    query cannot be read for sure, why."""
+    scs = dialect.standard_conforming_strings
+    backslash = "\\" in sql
+    choices = [True, False] if scs is None and backslash else [True if scs is None else scs]
+    known = prepared if prepared is not None else {}
+    readings = [_read_query(sql, _Context(functions, known, choice)) for choice in choices]
+    if backslash and dialect.multibyte_risk and not sql.isascii() and _MULTIBYTE_BACKSLASH.search(sql):
+        encoding = dialect.client_encoding or "unknown"
+        return readings, f"a backslash after a non-ASCII character (client_encoding {encoding})"
+    if len(readings) > 1 and readings[0].key() != readings[1].key():
+        return readings, "standard_conforming_strings unknown: the query reads two ways"
+    return readings, None
+
+
+_UNKNOWN = PgDialect()
+
+
+def _dialect(dialect: PgDialect | None, standard_conforming_strings: bool | None) -> PgDialect:
+    dialect = dialect if dialect is not None else _UNKNOWN
+    if standard_conforming_strings is not None:
+        dialect = replace(dialect, standard_conforming_strings=standard_conforming_strings)
+    return dialect
+
+
+def classify(sql: str, functions: FunctionPolicy | None = None, prepared: Mapping[str, Route] | None = None, *,
+             standard_conforming_strings: bool | None = None, dialect: PgDialect | None = None) -> Classification:
+    """Classify the text of one simple Query (any number of statements), or of a Parse, for the readwrite endpoint.
+
+    `dialect` is the session's lexical settings (from the server's ParameterStatus standard_conforming_strings and
+    client_encoding); `standard_conforming_strings`, when given, overrides the dialect's. Unknown settings are
+    read every way that matters (see the rules on top). `prepared` maps SQL-level prepared statement names (as
+    `Classification.prepared_name` reports them) to the route their PREPARE had; EXECUTE of a name not in it is
+    WRITE.
 
     Hints in comments (`/* endpoint: writer */`, `-- endpoint: reader`) anywhere in the query decide the
     route of the whole query (it goes to one backend); a writer hint wins over a reader hint. A query that
-    does not lex (unterminated literal or comment) is WRITE and ignores hints. For per-statement detail
-    (several SET values to replay, say) classify each of `split_statements(sql)`.
+    does not lex (unterminated literal or comment) or cannot be read for sure is WRITE and ignores hints. For
+    per-statement detail (several SET values to replay, say) see `analyze`.
     """
     try:
-        return _classify(sql, functions, prepared, standard_conforming_strings)
+        readings, problem = _readings(sql, functions, prepared, _dialect(dialect, standard_conforming_strings))
+        verdict = readings[0].verdict
+        if problem is not None:
+            return replace(verdict, route=Route.WRITE, reason=problem, hint=None)
+        return verdict
     except Exception:  # a bug here must not break a session: send the query to the writer
         return Classification(Route.WRITE, "classifier error")
+
+
+@dataclass(frozen=True)
+class StatementInfo:
+    """One statement of a query, as the session-state tracker needs it."""
+
+    text: str  # the statement, its comments kept, its ';' and surrounding whitespace not
+    route: Route
+    reason: str
+    session_state: str | None = None  # a key of session_kinds.PG_STATE_KINDS
+    prepared_name: str | None = None
+    replay: tuple[str, ...] = ()  # set_config: what to replay instead of the statement
+    detail: str | None = None  # why it pins, when the kind's label does not say it all
+    words: tuple[str, ...] = ()  # its first bare words, lower-cased (at most 4): ("reset", "all"), ...
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """A query statement by statement (the first reading when there are two)."""
+
+    classification: Classification
+    statements: tuple[StatementInfo, ...]
+    # why the query cannot be read for sure (a lexical error, an unknown dialect the readings disagree on, a
+    # multibyte encoding), or None
+    problem: str | None = None
+    # the problem is not a lexical error (which makes the server refuse the whole query) but a text the server
+    # may well run, in a way not known here
+    uncertain: bool = False
+    # session states any reading of the query sets up (when uncertain, the reading may be the wrong one)
+    states: frozenset[str] = frozenset()
+
+
+def analyze(sql: str, functions: FunctionPolicy | None = None, prepared: Mapping[str, Route] | None = None, *,
+            standard_conforming_strings: bool | None = None, dialect: PgDialect | None = None) -> Analysis:
+    """`classify`, statement by statement. Never raises."""
+    try:
+        readings, problem = _readings(sql, functions, prepared, _dialect(dialect, standard_conforming_strings))
+    except Exception:  # a bug here must not break a session
+        return Analysis(Classification(Route.WRITE, "classifier error"), (), "classifier error", True)
+    first = readings[0]
+    verdict = first.verdict
+    if problem is not None:
+        verdict = replace(verdict, route=Route.WRITE, reason=problem, hint=None)
+    statements: list[StatementInfo] = []
+    for index, statement in enumerate(first.lexed.statements):
+        text = sql[statement.start:statement.end].strip()
+        words = tuple(t[1] for t in statement.tokens[:8] if t[0] == "w")[:4]
+        if index >= len(first.parts):
+            statements.append(StatementInfo(text, Route.WRITE, first.lexed.error or "unknown", words=words))
+            continue
+        p = first.parts[index]
+        statements.append(StatementInfo(text, p.route, p.reason, p.session_state, p.prepared_name, p.replay,
+                                        p.detail, words))
+    states = frozenset(p.session_state for r in readings for p in r.parts if p.session_state is not None)
+    return Analysis(verdict, tuple(statements), problem or first.lexed.error, problem is not None, states)
 
 
 def split_statements(sql: str, *, standard_conforming_strings: bool = True) -> list[str]:

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from endpoint_proxy.routing import pg_classify
+from endpoint_proxy.routing.dialect import MyDialect
 from endpoint_proxy.routing.my_classify import (
     BUILTIN_WRITE_FUNCTIONS,
     NAMED_LOCK_FUNCTIONS,
@@ -17,11 +18,16 @@ from endpoint_proxy.routing.my_classify import (
     Classification,
     FunctionPolicy,
     Route,
+    analyze,
     classify,
+    literal_text,
+    set_assignments,
     split_statements,
 )
+from endpoint_proxy.routing.session_kinds import MY_PINNING_STATES
 
 R, W = "read", "write"
+KNOWN = MyDialect(no_backslash_escapes=False, ansi_quotes=False, charset="utf8mb4")  # MariaDB's defaults
 
 # (sql, route, transaction, session_state)
 ROWS: list[tuple[str, str, str | None, str | None]] = [
@@ -135,8 +141,8 @@ ROWS: list[tuple[str, str, str | None, str | None]] = [
     ("SELECT * FROM t WHERE id = (SELECT LAST_INSERT_ID())", W, None, None),
     # named locks
     ("SELECT GET_LOCK('a', 10)", W, None, "named_lock"),
-    ("SELECT RELEASE_LOCK('a')", W, None, "named_lock"),
-    ("SELECT RELEASE_ALL_LOCKS()", W, None, "named_lock"),
+    ("SELECT RELEASE_LOCK('a')", W, None, None),  # releasing holds nothing: GET_LOCK pinned already
+    ("SELECT RELEASE_ALL_LOCKS()", W, None, None),
     ("SELECT IS_USED_LOCK('a')", W, None, None),
     ("SELECT IS_FREE_LOCK('a')", W, None, None),
     ("DO GET_LOCK('a', 1)", W, None, "named_lock"),
@@ -152,10 +158,11 @@ ROWS: list[tuple[str, str, str | None, str | None]] = [
     # user variables
     ("SELECT @a := 1", W, None, "user_variable"),
     ("SELECT @a := a, @b FROM t", W, None, "user_variable"),
-    ("SELECT @a", W, None, "user_variable_read"),
-    ("SELECT * FROM t WHERE id = @id", W, None, "user_variable_read"),
-    ("SELECT @`a b`, @'c', @\"d\"", W, None, "user_variable_read"),
-    ("SELECT @a = 1", W, None, "user_variable_read"),  # a comparison
+    # reading a user variable: every backend the session uses has its variables (replayed), or it is pinned
+    ("SELECT @a", R, None, "user_variable_read"),
+    ("SELECT * FROM t WHERE id = @id", R, None, "user_variable_read"),
+    ("SELECT @`a b`, @'c', @\"d\"", R, None, "user_variable_read"),
+    ("SELECT @a = 1", R, None, "user_variable_read"),  # a comparison
     # --- DML, DDL and other writes
     ("INSERT INTO t VALUES (1)", W, None, None),
     ("INSERT IGNORE INTO t SELECT * FROM u", W, None, None),
@@ -332,7 +339,7 @@ ROWS: list[tuple[str, str, str | None, str | None]] = [
 
 @pytest.mark.parametrize(("sql", "route", "transaction", "session_state"), ROWS, ids=[r[0][:60] for r in ROWS])
 def test_classify(sql: str, route: str, transaction: str | None, session_state: str | None) -> None:
-    c = classify(sql)
+    c = classify(sql, dialect=KNOWN)
     assert (c.route, c.transaction, c.session_state) == (route, transaction, session_state), c
 
 
@@ -367,7 +374,7 @@ def test_shares_the_types_of_pg_classify() -> None:
     ("SELECT NEXTVAL(s)", "writing function nextval"),
     ("SELECT NEXT VALUE FOR s", "next value for"),
     ("SELECT @a := 1", "user variable assignment"),
-    ("SELECT @a", "user variable"),
+    ("SELECT @a", "select"),
     ("WITH x AS (SELECT 1) UPDATE t SET a = 1", "update"),
     ("INSERT INTO t VALUES (1)", "insert"),
     ("EXPLAIN ANALYZE DELETE FROM t", "explain analyze delete"),
@@ -391,7 +398,7 @@ def test_shares_the_types_of_pg_classify() -> None:
     ("SELECT (1", "unbalanced parentheses"),
 ])
 def test_reason(sql: str, reason: str) -> None:
-    assert classify(sql).reason == reason
+    assert classify(sql, dialect=KNOWN).reason == reason
 
 
 def test_hint_is_recorded_and_wins() -> None:
@@ -425,13 +432,13 @@ def test_versioned_comments_are_read_both_ways() -> None:
 
 def test_sql_mode_flags() -> None:
     sql = r"SELECT 'a\' FOR UPDATE -- '"
-    assert classify(sql).route is Route.READ  # \' escapes the quote: one string
+    assert classify(sql, no_backslash_escapes=False).route is Route.READ  # \' escapes the quote: one string
     c = classify(sql, no_backslash_escapes=True)  # the string is 'a\', then FOR UPDATE and a comment
     assert (c.route, c.reason) == (Route.WRITE, "for update")
     assert split_statements(r"SELECT 'a\';b'; SELECT 2") == [r"SELECT 'a\';b'", "SELECT 2"]
     assert split_statements(r"SELECT 'a\'; SELECT 2", no_backslash_escapes=True) == [r"SELECT 'a\'", "SELECT 2"]
     sql = 'SELECT "it\\"s FOR UPDATE"'
-    assert classify(sql).route is Route.READ  # a string with an escaped quote
+    assert classify(sql, dialect=KNOWN).route is Route.READ  # a string with an escaped quote
     assert classify(sql, ansi_quotes=True).reason == "unterminated quoted identifier"
     assert classify('SELECT "for update" FROM t', ansi_quotes=True).route is Route.READ
     assert classify('SELECT "a""b" FROM t', ansi_quotes=True).route is Route.READ
@@ -452,7 +459,7 @@ def test_function_policy() -> None:
     assert classify("SELECT setval(s, 1)", user).route is Route.WRITE
     assert classify("SELECT app.safe()", user).route is Route.READ
     c = classify("SELECT get_lock('a', 1)", user)
-    assert (c.route, c.session_state) == (Route.READ, "named_lock")  # the state is still reported
+    assert (c.route, c.session_state) == (Route.WRITE, "named_lock")  # it pins: to the writer, whatever the policy
     assert classify("SELECT nextval(s)").route is Route.WRITE
     assert classify("EXPLAIN SELECT bump(1)", user).route is Route.READ
     assert classify("UPDATE t SET a = bump(a)", user).route is Route.WRITE
@@ -475,7 +482,9 @@ def test_builtin_function_sets() -> None:
                  "connection_id", "now", "count"):
         assert name not in BUILTIN_WRITE_FUNCTIONS
         assert classify(f"SELECT {name}(1)").route is Route.READ
-    assert {"user_variable", "named_lock", "temp_table", "lock_tables", "handler"} == PINNING_STATES
+    assert {"named_lock", "temp_table", "lock_tables", "handler"} <= PINNING_STATES
+    assert PINNING_STATES == MY_PINNING_STATES
+    assert "user_variable" not in PINNING_STATES  # SET @a = 1 is replayed; the tracker pins computed ones
 
 
 def test_execute_follows_the_prepared_route() -> None:
@@ -483,8 +492,8 @@ def test_execute_follows_the_prepared_route() -> None:
     assert classify("EXECUTE p", prepared=prepared).route is Route.READ
     assert classify("execute P", prepared=prepared).route is Route.READ  # names are case-insensitive
     assert classify("EXECUTE `P`", prepared=prepared).route is Route.READ
-    c = classify("EXECUTE p USING @a, @b", prepared=prepared)  # user variables live on the writer
-    assert (c.route, c.session_state, c.prepared_name) == (Route.WRITE, "user_variable_read", "p")
+    c = classify("EXECUTE p USING @a, @b", prepared=prepared)  # the variables are wherever it runs
+    assert (c.route, c.session_state, c.prepared_name) == (Route.READ, "user_variable_read", "p")
     assert classify("EXECUTE p USING 1, 'x'", prepared=prepared).route is Route.READ  # MariaDB: expressions
     assert classify("EXECUTE w", prepared=prepared).route is Route.WRITE
     assert classify("EXECUTE nope", prepared=prepared).route is Route.WRITE
@@ -599,6 +608,8 @@ def test_classify_never_raises(sql: str) -> None:
     "CREATE PROCEDURE p() BEGIN " + "SELECT 1; " * 10_000 + "END",
     "CREATE PROCEDURE p() BEGIN " + "IF (THEN IF (" * 5_000,
     "BEGIN NOT ATOMIC " + "BEGIN; " * 10_000,
+    "SET sql_mode = 'ANSI'; SET sql_mode = ''; " * 1_000 + 'SELECT "x"',  # each changes how the rest lexes
+    "SET sql_mode = @a; SELECT '\\\\', \"a\"; " * 1_000,  # unknown flags: several readings of everything
 ])
 def test_classify_is_fast_on_pathological_input(sql: str) -> None:
     started = time.perf_counter()
@@ -606,3 +617,166 @@ def test_classify_is_fast_on_pathological_input(sql: str) -> None:
     split_statements(sql)
     assert c.reason != "classifier error"
     assert time.perf_counter() - started < 1.0
+
+
+
+# --- lexing as the server will: the session's sql_mode and character set (defect 7)
+
+DEFECT_7 = r"select 'a\'; delete from t where id = 3; -- '"
+NBE = MyDialect(no_backslash_escapes=True, ansi_quotes=False, charset="utf8mb4")
+ANSI = MyDialect(no_backslash_escapes=False, ansi_quotes=True, charset="utf8mb4")
+UNKNOWN = MyDialect()
+
+
+def test_defect_7_no_backslash_escapes_hides_a_delete() -> None:
+    # SET sql_mode = 'NO_BACKSLASH_ESCAPES': the backslash is a letter, the string is 'a\\', then a DELETE
+    c = classify(DEFECT_7, dialect=NBE)
+    assert (c.route, c.reason, c.statements) == (Route.WRITE, "delete", 2)
+    assert classify(DEFECT_7, dialect=KNOWN).route is Route.READ  # with escapes: one string, one read
+    # not known (what today's session passes: nothing): read both ways, they disagree: the writer
+    c = classify(DEFECT_7, dialect=UNKNOWN)
+    assert (c.route, c.reason) == (Route.WRITE, "sql_mode unknown: the query reads several ways")
+    assert classify(DEFECT_7).route is Route.WRITE
+
+
+def test_ansi_quotes_hides_a_delete() -> None:
+    sql = r'SELECT "a\"; DELETE FROM t; -- "'  # a string with an escaped quote, or the identifier "a\" and a DELETE
+    assert classify(sql, dialect=KNOWN).route is Route.READ
+    assert classify(sql, dialect=ANSI).reason == "delete"
+    assert classify(sql, dialect=MyDialect(False, None, "utf8mb4")).route is Route.WRITE
+    assert classify(sql, ansi_quotes=True, no_backslash_escapes=False).reason == "delete"  # keywords override
+    assert classify('SELECT "a" FROM t', dialect=UNKNOWN).route is Route.READ  # the readings agree
+
+
+def test_sql_mode_set_in_the_query_changes_how_the_rest_lexes() -> None:
+    sql = "SET sql_mode = 'NO_BACKSLASH_ESCAPES'; " + DEFECT_7
+    a = analyze(sql, dialect=KNOWN)
+    assert [s.text for s in a.statements] == ["SET sql_mode = 'NO_BACKSLASH_ESCAPES'", r"select 'a\'",
+                                              "delete from t where id = 3"]
+    assert [s.dialect.no_backslash_escapes for s in a.statements] == [False, True, True]
+    assert a.dialect == NBE
+    assert classify(sql, dialect=KNOWN).statements == 3
+    for first in ("SET SESSION sql_mode = 'ANSI'", "SET @@sql_mode = 'ansi_quotes'", "SET @@SESSION.sql_mode := ANSI",
+                  "SET LOCAL sql_mode = 'DB2,STRICT_ALL_TABLES'", "SET @@local.sql_mode = 'ORACLE'"):
+        a = analyze(first + r'; SELECT "a\"; DELETE FROM t; -- "', dialect=KNOWN)
+        assert len(a.statements) == 3 and a.dialect.ansi_quotes, first
+    a = analyze("SET sql_mode = ''; " + DEFECT_7, dialect=NBE)  # back to escapes: one string
+    assert len(a.statements) == 2 and a.dialect == KNOWN
+
+
+@pytest.mark.parametrize("first", [
+    "SET sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')",
+    "SET sql_mode = @saved",
+    "SET sql_mode = DEFAULT",
+    "SET GLOBAL sql_mode = ''",
+    "EXECUTE s",
+])
+def test_an_unknown_sql_mode_in_the_query_reads_the_rest_both_ways(first: str) -> None:
+    a = analyze(first + "; " + DEFECT_7, dialect=KNOWN)
+    assert a.uncertain and a.problem == "sql_mode unknown: the query reads several ways"
+    assert a.classification.route is Route.WRITE
+    assert a.dialect.no_backslash_escapes is None
+
+
+def test_set_names_in_the_query_changes_the_charset() -> None:
+    sql = "SET NAMES gbk; SELECT '\udc95\\'; DELETE FROM t; -- '"
+    a = analyze(sql, dialect=KNOWN)
+    assert a.uncertain and a.problem == "a backslash or backtick after a non-ASCII character (character_set_client gbk)"
+    assert analyze("SET NAMES 'sjis' COLLATE sjis_bin; SELECT 1", dialect=KNOWN).dialect.charset == "sjis"
+    assert analyze("SET CHARACTER SET big5", dialect=KNOWN).dialect.charset == "big5"
+    assert analyze("SET character_set_client = utf8mb4", dialect=UNKNOWN).dialect.charset == "utf8mb4"
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT '\udc95\\'; DELETE FROM t; -- '",  # Shift-JIS 0x95 0x5c is one letter: the string ends at the '
+    "SELECT \udc81`; DELETE FROM t; -- `",  # 0x81 0x60: one letter, then a DELETE
+])
+def test_a_multibyte_character_may_end_in_a_backslash_or_backtick(sql: str) -> None:
+    c = classify(sql, dialect=MyDialect(False, False, "sjis"))
+    assert c.route is Route.WRITE and c.reason.startswith("a backslash or backtick after a non-ASCII character")
+    assert classify(sql, dialect=MyDialect(False, False, None)).route is Route.WRITE  # charset unknown
+    assert classify(sql, dialect=KNOWN).route is Route.READ  # utf8mb4 never hides one
+
+
+@pytest.mark.parametrize(("sql", "route", "statements"), [
+    # comments
+    ("SELECT 1 # ; DELETE FROM t", R, 1),
+    ("SELECT 1 -- ; DELETE FROM t", R, 1),
+    ("SELECT 1 --\t; DELETE FROM t", R, 1),
+    ("SELECT 1 --1; DELETE FROM t", W, 2),  # no space: 1 - -1, then a DELETE
+    ("SELECT 1 /* ; DELETE FROM t */", R, 1),
+    ("SELECT 1 /* /* */ ; DELETE FROM t", W, 2),  # comments do not nest
+    ("SELECT /*+ MAX_EXECUTION_TIME(1000) */ * FROM t", R, 1),
+    # executable comments: MariaDB runs their content
+    ("SELECT 1 /*! , 2 */", R, 1),
+    ("/*!50100 DELETE FROM t */", W, 1),
+    ("SELECT 1 /*M!100000 FOR UPDATE */", W, 1),
+    ("SELECT 1 /*!; DELETE FROM t */", W, 2),  # a statement boundary inside: the writer
+    ("SELECT 1 /*! /*! DELETE FROM t */ */", W, 1),  # one inside another: the writer
+    ("SELECT 1 /*!99999 /* ; */ FOR UPDATE */", W, 1),
+    # quotes
+    ("SELECT `a``; DELETE FROM t; -- `", R, 1),
+    ("SELECT 'a''; DELETE FROM t; -- '", R, 1),
+    ('SELECT "a""; DELETE FROM t; -- "', R, 1),
+    ("SELECT X'41', B'01', 0x41 FROM t", R, 1),
+    ("SELECT _utf8mb4 'x', N'y', _binary'z' FROM t", R, 1),
+    # DELIMITER belongs to the mysql client: the server does not know it
+    ("DELIMITER //", W, 1),
+    ("DELIMITER ;;\nSELECT 1;;", W, 2),
+])
+def test_lexical_traps(sql: str, route: str, statements: int) -> None:
+    c = classify(sql, dialect=KNOWN)
+    assert (c.route, c.statements) == (route, statements), c
+
+
+def test_charset_introducers_follow_the_sql_mode() -> None:
+    sql = r"SELECT _utf8mb4'a\'; DELETE FROM t; -- '"
+    assert classify(sql, dialect=KNOWN).route is Route.READ
+    assert classify(sql, dialect=NBE).route is Route.WRITE
+    assert classify(sql, dialect=UNKNOWN).route is Route.WRITE
+
+
+def test_set_assignments() -> None:
+    toks = tuple(analyze("SET GLOBAL a = 1, b = 2, SESSION @@c := 'x', @@global.d = 3, @e = @f, NAMES utf8mb4 "
+                         "COLLATE utf8mb4_bin, CHARACTER SET latin1", dialect=KNOWN).statements[0].tokens)
+    items = set_assignments(toks)
+    assert items is not None
+    assert [(i.target, i.name, i.is_global) for i in items] == [
+        ("v", "a", True), ("v", "b", True), ("v", "c", False), ("v", "d", True), ("u", "e", False),
+        ("names", "names", False), ("names", "character_set", False)]
+    assert literal_text(items[2].value, False) == "x"
+    assert literal_text(items[5].value, False) is None  # utf8mb4 COLLATE utf8mb4_bin: not one literal
+    assert literal_text(items[5].value[:1], False) == "utf8mb4"
+    for sql in ("SET TRANSACTION READ ONLY", "SET STATEMENT a = 1 FOR SELECT 1", "SET PASSWORD = 'x'", "SELECT 1"):
+        assert set_assignments(analyze(sql, dialect=KNOWN).statements[0].tokens) is None
+    items = set_assignments(analyze("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                                    dialect=KNOWN).statements[0].tokens)
+    assert items is not None and [(i.name, i.is_global) for i in items] == [("transaction", False)]
+
+
+def test_the_function_policy_applies_under_every_reading() -> None:
+    user = FunctionPolicy(write_functions=frozenset({"app.bump"}), read_functions=frozenset({"report"}))
+    assert classify('SELECT app.bump("x")', user, dialect=UNKNOWN).route is Route.WRITE
+    assert classify('SELECT report("x")', user, dialect=UNKNOWN).route is Route.READ
+    assert classify("SELECT bump(1)", user).route is Route.WRITE
+    assert classify("CALL report()", user, dialect=KNOWN).route is Route.READ
+    assert classify("CALL report(@out)", user, dialect=KNOWN).route is Route.WRITE  # sets a user variable
+    assert classify("SELECT report(1)", dialect=KNOWN).route is Route.READ  # no policy: an unknown function reads
+
+
+_DIALECTS = [KNOWN, NBE, ANSI, UNKNOWN, MyDialect(False, False, "gbk")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([*_FRAGMENTS, "sql_mode", "'ANSI_QUOTES'", "'NO_BACKSLASH_ESCAPES'", "NAMES",
+                                 "gbk", "\udc95"]), max_size=30).map(" ".join))
+def test_an_unknown_sql_mode_reads_only_when_every_sql_mode_does(sql: str) -> None:
+    c = classify(sql, dialect=UNKNOWN)
+    if c.route is Route.READ:
+        for nbe in (False, True):
+            for ansi in (False, True):
+                assert classify(sql, dialect=MyDialect(nbe, ansi, None)).route is Route.READ, (nbe, ansi)
+    for dialect in _DIALECTS:
+        a = analyze(sql, dialect=dialect)
+        assert a.classification == classify(sql, dialect=dialect)
+        assert a.classification.reason != "classifier error"

@@ -8,16 +8,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from endpoint_proxy.routing.dialect import PgDialect
 from endpoint_proxy.routing.pg_classify import (
     BUILTIN_WRITE_FUNCTIONS,
     Classification,
     FunctionPolicy,
     Route,
+    analyze,
     classify,
     split_statements,
 )
 
 R, W = "read", "write"
+KNOWN = PgDialect(standard_conforming_strings=True, client_encoding="UTF8")  # PostgreSQL's defaults
 
 # (sql, route, transaction, session_state)
 ROWS: list[tuple[str, str, str | None, str | None]] = [
@@ -118,7 +121,7 @@ ROWS: list[tuple[str, str, str | None, str | None]] = [
     ("SELECT pg_try_advisory_lock(1, 2)", W, None, "advisory_lock"),
     ("SELECT pg_advisory_xact_lock(1)", W, None, None),
     ("SELECT pg_advisory_unlock(1)", W, None, None),
-    ("SELECT set_config('app.user', 'x', false)", W, None, "set"),
+    ("SELECT set_config('app.user', 'x', false)", W, None, "set_config"),
     ("SELECT lo_import('/tmp/x')", W, None, None),
     ("SELECT * FROM t WHERE id = (SELECT nextval('s'))", W, None, None),
     ("VALUES (nextval('s'))", W, None, None),
@@ -259,7 +262,7 @@ ROWS: list[tuple[str, str, str | None, str | None]] = [
 
 @pytest.mark.parametrize(("sql", "route", "transaction", "session_state"), ROWS, ids=[r[0][:60] for r in ROWS])
 def test_classify(sql: str, route: str, transaction: str | None, session_state: str | None) -> None:
-    c = classify(sql)
+    c = classify(sql, dialect=KNOWN)
     assert (c.route, c.transaction, c.session_state) == (route, transaction, session_state), c
 
 
@@ -298,7 +301,7 @@ def test_the_table_is_large_and_unambiguous() -> None:
     ("SELECT (1", "unbalanced parentheses"),
 ])
 def test_reason(sql: str, reason: str) -> None:
-    assert classify(sql).reason == reason
+    assert classify(sql, dialect=KNOWN).reason == reason
 
 
 def test_hint_is_recorded_and_wins() -> None:
@@ -324,8 +327,8 @@ def test_statement_count() -> None:
 
 def test_standard_conforming_strings_off() -> None:
     sql = r"SELECT '\' FOR UPDATE'"
-    assert classify(sql).route is Route.WRITE  # on: the string is '\', then FOR UPDATE, then an open '
-    assert classify(sql).reason == "unterminated string literal"
+    assert classify(sql, dialect=KNOWN).route is Route.WRITE  # on: the string is '\', then FOR UPDATE, then an open '
+    assert classify(sql, dialect=KNOWN).reason == "unterminated string literal"
     assert classify(sql, standard_conforming_strings=False).route is Route.READ
     assert split_statements(r"SELECT 'a\';b'; SELECT 2", standard_conforming_strings=False) == [
         r"SELECT 'a\';b'", "SELECT 2"]
@@ -464,3 +467,205 @@ def test_classify_is_fast_on_pathological_input(sql: str) -> None:
     split_statements(sql)
     assert c.reason != "classifier error"
     assert time.perf_counter() - started < 1.0
+
+
+
+# --- lexing as the server will: the session's dialect (defect 7, PostgreSQL side)
+
+SCS_OFF = PgDialect(standard_conforming_strings=False, client_encoding="UTF8")
+UNKNOWN = PgDialect()
+
+
+@pytest.mark.parametrize(("sql", "on", "off"), [
+    # on: the backslash is a letter and '' a quote: one string; off: \' is the quote, then a DELETE
+    (r"select 'x\'' ; delete from t where id = 3; --'", R, W),
+    # on: the string is 'a\', then a DELETE; off: \' escapes, one string
+    (r"select 'a\'; delete from t where id = 3; -- '", W, R),
+])
+def test_standard_conforming_strings_decides_where_a_string_ends(sql: str, on: str, off: str) -> None:
+    assert classify(sql, dialect=KNOWN).route == on
+    assert classify(sql, dialect=SCS_OFF).route == off
+    assert classify(sql, standard_conforming_strings=False).route == off  # the keyword overrides the dialect
+    c = classify(sql, dialect=UNKNOWN)
+    assert (c.route, c.reason) == (Route.WRITE, "standard_conforming_strings unknown: the query reads two ways")
+    assert classify(sql).route is Route.WRITE  # nothing passed (today's Parse path): unknown
+
+
+def test_an_unknown_setting_costs_nothing_when_it_cannot_matter() -> None:
+    assert classify("SELECT 'a' FROM t", dialect=UNKNOWN).route is Route.READ  # no backslash
+    assert classify(r"SELECT E'a\'b', $$c\$$ FROM t", dialect=UNKNOWN).route is Route.READ  # readings agree
+    assert classify(r"SELECT '\' FROM t", dialect=UNKNOWN).route is Route.WRITE  # on: unterminated
+
+
+@pytest.mark.parametrize(("sql", "statements"), [
+    # B'' and X'' strings have no escapes at all, whatever standard_conforming_strings says
+    (r"SELECT b'1\' ; DELETE FROM t; --'", [r"SELECT b'1\'", "DELETE FROM t"]),
+    (r"SELECT X'1\' ; DELETE FROM t; --'", [r"SELECT X'1\'", "DELETE FROM t"]),
+    # a literal continued over a newline keeps its own rules: E'' goes on escaping
+    ("SELECT E'a'\n'\\'; DELETE FROM t; --'", ["SELECT E'a'\n'\\'; DELETE FROM t; --'"]),
+    ("SELECT 'a' -- comment\n  'b'; SELECT 2", ["SELECT 'a' -- comment\n  'b'", "SELECT 2"]),
+    # dollar quotes with tags, nested comments
+    ("SELECT $a$ $b$; DELETE FROM t; $b$ $a$; SELECT 2", ["SELECT $a$ $b$; DELETE FROM t; $b$ $a$", "SELECT 2"]),
+    ("SELECT 1 /* a /* b */ ; DELETE FROM t; */; SELECT 2", ["SELECT 1 /* a /* b */ ; DELETE FROM t; */",
+                                                             "SELECT 2"]),
+    ("SELECT U&'d\\0061t' UESCAPE '!'; SELECT 2", ["SELECT U&'d\\0061t' UESCAPE '!'", "SELECT 2"]),
+    ('SELECT "a"";b"; SELECT 2', ['SELECT "a"";b"', "SELECT 2"]),
+])
+def test_split_like_the_server(sql: str, statements: list[str]) -> None:
+    assert split_statements(sql, standard_conforming_strings=False) == statements \
+        or split_statements(sql, standard_conforming_strings=True) == statements
+    assert [s.text for s in analyze(sql, dialect=SCS_OFF).statements] == statements
+
+
+def test_bit_strings_do_not_hide_statements() -> None:
+    c = classify(r"SELECT b'1\' ; DELETE FROM t; --'", dialect=SCS_OFF)
+    assert (c.route, c.reason, c.statements) == (Route.WRITE, "delete", 2)
+
+
+def test_unicode_identifiers_are_decoded() -> None:
+    c = classify(r"""SELECT U&"\0073et\005fconfig"('search_path', 'x', false)""", dialect=KNOWN)
+    assert (c.route, c.session_state) == (Route.WRITE, "set_config")
+    c = classify("SELECT U&\"set!005fconfig\" UESCAPE '!' ('search_path', 'x', false)", dialect=KNOWN)
+    assert (c.route, c.session_state) == (Route.WRITE, "set_config")
+    c = classify("SELECT U&\"nextval\" /* c */ UESCAPE '!' ('s')", dialect=KNOWN)
+    assert (c.route, c.reason) == (Route.WRITE, "UESCAPE not right after its literal")
+    assert classify(r'SELECT U&"\zzzz"', dialect=KNOWN).reason == "invalid Unicode escape in an identifier"
+    assert classify('SELECT "nextval"(\'s\')', dialect=KNOWN).route is Route.WRITE
+
+
+def test_a_backslash_in_a_multibyte_encoding_goes_to_the_writer() -> None:
+    # Shift-JIS 0x83 0x5c is one letter (so): the server sees E'<so>' and then a DELETE
+    sql = "SELECT E'\udc83\\'; DELETE FROM t; -- '"
+    c = classify(sql, dialect=PgDialect(True, "SJIS"))
+    assert (c.route, c.reason) == (Route.WRITE, "a backslash after a non-ASCII character (client_encoding SJIS)")
+    assert classify(sql, dialect=PgDialect(True, None)).route is Route.WRITE  # unknown encoding
+    assert classify(sql, dialect=KNOWN).route is Route.READ  # UTF8: 0x5c is always a backslash
+    assert classify("SELECT 'é' FROM t", dialect=PgDialect(True, "SJIS")).route is Route.READ
+
+
+# --- function-made session state (defect 4)
+
+_PIN = "set_config_computed"
+
+
+@pytest.mark.parametrize(("sql", "state", "replay"), [
+    ("select set_config('search_path', 'tenant1', false)", "set_config",
+     ("SELECT pg_catalog.set_config('search_path', 'tenant1', false)",)),
+    ("SELECT pg_catalog.set_config('search_path', 'tenant1', FALSE) AS s", "set_config",
+     ("SELECT pg_catalog.set_config('search_path', 'tenant1', false)",)),
+    (r"SELECT set_config('a.b', E'x\'y', 'off'), set_config('c.d', NULL, NULL)", "set_config",
+     (r"SELECT pg_catalog.set_config('a.b', E'x\'y', false)", "SELECT pg_catalog.set_config('c.d', NULL, false)")),
+    ("SELECT set_config('a.b', $$x$$, false)", "set_config", ("SELECT pg_catalog.set_config('a.b', $$x$$, false)",)),
+    # the value is not known here: the session is pinned
+    ("select set_config('search_path', $1, false)", _PIN, ()),
+    ("select set_config('search_path', name, false) from tenants where id = 1", _PIN, ()),
+    ("select set_config('search_path', 'a' || 'b', false)", _PIN, ()),
+    ("select set_config('search_path', 'x'::text, false)", _PIN, ()),
+    ("select set_config('search_path', 't1', $1)", _PIN, ()),  # is_local unknown
+    ("select set_config(setting_name => 'a', new_value => 'b', is_local => false)", _PIN, ()),
+    # literal, but it runs once per row, or not at all, or later
+    ("select set_config('search_path', 't1', false) from t", _PIN, ()),
+    ("select set_config('search_path', 't1', false) where false", _PIN, ()),
+    ("select case when x then set_config('a.b', 'c', false) end", _PIN, ()),
+    ("select * from t where set_config('a.b', 'c', false) is not null", _PIN, ()),
+    ("insert into log select set_config('a.b', 'c', false)", _PIN, ()),
+    ("explain analyze select set_config('a.b', 'c', false)", _PIN, ()),
+    ("prepare p as select set_config('a.b', 'c', false)", _PIN, ()),
+    ("copy (select set_config('a.b', 'c', false)) to stdout", _PIN, ()),
+    ("declare c cursor for select set_config('a.b', 'c', false)", _PIN, ()),
+    # transaction-local, like SET LOCAL: nothing outlives the transaction
+    ("select set_config('search_path', 'x', true)", None, ()),
+    ("select set_config('search_path', $1, 'on')", None, ()),
+])
+def test_set_config(sql: str, state: str | None, replay: tuple[str, ...]) -> None:
+    a = analyze(sql, dialect=KNOWN)
+    assert len(a.statements) == 1
+    statement = a.statements[0]
+    assert (statement.session_state, statement.replay) == (state, replay)
+    assert a.classification.route is (Route.READ if state is None else Route.WRITE)
+
+
+def test_set_config_goes_to_the_writer_and_pins_whatever_the_policy() -> None:
+    safe = FunctionPolicy(read_functions=frozenset({"set_config", "pg_advisory_lock", "setseed"}))
+    # replayable: it may run anywhere, the tracker replays it on the others
+    assert classify("select set_config('a.b', 'c', false)", safe, dialect=KNOWN).route is Route.READ
+    # pinning: the session stays on the writer, so its state must be made there
+    for sql in ("select set_config('a.b', $1, false)", "select pg_advisory_lock(1)", "select setseed(0.5)"):
+        assert classify(sql, safe, dialect=KNOWN).route is Route.WRITE, sql
+    assert classify("select app.set_config('a', 'b', false)", dialect=KNOWN).session_state is None  # not ours
+
+
+@pytest.mark.parametrize(("sql", "pins"), [
+    ("DO $$BEGIN PERFORM set_config('search_path', 'x', false); END$$", "a DO block that calls set_config"),
+    ("DO $$BEGIN SET search_path = x; END$$", "a DO block that runs SET"),
+    ("DO $$DECLARE x int; BEGIN IF true THEN RESET search_path; END IF; END$$", "a DO block that runs RESET"),
+    ("DO $$BEGIN EXECUTE 'select 1'; END$$", "a DO block that runs EXECUTE"),
+    ("DO 'BEGIN PERFORM pg_advisory_lock(1); END'", "a DO block that calls pg_advisory_lock"),
+    ("DO $$BEGIN CREATE TEMP TABLE t (a int); END$$", "a DO block that may create a temporary table"),
+    ("DO LANGUAGE plpython3u $$plpy.execute('SET search_path = x')$$", "a DO block in plpython3u"),
+    ("DO $$BEGIN LISTEN c; END$$ LANGUAGE plpgsql", "a DO block that runs LISTEN"),
+    ("DO $$BEGIN UPDATE pg_settings SET setting = 'x' WHERE name = 'a'; END$$",
+     "a DO block that may update pg_settings"),
+    ("DO $$BEGIN UPDATE t SET a = 1; END$$", None),  # UPDATE ... SET is no SET statement
+    ("DO $$BEGIN PERFORM set_config('a.b', 'c', true); END$$", None),
+    ("DO $$BEGIN INSERT INTO t VALUES (1); END$$", None),
+])
+def test_do_blocks_are_writes_and_pin_when_they_may_set_up_state(sql: str, pins: str | None) -> None:
+    a = analyze(sql, dialect=KNOWN)
+    statement = a.statements[0]
+    assert statement.route is Route.WRITE
+    assert statement.session_state == ("do_block" if pins else None)
+    assert statement.detail == pins
+
+
+@pytest.mark.parametrize(("sql", "state"), [
+    ("SELECT setseed(0.5)", "setseed"),
+    ("UPDATE pg_settings SET setting = 'x' WHERE name = 'search_path'", "pg_settings_update"),
+    ("UPDATE ONLY pg_catalog.pg_settings SET setting = 'x' WHERE name = 'search_path'", "pg_settings_update"),
+    ("WITH u AS (UPDATE pg_settings SET setting = 'x' WHERE name = 'a' RETURNING 1) SELECT * FROM u",
+     "pg_settings_update"),
+    ("SELECT dblink_connect('c', 'dbname=x')", "dblink_connection"),
+    ("SELECT pg_replication_origin_session_setup('o')", "replication_origin"),
+    ("SELECT * INTO TEMP t FROM u", "temp_table"),
+    ("CREATE TEMP VIEW v AS SELECT 1", "temp_table"),
+    ("LOAD 'auto_explain'", "load"),
+    ("SELECT pg_advisory_xact_lock(1)", None),
+    ("SELECT random()", None),
+])
+def test_other_function_and_statement_state(sql: str, state: str | None) -> None:
+    c = classify(sql, dialect=KNOWN)
+    assert c.session_state == state
+    if state is not None:
+        assert c.route is Route.WRITE
+
+
+def test_analyze_gives_each_statement() -> None:
+    a = analyze("SET a = 1; select set_config('b.c', 'd', false); RESET ALL; SELECT 1", dialect=KNOWN)
+    assert [(s.text, s.session_state, s.words[:2]) for s in a.statements] == [
+        ("SET a = 1", "set", ("set", "a")),
+        ("select set_config('b.c', 'd', false)", "set_config", ("select", "set_config")),
+        ("RESET ALL", "reset", ("reset", "all")),
+        ("SELECT 1", None, ("select",)),
+    ]
+    assert a.problem is None and not a.uncertain
+    a = analyze(r"SET a = 'x\'; SET b = 2; -- '", dialect=UNKNOWN)
+    assert a.uncertain and a.classification.route is Route.WRITE
+    assert a.states == {"set"}
+    a = analyze("SELECT 'open", dialect=KNOWN)
+    assert (a.problem, a.uncertain) == ("unterminated string literal", False)
+
+
+_DIALECTS = [KNOWN, SCS_OFF, UNKNOWN, PgDialect(True, "SJIS")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(_FRAGMENTS), max_size=30).map(" ".join))
+def test_an_unknown_setting_reads_only_when_every_setting_does(sql: str) -> None:
+    c = classify(sql, dialect=UNKNOWN)
+    if c.route is Route.READ:
+        assert classify(sql, dialect=KNOWN).route is Route.READ
+        assert classify(sql, dialect=SCS_OFF).route is Route.READ
+    for dialect in _DIALECTS:
+        a = analyze(sql, dialect=dialect)
+        assert a.classification == classify(sql, dialect=dialect)
+        assert a.classification.reason != "classifier error"
