@@ -87,7 +87,7 @@ def _set_target(statement: StatementInfo) -> str | None:
     return re.sub(r"\s+", "", m.group(1)).lower() if m else None
 
 
-@dataclass
+@dataclass(slots=True)
 class SessionState:
     set_statements: list[str] = field(default_factory=list)
     sql_prepared: dict[str, str] = field(default_factory=dict)

@@ -26,7 +26,8 @@ from ..protocol.mysql.errors import MySQLProtocolError
 from ..protocol.mysql.framing import PacketReader, PacketScanner, decode_text, encode_packet
 from ..protocol.mysql.packets import OkPacket, err_packet
 from ..protocol.mysql.response import ResponseTracker
-from ..routing.my_classify import classify
+from ..routing.my_classify import Classification, classify
+from ..routing.my_session_state import MySessionState
 from ..routing.pg_classify import FunctionPolicy, Route
 from .actions import (
     ATTEND,
@@ -58,16 +59,7 @@ HOLD_LIMIT = 1 << 20  # commands held behind one in flight, at most (then the cl
 UNSOLICITED_LIMIT = 1 << 16  # what a server may say unasked before it closes
 
 _KILL = re.compile(r"\A\s*KILL\s+(?:(QUERY|CONNECTION)\s+)?(\d+)\s*;?\s*\Z", re.I)
-_USE = re.compile(r"\A\s*USE\s+`?([^`;\s]+)`?\s*;?\s*\Z", re.I)
 _ROLLBACK = re.compile(r"\A\s*ROLLBACK(\s+WORK)?\s*;?\s*\Z", re.I)
-# Statements that may carry session state (SET, USE, user variables, locks, temporary tables,
-# handlers, prepared SQL): only these are classified for tracking.
-_MAYBE_STATEFUL = re.compile(r"@|\b(?:set|use|lock|temporary|handler|prepare|deallocate)\b|_lock\s*\(", re.I)
-# One list of what state does (README "Session state"): replayed on another backend; pins
-# the session to its writer (readwrite); cannot be moved at all (a failover ends the session).
-_REPLAYED = frozenset(("set", "user_variable", "autocommit_off", "autocommit_on"))
-_PINNING = frozenset(("temp_table", "named_lock", "lock_tables", "handler", "user_variable", "user_variable_read"))
-_UNMOVABLE = frozenset(("temp_table", "named_lock", "lock_tables", "handler"))
 _NO_RESPONSE = frozenset((c.COM_STMT_CLOSE, c.COM_STMT_SEND_LONG_DATA))
 _STMT_COMMANDS = frozenset((c.COM_STMT_EXECUTE, c.COM_STMT_SEND_LONG_DATA, c.COM_STMT_CLOSE, c.COM_STMT_RESET,
                             c.COM_STMT_FETCH, c.COM_STMT_BULK_EXECUTE))
@@ -144,26 +136,15 @@ class Statement:
     role: str
 
 
-@dataclass
+@dataclass(slots=True)
 class BackendMark:
-    """What of the session one backend already has."""
+    """What of the session one backend already has: the session state's entries up to ``seq``
+    (MySessionState.replay_after), its multi-statement option, its prepared statements."""
 
     statements: dict[int, int] = field(default_factory=dict)  # client statement id -> backend id
     pending_close: list[int] = field(default_factory=list)  # backend ids the client closed elsewhere
-    set_option: bytes | None = None
-    schema: str | None = None
-    sets_applied: int = 0
-
-
-@dataclass
-class MyState:
-    """The session state to rebuild on another backend."""
-
-    set_statements: list[str] = field(default_factory=list)
-    set_option: bytes | None = None  # the client's last COM_SET_OPTION payload
-    schema: str | None = None
-    pinned_by: str | None = None  # readwrite: state only the writer has
-    unmovable: str | None = None  # state a failover would lose
+    multi_statements: bool | None = None  # its COM_SET_OPTION (None: the handshake's)
+    seq: int = 0
 
 
 @dataclass
@@ -176,13 +157,15 @@ class _Command:
 class MySessionCore:
     def __init__(self, env: MyEnv, facts: BackendFacts, *, capabilities: int, status: int,
                  readwrite: bool = False, session_consistency: bool = False, max_payload: int = 1 << 30,
-                 allow_local_infile: bool = False, schema: str | None = None) -> None:
+                 allow_local_infile: bool = False, schema: str | None = None, charset: int | None = None) -> None:
         self.env = env
         self.caps = capabilities
         self.readwrite = readwrite
         self.session_consistency = session_consistency
         self.allow_local_infile = allow_local_infile
-        self.state = MyState(schema=schema)
+        self.state = MySessionState.start(status=status, schema=schema,
+                                          charset=k.COLLATION_CHARSETS.get(charset) if charset else None)
+        self._prepared_routes: dict[str, Route] = {}  # SQL PREPARE name -> its route
         self._creader = PacketReader(max_payload)
         self._actions: list[MyAction] = []
         self.role = WRITER if readwrite else MAIN
@@ -190,7 +173,7 @@ class MySessionCore:
         self.instance: str | None = facts.instance
         self.in_recovery = facts.in_recovery
         self.status = status  # server status flags of the last OK/EOF
-        self.marks: dict[str, BackendMark] = {self.role: BackendMark(schema=schema)}
+        self.marks: dict[str, BackendMark] = {self.role: BackendMark()}
         self._checked_generation = env.generation
         self.statements: dict[int, Statement] = {}
         self._last_statement = 0
@@ -262,8 +245,10 @@ class MySessionCore:
         if whole and len(self._queue) == 1 and self._cmd is None and not self._lost and self._attaching is None:
             command = self._queue.popleft()
             self._queued_bytes -= len(command.payload)
-            if self._dispatch(command, forwardable=True) and len(self._actions) == queued:
-                return FORWARD
+            if self._dispatch(command, forwardable=True):
+                if len(self._actions) == queued:
+                    return FORWARD
+                self._actions.append(ToServer(bytes(data)))  # (after what the command asked first)
             return ATTEND
         self._pump()
         return ATTEND
@@ -395,7 +380,7 @@ class MySessionCore:
             if backend_id != client_id or (payload[1:5] != client_id.to_bytes(4, "little")):
                 payload = c.replace_statement_id(payload, backend_id)
                 forwardable = False
-        self._track(code, payload, sql)
+        self._track(code, command.payload, sql)  # (the client's statement ids)
         tracker = ResponseTracker(code, self.caps)
         self._cmd_in_tx = self.in_transaction
         if tracker.done:  # no response: COM_STMT_CLOSE, COM_STMT_SEND_LONG_DATA
@@ -437,19 +422,26 @@ class MySessionCore:
         if self.in_transaction or self.state.pinned_by is not None:
             return WRITER if not self.attached else None
         if code == c.COM_QUERY and sql is not None:
-            cl = classify(sql)
+            cl = self._classify(sql)
             if cl.route is Route.READ and cl.transaction in ("commit", "rollback", "savepoint"):
                 return None
             if cl.session_state == "use":
                 return None
             return READER if cl.route is Route.READ and cl.transaction != "begin" else WRITER
         if code == c.COM_STMT_PREPARE:
-            cl = classify(decode_text(payload[1:]))
+            cl = self._classify(decode_text(payload[1:]), learn=False)
             return READER if cl.route is Route.READ else WRITER
         if code in (c.COM_STMT_EXECUTE, c.COM_STMT_FETCH):
             statement = self.statements.get(self._client_statement_id(payload))
             return statement.role if statement is not None else WRITER
         return None
+
+    def _classify(self, sql: str, *, learn: bool = True) -> Classification:
+        """readwrite: the route of a query in this session's dialect; SQL PREPAREs are learnt."""
+        cl = classify(sql, self.env.function_policy(), self._prepared_routes, dialect=self.state.dialect)
+        if learn and cl.session_state == "prepare" and cl.prepared_name:
+            self._prepared_routes[cl.prepared_name] = cl.route
+        return cl
 
     def _leave(self, *, park: bool) -> None:
         if self.attached:
@@ -466,68 +458,55 @@ class MySessionCore:
     # --- session state ------------------------------------------------------------------------
 
     def _track(self, code: int, payload: bytes, sql: str | None) -> None:
-        state, mark = self.state, self.marks[self.role]
-        if code == c.COM_SET_OPTION:
-            state.set_option = mark.set_option = payload
-            return
-        if code == c.COM_INIT_DB:
-            state.schema = mark.schema = decode_text(payload[1:])
-            return
-        if code == c.COM_RESET_CONNECTION:
-            self._reset_state()
-            return
-        if sql is None:
-            return
-        use = _USE.match(sql)
-        if use:
-            state.schema = mark.schema = use.group(1)
-            return
-        if not _MAYBE_STATEFUL.search(sql):
-            return
-        kind = classify(sql).session_state
-        if kind in _REPLAYED:
-            state.set_statements.append(sql)
-            mark.sets_applied = len(state.set_statements)
-        if kind in _PINNING and self.readwrite and state.pinned_by is None:
-            state.pinned_by = kind
-            self._report_pinned(kind)
-        if kind in _UNMOVABLE and state.unmovable is None:
-            state.unmovable = kind
-            if not self.readwrite:
-                self._report_pinned(kind)
+        """Feed a command to the session state before it is sent (its answer: ``_done``)."""
+        state = self.state
+        if sql is not None:
+            state.on_query(sql)
+        elif code == c.COM_INIT_DB:
+            state.on_init_db(decode_text(payload[1:]))
+        elif code == c.COM_SET_OPTION and len(payload) >= 3:
+            state.on_set_option(int.from_bytes(payload[1:3], "little"))
+        elif code == c.COM_STMT_EXECUTE:
+            state.on_stmt_execute(self._client_statement_id(payload))
+        elif code == c.COM_STMT_CLOSE:
+            state.on_stmt_close(self._client_statement_id(payload))
+        elif code == c.COM_RESET_CONNECTION:
+            self._reset_state(state.schema)
+        self._check_pinned()
 
-    def _report_pinned(self, reason: str) -> None:
-        if not self._pinned_reported:
+    def _check_pinned(self) -> None:
+        if not self._pinned_reported and self.state.pinned_by is not None:
             self._pinned_reported = True
-            self.env.pinned(reason)
+            self.env.pinned(self.state.pinned_by)
 
-    def _reset_state(self) -> None:
-        """COM_RESET_CONNECTION: the session starts over (and its parked backends are stale)."""
-        self.state = MyState()
+    def _reset_state(self, schema: str | None) -> None:
+        """COM_RESET_CONNECTION, COM_CHANGE_USER: the session starts over (and its parked backends are stale)."""
+        self.state.reset(schema=schema, charset=self.state.dialect.charset)
+        self._prepared_routes.clear()
         self.statements.clear()
         self._last_statement = 0
         self.failed_tx = False
         for role in [r for r in self.marks if r != self.role]:
             del self.marks[role]
-        self.marks[self.role] = BackendMark()
-        if self.readwrite:
-            self._actions.append(DropParked())
+        self.marks[self.role] = BackendMark(seq=self.state.seq)
+        self._actions.append(DropParked())
 
     def replay_plan(self, role: str, fresh: bool, schema_known: str | None = None) -> list[bytes]:
         """Commands (payloads) to bring a backend of ``role`` up to the session: statements closed
-        meanwhile (no answer), the COM_SET_OPTION, the schema, the SET statements it lacks."""
+        meanwhile (no answer), the COM_SET_OPTION, the state entries it lacks (``schema_known``:
+        a fresh backend logged in with the session's database, kept for the callers' sake)."""
         mark = self.marks.get(role) if not fresh else None
         state = self.state
         plan: list[bytes] = []
         if mark is None:
-            mark = BackendMark(schema=schema_known)
+            mark = BackendMark()
         plan += [bytes((c.COM_STMT_CLOSE,)) + sid.to_bytes(4, "little") for sid in mark.pending_close]
-        if state.set_option is not None and mark.set_option != state.set_option:
-            plan.append(state.set_option)
-        if state.schema and mark.schema != state.schema:
-            plan.append(bytes((c.COM_INIT_DB,)) + state.schema.encode("utf-8", "surrogateescape"))
-        plan += [bytes((c.COM_QUERY,)) + sql.encode("utf-8", "surrogateescape")
-                 for sql in state.set_statements[mark.sets_applied:]]
+        if state.multi_statements is not None and mark.multi_statements is not state.multi_statements:
+            option = (k.MYSQL_OPTION_MULTI_STATEMENTS_ON if state.multi_statements
+                      else k.MYSQL_OPTION_MULTI_STATEMENTS_OFF)
+            plan.append(bytes((c.COM_SET_OPTION,)) + option.to_bytes(2, "little"))
+        plan += [bytes((c.COM_QUERY,)) + entry.sql.encode("utf-8", "surrogateescape")
+                 for entry in state.replay_after(mark.seq)]
         return plan
 
     # --- server bytes -------------------------------------------------------------------------
@@ -581,6 +560,13 @@ class MySessionCore:
     def _done(self, tracker: ResponseTracker) -> None:
         if tracker.status is not None:
             self.status = tracker.status
+        state = self.state
+        state.on_response(tracker.error is None, tracker.status)
+        mark = self.marks.get(self.role)
+        if mark is not None:
+            mark.seq = state.seq  # what the command set up is on this backend now
+            mark.multi_statements = state.multi_statements
+        self._check_pinned()
         self._cmd = None
         self._tracker = None
         self._end_request()
@@ -615,8 +601,11 @@ class MySessionCore:
                     client_id += 1
             self._next_statement = max(self._next_statement, client_id + 1)
             sql = self._prepare_sql or ""
-            cl = classify(sql)
-            self.statements[client_id] = Statement(sql, READER if cl.route is Route.READ else WRITER)
+            role = WRITER
+            if self.readwrite and self._classify(sql, learn=False).route is Route.READ:
+                role = READER
+            self.statements[client_id] = Statement(sql, role)
+            self.state.on_stmt_prepare(client_id, sql)
             self._last_statement = client_id
             self.marks[self.role].statements[client_id] = backend_id
             if client_id != backend_id:
@@ -674,9 +663,8 @@ class MySessionCore:
         if mark is None:
             mark = self.marks[role] = BackendMark()
         mark.pending_close.clear()
-        mark.set_option = state.set_option
-        mark.schema = state.schema
-        mark.sets_applied = len(state.set_statements)
+        mark.multi_statements = state.multi_statements
+        mark.seq = state.seq
         if self.readwrite:
             self._decided = role  # the command that asked for this backend runs here
         if self._resend is not None:
@@ -731,7 +719,7 @@ class MySessionCore:
         self._upload = self._swallow = False
         in_flight = 1 if cmd is not None else 0
         read_only = cmd is not None and self._is_read(cmd)
-        facts = LossFacts(pinned=self.state.unmovable, in_flight=in_flight,
+        facts = LossFacts(pinned=self.state.pinned_by, in_flight=in_flight,
                           in_transaction=self._cmd_in_tx if cmd is not None else self.in_transaction,
                           retryable=read_only and not self._forwarded)
         outcome = self.loss_outcome = on_loss(facts, same_role_up=same_role_up)
@@ -747,7 +735,7 @@ class MySessionCore:
             seq = (cmd.seq + 1) & 0xFF if cmd is not None else 0
             self._actions.append(ToClient(encode_packet(seq, err_packet(
                 ER_TRANSACTION_LOST, "08S01", "endpoint_proxy: the server connection was lost and the session's "
-                f"{self.state.unmovable} cannot be moved to another server"))))
+                f"{self.state.pinned_by} cannot be moved to another server"))))
             self._actions.append(Close())
         elif outcome is LossOutcome.RETRY:
             assert cmd is not None and lost_instance is not None
@@ -771,7 +759,8 @@ class MySessionCore:
         if code in _READ_COMMANDS:
             return True
         if code == c.COM_QUERY:
-            return classify(c.query_text(command.payload, self.caps)).route is Route.READ
+            sql = c.query_text(command.payload, self.caps)
+            return classify(sql, self.env.function_policy(), dialect=self.state.dialect).route is Route.READ
         if code in (c.COM_STMT_EXECUTE, c.COM_STMT_FETCH):
             statement = self.statements.get(self._client_statement_id(command.payload))
             return statement is not None and statement.role == READER
@@ -785,9 +774,10 @@ class MySessionCore:
         else:
             self._attach(WRITER, "reader behind the session's writes")
 
-    def user_changed(self) -> None:
-        """COM_CHANGE_USER went through: the session starts over on the shell's new backend."""
-        self._reset_state()
+    def user_changed(self, schema: str | None) -> None:
+        """COM_CHANGE_USER went through: the session starts over (in ``schema``) on the shell's
+        new backend."""
+        self._reset_state(schema)
 
     def drain(self) -> bool:
         self.draining = True

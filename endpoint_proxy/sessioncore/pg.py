@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..protocol.pg import messages as m
+from ..routing.dialect import PgDialect
 from ..routing.pg_classify import FunctionPolicy
 from ..routing.session_state import SessionState
 from .actions import (
@@ -54,6 +55,20 @@ Msg = tuple[int, bytes, int]  # (type, payload, end offset in the chunk)
 _Q, _P, _C, _S, _F, _X, _Z, _E, _B, _H, _G, _W = (ord(c) for c in "QPCSFXZEBHGW")
 _COPY_END = (ord("c"), ord("f"))  # CopyDone, CopyFail
 _COPY_TYPES = frozenset((ord("d"), *_COPY_END))
+_DIALECTS: dict[tuple[str | None, str | None], PgDialect] = {}
+
+
+def dialect_of(params: dict[str, str]) -> PgDialect:
+    """The lexical dialect the server's ParameterStatus values describe; one shared object per kind
+    (sessions of a cluster nearly always share one)."""
+    key = (params.get("standard_conforming_strings"), params.get("client_encoding"))
+    found = _DIALECTS.get(key)
+    if found is None:
+        found = _DIALECTS.setdefault(key, PgDialect.from_parameters(params)) if len(_DIALECTS) < 256 \
+            else PgDialect.from_parameters(params)
+    return found
+
+
 _REQUEST_ENDS = frozenset((_Q, _S, _F, _X))
 _SIMPLE_STARTS = frozenset((_Q, _S, _F, _X, _H))
 CLIENT_TYPES = b"QPCSFXHcf"  # what the client side must see (readwrite adds B)
@@ -166,6 +181,7 @@ class PgSessionCore:
         # What the client was told (ParameterStatus); shared with the first backend's own record
         # (it is the same until a server says otherwise), so an idle session keeps one copy.
         self.client_params: dict[str, str] = client_params if client_params is not None else dict(facts.parameters)
+        self.state.dialect = dialect_of(self.client_params)
         self._actions: list[Action] = []  # (a list: an idle session keeps an empty one, a deque costs 600 B)
         # The active backend.
         self.role = WRITER if readwrite else MAIN
@@ -414,8 +430,7 @@ class PgSessionCore:
         self._unit_left = len(unit)
         if self.state.pinned_by is not None:
             return WRITER
-        role = self.decider.decide(unit, self.env.function_policy(),
-                                   self.client_params.get("standard_conforming_strings", "on") == "on")
+        role = self.decider.decide(unit, self.env.function_policy(), self.state.dialect)
         if unit_end is None and role == STAY:
             role = WRITER  # a huge unit that says nothing: the safe side
         if role == WRITER:
@@ -545,16 +560,15 @@ class PgSessionCore:
     def _track_parse(self, payload: bytes) -> None:
         if payload[0]:  # a named statement: kept for replay on other backends
             name = payload[: payload.find(b"\0")].decode("utf-8", "surrogateescape")
-            self.state.on_parse(name, frame(_P, payload))
+            self.state.on_parse(name, frame(_P, payload), status=self.status)
             self.marks[self.role].statements.add(name)
-        elif b"advisory" in payload:
-            self.state.on_parse("", payload)
+        else:  # the unnamed statement: what it sets up counts as done (it is run right away, as a rule)
+            self.state.on_parse("", payload, status=self.status)
         if self.state.pinned_by is not None:
             self._report_pinned()
         if self.decider is not None and not self._unit_left:
             # A Parse outside the request's decided unit: learn its role for later Binds.
-            self.decider.decide(((_P, payload, 0),), self.env.function_policy(),
-                                self.client_params.get("standard_conforming_strings", "on") == "on")
+            self.decider.decide(((_P, payload, 0),), self.env.function_policy(), self.state.dialect)
 
     def _track_close(self, name_bytes: bytes) -> None:
         name = name_bytes.decode("utf-8", "surrogateescape")
@@ -629,7 +643,9 @@ class PgSessionCore:
                             strip = (end - 6, end)  # the answer to our own Sync
             elif type_ == _S:
                 name, _, rest = payload.partition(b"\0")
-                self.client_params[name.decode("utf-8", "replace")] = rest.rstrip(b"\0").decode("utf-8", "replace")
+                key, value = name.decode("utf-8", "replace"), rest.rstrip(b"\0").decode("utf-8", "replace")
+                self.client_params[key] = value
+                self.state.on_parameter(key, value)  # standard_conforming_strings, client_encoding: how SQL lexes
             elif type_ == _G:
                 self._copy_in = True
             elif type_ == _W:

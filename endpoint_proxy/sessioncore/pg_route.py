@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..routing.dialect import PgDialect
 from ..routing.pg_classify import FunctionPolicy, Route, classify
 from .actions import READER, WRITER
 from .pg_emulate import parse_query, query_text
@@ -33,20 +34,20 @@ class PgReadWriteDecider:
         self.prepared_routes: dict[str, Route] = {}  # SQL-level PREPARE name -> its route
 
     def decide(self, unit: Sequence[tuple[int, bytes, int]], functions: FunctionPolicy,
-               standard_conforming_strings: bool) -> str:
+               dialect: PgDialect) -> str:
         """The role of a flush unit: WRITER, READER or STAY."""
         decided = STAY
         for type_, payload, _end in unit:
-            role = self._role(type_, payload, functions, standard_conforming_strings)
+            role = self._role(type_, payload, functions, dialect)
             if role == WRITER:
                 return WRITER
             if role == READER:
                 decided = READER
         return decided
 
-    def _role(self, type_: int, payload: bytes, functions: FunctionPolicy, scs: bool) -> str:
+    def _role(self, type_: int, payload: bytes, functions: FunctionPolicy, dialect: PgDialect) -> str:
         if type_ == _Q:
-            c = classify(query_text(payload), functions, self.prepared_routes, standard_conforming_strings=scs)
+            c = classify(query_text(payload), functions, self.prepared_routes, dialect=dialect)
             if c.session_state == "prepare" and c.prepared_name:
                 self.prepared_routes[c.prepared_name] = c.route
             if c.route is Route.READ and c.reason.startswith(("transaction", "empty")) and c.hint is None:
@@ -54,7 +55,7 @@ class PgReadWriteDecider:
             return READER if c.route is Route.READ and c.transaction != "begin" else WRITER
         if type_ == _P:
             name = payload[: payload.find(b"\0")]
-            c = classify(parse_query(payload), functions, self.prepared_routes, standard_conforming_strings=scs)
+            c = classify(parse_query(payload), functions, self.prepared_routes, dialect=dialect)
             role = READER if c.route is Route.READ and c.transaction != "begin" else WRITER
             self.statement_roles[name] = role
             return role

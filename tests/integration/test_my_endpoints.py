@@ -229,13 +229,34 @@ def test_readwrite_splits_and_pins(my_proxy: ProxyProcess, my_cluster: MariaDBCl
         assert one(conn, "SELECT @@port") == primary
         conn.commit()
         with conn.cursor() as cur:
-            cur.execute("SET @mark = 7")
-            cur.execute("SELECT @mark, @@port")
-            assert cur.fetchone() == (7, primary)
+            cur.execute("SET @mark = 7, time_zone = '+03:00'")
+            cur.execute("SELECT @mark, @@time_zone, @@port")
+            mark, zone, port = cur.fetchone()
+            assert (mark, zone) == (7, "+03:00") and port != primary  # a literal value is replayed on the replica
+            cur.execute("SET @token = UUID()")  # a value only this server has: the session stays on the writer
+            cur.execute("SELECT @token IS NOT NULL, @@port")
+            assert cur.fetchone() == (1, primary)
             cur.execute("SELECT @@port")
-            assert cur.fetchone()[0] == primary  # user variables pin the session to the writer
+            assert cur.fetchone()[0] == primary
     finally:
         conn.close()
+
+
+def test_backslashes_are_read_in_the_sessions_sql_mode(my_proxy: ProxyProcess, my_cluster: MariaDBCluster,
+                                                       writer_conn: pymysql.Connection) -> None:
+    # With backslash escapes, this is one SELECT of one string; under NO_BACKSLASH_ESCAPES the string ends at the
+    # backslash and a DELETE follows. The proxy must read it as the server will, and send it to the writer.
+    writer_conn.cursor().execute("REPLACE INTO items VALUES (77, 'smuggled')")
+    conn = connect(my_proxy, "rw", my_cluster, autocommit=True, client_flag=CLIENT.MULTI_STATEMENTS)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')")
+            cur.execute("SELECT 'a\\'; DELETE FROM items WHERE id = 77; -- '")
+            while cur.nextset():
+                pass
+    finally:
+        conn.close()
+    assert one(writer_conn, "SELECT COUNT(*) FROM items WHERE id = 77") == 0
 
 
 def test_session_consistency_reads_its_writes(my_proxy: ProxyProcess, my_cluster: MariaDBCluster) -> None:

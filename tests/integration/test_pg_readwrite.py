@@ -106,6 +106,32 @@ def test_session_state_follows_the_session(pg_cluster: PostgresCluster, pg_proxy
     asyncio.run(main())
 
 
+def test_set_config_follows_the_session_to_replicas(pg_cluster: PostgresCluster, pg_proxy: ProxyProcess) -> None:
+    writer, replicas = _ports(pg_cluster)
+    pg_cluster.sql(pg_cluster.primary_name, "create schema if not exists rw_tenant; "
+                   "create table if not exists rw_tenant.only_here (v text); "
+                   "insert into rw_tenant.only_here select 'tenant' where not exists (select from rw_tenant.only_here)",
+                   user=pg_cluster.app_user)
+    pg_cluster.wait_caught_up(*(i.name for i in pg_cluster.instances if i.name != pg_cluster.primary_name))
+
+    async def main() -> None:
+        conn = await _connect(pg_proxy, pg_cluster)
+        try:
+            await conn.execute("select set_config('search_path', 'rw_tenant, public', false)")
+            for _ in range(3):
+                row = await conn.fetchrow("select current_setting('search_path'), inet_server_port(), "
+                                          "(select v from only_here)")
+                assert row[0] == "rw_tenant, public" and row[1] in replicas and row[2] == "tenant"
+            # the unnamed statement of the extended protocol, too (asyncpg's execute with arguments)
+            await conn.execute("select set_config('application_name', $1, false)", "tenant-app")
+            row = await conn.fetchrow("select current_setting('application_name'), inet_server_port()")
+            assert row[1] == writer or row[0] == "tenant-app"
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+
+
 def test_pgbench_through_readwrite(pg_cluster: PostgresCluster, pg_proxy: ProxyProcess) -> None:
     env = {**os.environ, "PGPASSWORD": pg_cluster.app_password, "PGSSLMODE": "disable"}
     base = ["-h", "127.0.0.1", "-p", str(pg_proxy.port("rw")), "-U", pg_cluster.app_user]

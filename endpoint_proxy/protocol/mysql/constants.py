@@ -101,6 +101,16 @@ CHARSET_CODECS: Final[dict[int, str]] = {
     UTF8MB4_0900_AI_CI: "utf-8",
 }
 
+# Character set names of collation ids (the handshake's): the ones a lexer must know about, the multibyte sets
+# whose second byte may look like ASCII (big5, sjis, gbk, cp932, gb18030), and the common single-byte and
+# Unicode ones. An id not here is an unknown character set.
+_COLLATION_RANGES: Final = (
+    ((1, 84), "big5"), ((13, 88), "sjis"), ((28, 87), "gbk"), ((95, 96), "cp932"), ((248, 249, 250), "gb18030"),
+    ((5, 8, 15, 31, 47, 48, 49, 94), "latin1"), ((11, 65), "ascii"), ((63,), "binary"),
+    ((33, 83, *range(192, 216)), "utf8mb3"), ((45, 46, *range(224, 248), *range(255, 324)), "utf8mb4"),
+)
+COLLATION_CHARSETS: Final[dict[int, str]] = {i: name for ids, name in _COLLATION_RANGES for i in ids}
+
 # --- COM_STMT_EXECUTE cursor flags -----------------------------------------------------------
 
 CURSOR_TYPE_NO_CURSOR: Final = 0x00

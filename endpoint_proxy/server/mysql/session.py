@@ -223,7 +223,7 @@ class MySession(SessionShell):
             self.env, self._facts(backend), capabilities=result.capabilities, status=backend.status,
             readwrite=readwrite, session_consistency=ctx.endpoint.consistency == "session",
             max_payload=ctx.max_message_bytes, allow_local_infile=cluster.config.allow_local_infile,
-            schema=result.schema)
+            schema=result.schema, charset=result.character_set)
         if self.draining:
             self.core.drain()
         ok = OkPacket(status=backend.status or k.SERVER_STATUS_AUTOCOMMIT)
@@ -492,8 +492,7 @@ class MySession(SessionShell):
         if request.connect_attrs is not None:
             self.login.attrs = request.connect_attrs
         core = self.core
-        core.user_changed()
-        core.state.schema = request.database or None
+        core.user_changed(request.database or None)
         core.attached = False
         role = core.role
         try:

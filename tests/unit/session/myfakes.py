@@ -108,6 +108,11 @@ class FakeMyServer:
                 return b"".join(encode_packet(seq + 1 + i, part) for i, part in enumerate(
                     (write_lenenc_int(1), column_def("v"), text_row(b"1"),
                      p.OkPacket(status=self.status, header=0xFE).encode(CAPS))))
+            if low.startswith("set sql_mode"):
+                nbe = k.SERVER_STATUS_NO_BACKSLASH_ESCAPES
+                self.status = self.status | nbe if "no_backslash_escapes" in low else self.status & ~nbe
+            if low.startswith("set nosuchvariable"):
+                return encode_packet(seq + 1, p.err_packet(1193, "HY000", "Unknown system variable"))
             if self.in_recovery and low.startswith(("insert", "update", "delete")):
                 return encode_packet(seq + 1, p.err_packet(1290, "HY000", "read only"))
             return self._ok(seq)

@@ -182,3 +182,67 @@ def test_a_closed_gate_holds_new_writer_commands_until_it_opens() -> None:
     d.run()
     assert d.servers["w"].queries == ["insert into t values (1)"]
     assert d.env.gated == ["begin", "end"]
+
+
+# --- session state (routing/my_session_state.py) as the core uses it ------------------------------------
+
+SMUGGLED = "select 'a\\'; delete from t; -- '"  # one string read with backslash escapes; a DELETE without them
+
+
+def test_a_backslash_string_is_read_in_the_sessions_sql_mode() -> None:
+    d = readwrite()
+    d.send(query(SMUGGLED))  # the server's status says backslashes escape: one SELECT, a read
+    assert not d.servers["w"].queries
+    d.send(query("set sql_mode = 'NO_BACKSLASH_ESCAPES'"))
+    d.send(query(SMUGGLED))
+    assert SMUGGLED in d.servers["w"].queries  # now it holds a DELETE: the writer runs it
+
+
+def test_the_status_flag_alone_tells_the_dialect() -> None:
+    # A sql_mode value the proxy cannot read (SET from a variable): the server's OK says NO_BACKSLASH_ESCAPES.
+    d = readwrite()
+    d.send(query("set sql_mode = 'NO_BACKSLASH_ESCAPES'"))
+    assert d.core.state.dialect.no_backslash_escapes is True
+    d.send(query("set sql_mode = ''"))
+    assert d.core.state.dialect.no_backslash_escapes is False
+
+
+def test_session_variables_follow_the_session_to_another_backend() -> None:
+    d = readwrite()
+    d.send(query("set @tenant = 7"))
+    d.send(query("set time_zone = '+02:00'"))
+    d.send(query("set nosuchvariable = 1"))  # refused by the server: nothing to replay
+    d.send(query("select @tenant"))
+    reader = next(s for name, s in d.servers.items() if name.startswith("r#"))
+    assert reader.queries[:2] == ["set @tenant = 7", "set time_zone = '+02:00'"]
+    assert not any("nosuchvariable" in q for q in reader.queries)
+    assert reader.queries[-1] == "select @tenant"
+
+
+def test_a_variable_with_a_value_only_this_server_has_pins_the_session() -> None:
+    d = readwrite()
+    d.send(query("set @id = uuid()"))
+    d.send(query("select @id"))
+    assert d.servers["w"].queries == ["set @id = uuid()", "select @id"]
+    assert d.env.pins and "user variable" in d.env.pins[0]
+
+
+def test_a_pinned_session_whose_writer_is_lost_ends_with_an_error() -> None:
+    d = writer_only()
+    d.send(query("create temporary table tt (a int)"))
+    d.alive = lambda name: False
+    d.server_closes()
+    assert d.core.loss_outcome is LossOutcome.CANNOT_MOVE and d.closed
+    assert errnos(bytes(d.to_client))[-1:] == [1927]
+
+
+def test_reset_connection_forgets_the_state() -> None:
+    from endpoint_proxy.protocol.mysql import commands as c
+
+    d = readwrite()
+    d.send(query("set @id = uuid()"))
+    assert d.core.state.pinned_by is not None
+    d.send(encode_packet(0, bytes((c.COM_RESET_CONNECTION,))))
+    assert d.core.state.pinned_by is None and not d.core.state.entries
+    d.send(query("select 1"))
+    assert any(name.startswith("r#") for name in d.servers)
