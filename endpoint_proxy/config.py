@@ -26,6 +26,7 @@ PG_BACKEND_AUTH_DEFAULT = ("scram-sha-256",)
 MYSQL_BACKEND_AUTH_METHODS = ("mysql_native_password", "caching_sha2_password", "mysql_clear_password")
 MYSQL_BACKEND_AUTH_DEFAULT = ("mysql_native_password", "caching_sha2_password")
 CONSISTENCY_MODES = ("eventual", "session")
+POOL_MODES = ("session", "transaction")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PROMOTION_METHODS = ("none", "sql", "command")
@@ -139,6 +140,7 @@ class ServerConfig:
     shutdown_timeout_ms: int = 30_000
     # Where fencing's memory (the highest timeline seen per cluster) survives restarts; None: memory only.
     state_file: str | None = None
+    max_client_connections: int = 0  # client connections to all endpoints at once, per process (0: no limit)
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class UserConfig:
     password: str | None = field(default=None, repr=False)
     auth: str | None = None  # overrides the cluster's client_auth
     stored: StoredPassword | None = field(default=None, repr=False)
+    max_connections: int = 0  # client connections of this user at once, per cluster (0: no limit)
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,10 @@ class EndpointConfig:
     instance: str | None = None
     consistency: str = "eventual"  # readwrite: "session" = read-your-writes
     session_wait_ms: int = 100  # readwrite, session consistency: how long a read waits for a replica
+    # "session": a client keeps its server connections for its whole life; "transaction": it borrows
+    # one from the pool for each transaction (or statement, or pipeline up to Sync) and gives it back.
+    pool_mode: str = "session"
+    max_client_connections: int = 0  # client connections to this endpoint at once (0: no limit)
 
 
 @dataclass(frozen=True)
@@ -235,6 +242,19 @@ class ClusterConfig:
     # A switchover holds new writer work at most this long (running transactions finishing,
     # the candidate catching up) before it is abandoned and traffic resumes.
     switchover_timeout_ms: int = 10_000
+    # Pools of server connections (endpoints with pool_mode = "transaction"): one per (instance, user,
+    # database). 0 for a timeout or lifetime means never.
+    pool_size: int = 20
+    min_pool_size: int = 0
+    server_idle_timeout_ms: int = 600_000
+    server_lifetime_ms: int = 3_600_000
+    borrow_timeout_ms: int = 120_000  # a client waiting longer for a pooled connection gets 53300 / 1040
+    max_prepared_statements: int = 200  # per pooled server connection (least recently used ones go)
+    # Session limits (every endpoint; 0: none): cancel a statement running longer (57014); end a session
+    # idle inside a transaction (25P03) or idle at all (57P05) longer than this.
+    query_timeout_ms: int = 0
+    idle_transaction_timeout_ms: int = 0
+    client_idle_timeout_ms: int = 0
 
     def user(self, name: str) -> UserConfig | None:
         for u in self.users:
@@ -400,7 +420,8 @@ def _parse_password(t: _Table, protocol: str, environ: Mapping[str, str]) -> tup
 def _parse_user(t: _Table, protocol: str, methods: tuple[str, ...], environ: Mapping[str, str]) -> UserConfig:
     name = t.string("name")
     password, stored = _parse_password(t, protocol, environ)
-    user = UserConfig(name=name, password=password, auth=t.string("auth", None, methods), stored=stored)
+    user = UserConfig(name=name, password=password, auth=t.string("auth", None, methods), stored=stored,
+                      max_connections=t.integer("max_connections", 0, minimum=0))
     t.check_unknown()
     return user
 
@@ -474,11 +495,14 @@ def _parse_endpoint(t: _Table, instance_names: set[str]) -> EndpointConfig:
     if kind == "readwrite":
         consistency = t.string("consistency", "eventual", CONSISTENCY_MODES)
         session_wait_ms = t.integer("session_wait_ms", 100, minimum=0, maximum=60_000)
+    pool_mode = t.string("pool_mode", "session", POOL_MODES)
+    max_client_connections = t.integer("max_client_connections", 0, minimum=0)
     t.check_unknown()
     return EndpointConfig(
         name=name, listen=listen, kind=kind, tls=tls, role=role,
         members=members, excluded=excluded, instance=instance,
         consistency=consistency, session_wait_ms=session_wait_ms,
+        pool_mode=pool_mode, max_client_connections=max_client_connections,
     )
 
 
@@ -586,9 +610,28 @@ def _parse_cluster(t: _Table, environ: Mapping[str, str]) -> ClusterConfig:
         write_functions=tuple(n.lower() for n in _names(t.array("write_functions"), t.sub("write_functions"))),
         function_refresh_ms=t.integer("function_refresh_ms", 30_000, minimum=0),
         **_parse_drills(t, environ),
+        **_parse_pooling(t),
     )
     t.check_unknown()
     return cluster
+
+
+def _parse_pooling(t: _Table) -> dict[str, Any]:
+    pool_size = t.integer("pool_size", 20, minimum=1, maximum=100_000)
+    min_pool_size = t.integer("min_pool_size", 0, minimum=0)
+    if min_pool_size > pool_size:
+        raise ConfigError(t.sub("min_pool_size"), f"must not exceed pool_size ({pool_size})")
+    return {
+        "pool_size": pool_size,
+        "min_pool_size": min_pool_size,
+        "server_idle_timeout_ms": t.integer("server_idle_timeout_ms", 600_000, minimum=0),
+        "server_lifetime_ms": t.integer("server_lifetime_ms", 3_600_000, minimum=0),
+        "borrow_timeout_ms": t.integer("borrow_timeout_ms", 120_000, minimum=0),
+        "max_prepared_statements": t.integer("max_prepared_statements", 200, minimum=1, maximum=100_000),
+        "query_timeout_ms": t.integer("query_timeout_ms", 0, minimum=0),
+        "idle_transaction_timeout_ms": t.integer("idle_transaction_timeout_ms", 0, minimum=0),
+        "client_idle_timeout_ms": t.integer("client_idle_timeout_ms", 0, minimum=0),
+    }
 
 
 def _parse_promotion(t: _Table, environ: Mapping[str, str]) -> PromotionConfig:
@@ -698,6 +741,7 @@ def parse_config(data: dict[str, Any], environ: Mapping[str, str] | None = None)
         connect_timeout_ms=srv_t.integer("connect_timeout_ms", 5_000, minimum=1),
         shutdown_timeout_ms=srv_t.integer("shutdown_timeout_ms", 30_000, minimum=0),
         state_file=srv_t.string("state_file", None),
+        max_client_connections=srv_t.integer("max_client_connections", 0, minimum=0),
     )
     if server.state_file is not None:
         state_path = Path(server.state_file)

@@ -49,6 +49,7 @@ from .metrics import ClusterMetrics, ProxyMetrics
 from .mysql.backend import MyBackendError, MyProbeConnection
 from .mysql.probe import probe_mariadb
 from .pg.backend import BackendError, ProbeConnection
+from .pools import PoolRegistry
 from .state_file import StateFile
 
 log = structlog.get_logger("endpoint_proxy.cluster")
@@ -136,6 +137,8 @@ class ClusterRuntime:
         self.mysql_sessions: dict[int, Any] = {}
         # Switchovers, injected faults, the writer gate, the status page's series (server/drills.py).
         self.drills = ClusterDrills(self)
+        # Pools of server connections for transaction-mode endpoints (server/pools.py).
+        self.pools = PoolRegistry(self)
         # Per instance, the session backends open on it: what to call when a fault starts there
         # (a session wraps the connection in the fault's toxics, or sees it reset).
         self.live_backends: dict[str, dict[int, Any]] = {}  # instance -> {id(backend): its BackendSet}
@@ -565,6 +568,11 @@ class ClusterRuntime:
         # Every probe result wakes waiters: a route may now exist, or a wait may give up.
         self._wake()
 
+    @property
+    def nursery(self) -> trio.Nursery | None:
+        """Where the cluster's background work runs (None before ``run``)."""
+        return self._nursery
+
     def _wake(self) -> None:
         """Wake everything waiting for a change (routes, verdicts)."""
         self._changed.set()
@@ -719,6 +727,7 @@ class ClusterRuntime:
             for inst in self.config.instances:
                 nursery.start_soon(self.monitor_instance, inst.name)
             nursery.start_soon(self.drills.run)
+            nursery.start_soon(self.pools.run)
             # Wait (bounded) until every instance has an answer, so the first clients route well.
             with trio.move_on_after(max(2.0, 8 * self.config.health_check_interval_ms / 1000)):
                 while any(st.last_probe_at is None for st in self.topology.instances.values()):

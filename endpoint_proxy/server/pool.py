@@ -42,6 +42,7 @@ class Pooled(Generic[C]):
     last_used: float
     generation: int  # the pool's generation when it was opened (a drain makes it stale)
     mark: object = None  # the session core's record of this connection's state
+    key: PoolKey | None = None  # the pool it belongs to
 
 
 @dataclass
@@ -78,6 +79,11 @@ class ServerPool(Generic[C]):
     @property
     def total(self) -> int:
         return len(self.idle) + self.lent + self.opening
+
+    @property
+    def has_discarded(self) -> bool:
+        """Connections let go of and not closed yet (``close_discarded``)."""
+        return bool(self._closing)
 
     @property
     def waiting(self) -> int:
@@ -136,7 +142,7 @@ class ServerPool(Generic[C]):
         self.opening -= 1
         self.lent += 1
         self.borrows += 1
-        return Pooled(conn, created_at=now, last_used=now, generation=self.generation)
+        return Pooled(conn, created_at=now, last_used=now, generation=self.generation, key=self.key)
 
     def give_back(self, pooled: Pooled[C], *, reusable: bool = True) -> None:
         """A borrowed connection comes back: to the next waiter, to the idle list, or closed
