@@ -26,7 +26,7 @@ _LEADING_NOISE = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*", re.S)
 _WORDS = re.compile(r"[A-Za-z_]+")
 
 _STATEFUL_HEADS = ("set", "reset", "discard", "prepare", "deallocate", "listen", "create", "declare", "do", "load",
-                   "/*", "--", "(")
+                   "unlisten", "close", "/*", "--", "(")
 # Anywhere in a statement (lower-cased): advisory locks, set_config, setseed, pg_settings, dblink_connect,
 # replication origin sessions, temporary tables (SELECT INTO TEMP, pg_temp), U& identifiers (a function name
 # may hide behind escapes). Substring tests: much cheaper than a regular expression on the hot path.
@@ -92,11 +92,19 @@ class SessionState:
     set_statements: list[str] = field(default_factory=list)
     sql_prepared: dict[str, str] = field(default_factory=dict)
     parse_messages: dict[str, bytes] = field(default_factory=dict)  # statement name -> raw Parse
-    pinned_by: str | None = None  # the label of the first pinning state (session_kinds), or None
+    pinned_by: str | None = None  # the label of the first pinning state still there (session_kinds), or None
     pinned_detail: str | None = None  # what exactly pinned it, in words
+    # Every pinning state still there, by key (session_kinds), with its detail. A pin ends when its state
+    # is gone: UNLISTEN *, DISCARD TEMP, pg_advisory_unlock_all(), CLOSE ALL, DISCARD ALL.
+    pins: dict[str, str | None] = field(default_factory=dict)
     # Bumped when SET values or prepared statements are wiped or compacted (RESET ALL, DISCARD ALL, DEALLOCATE
     # ALL, superseded SETs dropped): a backend that saw an older version must be rebuilt from scratch.
     version: int = 0
+    # Bumped at every change of SET values or SQL prepared statements (a pooled connection that got the
+    # session's state at an older count must be brought up to date); DISCARD ALL / DEALLOCATE ALL bump
+    # ``statements_dropped`` (they drop every prepared statement of the server connection, any name).
+    changes: int = 0
+    statements_dropped: int = 0
     # SET/RESET/set_config run inside a transaction only last if it commits: they wait here until its end.
     staged: list[tuple[str, str]] = field(default_factory=list)  # (kind, statement)
     dialect: PgDialect = field(default_factory=PgDialect)
@@ -173,12 +181,28 @@ class SessionState:
         """Statements to run, in order, on a fresh backend before the client's next request."""
         return [*self.set_statements, *self.sql_prepared.values()]
 
+    def settings(self) -> list[tuple[str | None, str]]:
+        """The SET, RESET and set_config statements to replay, each with the setting it changes (None:
+        a statement that is not about one setting, as SET ROLE)."""
+        return list(zip(self._set_targets, self.set_statements, strict=True))
+
     # --- internals
 
-    def _pin(self, key: str, detail: str | None = None) -> None:
+    def pin(self, key: str, detail: str | None = None) -> None:
+        """State that cannot be replayed elsewhere is on the session's server now."""
+        self.pins.setdefault(key, detail)
         if self.pinned_by is None:
             self.pinned_by = label_of("postgresql", key)
             self.pinned_detail = detail
+
+    _pin = pin
+
+    def _unpin(self, *keys: str) -> None:
+        for key in keys or tuple(self.pins):
+            self.pins.pop(key, None)
+        first = next(iter(self.pins), None)
+        self.pinned_by = label_of("postgresql", first) if first is not None else None
+        self.pinned_detail = self.pins[first] if first is not None else None
 
     def _uncertain(self, sql: str, states: frozenset[str], problem: str) -> None:
         """A query that cannot be read for sure (an unknown dialect, a multibyte encoding): if it may set
@@ -201,10 +225,12 @@ class SessionState:
         self.set_statements.clear()
         self._set_targets.clear()
         self.version += 1
+        self.changes += 1
 
     def _append_set(self, sql: str, target: str | None) -> None:
         self.set_statements.append(sql)
         self._set_targets.append(target)
+        self.changes += 1
         if len(self.set_statements) > _COMPACT_AT:
             self._compact()
 
@@ -240,6 +266,8 @@ class SessionState:
                 # COMMIT of a failed transaction rolls it back, as PostgreSQL does.
                 self._end_transaction(committed=head in ("commit", "end") and status == "T")
             return
+        if self.pins and status != "E":
+            self._release_pins(statement, status)
         state = statement.session_state
         if state is None or status == "E":  # a failed transaction runs nothing until it ends
             return
@@ -260,15 +288,37 @@ class SessionState:
                 self._clear_sets()
                 self.sql_prepared.clear()
                 self.parse_messages.clear()
+                self.statements_dropped += 1
         elif state == "prepare" and statement.prepared_name is not None:
             self.sql_prepared[statement.prepared_name] = statement.text
+            self.changes += 1
         elif state == "deallocate":
             if statement.prepared_name is None:  # DEALLOCATE ALL
                 self.sql_prepared.clear()
                 self.parse_messages.clear()
                 self.version += 1
+                self.statements_dropped += 1
             else:
                 self.sql_prepared.pop(statement.prepared_name, None)
+            self.changes += 1
+
+
+    def _release_pins(self, statement: StatementInfo, status: str) -> None:
+        """A statement that makes pinning state go away. LISTEN/UNLISTEN and DISCARD take effect only
+        outside a transaction block (or at its commit): inside one, the pin stays (the safe side)."""
+        words = statement.words
+        head = words[0] if words else ""
+        if head == "discard" and status == "I":
+            if words[1:2] == ("all",):
+                self._unpin()
+            elif words[1:2] in (("temp",), ("temporary",)):
+                self._unpin("temp_table")
+        elif head == "unlisten" and status == "I" and statement.text.rstrip(" \t\r\n;").endswith("*"):
+            self._unpin("listen")
+        elif head == "close" and words[1:2] == ("all",):
+            self._unpin("cursor_with_hold")
+        elif head == "select" and "pg_advisory_unlock_all" in words:
+            self._unpin("advisory_lock")
 
 
 def _parse_query(raw: bytes) -> str:

@@ -72,11 +72,29 @@ class CatchUp:
 
 
 @dataclass(slots=True)
+class Release:
+    """Pooled: give the active backend back to its pool, after sending it ``cleanup`` (our own
+    requests, e.g. closing prepared statements past the limit, answered by ``expected_ready``
+    ReadyForQuery messages)."""
+
+    cleanup: bytes = b""
+    expected_ready: int = 0
+
+
+@dataclass(slots=True)
+class PrepareStatements:
+    """Pooled: prepare ``statements`` (server name, Parse body) on the active backend before the
+    held request goes on; report with ``prepared``."""
+
+    statements: list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
 class Close:
     """End the session (after the sends queued before this)."""
 
 
-Action = ToClient | ToServer | Attach | Detach | Lost | CatchUp | WaitGate | Close
+Action = ToClient | ToServer | Attach | Detach | Lost | CatchUp | WaitGate | Close | Release | PrepareStatements
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,12 +41,26 @@ from .actions import (
     Close,
     Detach,
     Lost,
+    PrepareStatements,
+    Release,
     ToClient,
     ToServer,
     WaitGate,
 )
 from .loss import STATEMENT_LOST, TX_LOST, LossFacts, LossOutcome, on_loss
 from .pg_emulate import Emulation
+from .pg_pool import (
+    ANSWER,
+    DRAIN,
+    FLUSH,
+    LEDGER_SERVER_TYPES,
+    REWRITE,
+    SEND,
+    PooledMark,
+    StatementMap,
+    desired_settings,
+    diff_statements,
+)
 from .pg_route import STAY, UNIT_ENDS, PgReadWriteDecider
 
 Buffer = bytes | bytearray | memoryview
@@ -102,7 +116,11 @@ class PgEnv(Protocol):
     def request_ended(self, instance: str) -> None: ...
 
     def pinned(self, reason: str) -> None:
-        """The session became tied to its server (first time only)."""
+        """The session became tied to its server (``reason``: the pinning state's label)."""
+        ...
+
+    def unpinned(self, reason: str) -> None:
+        """The session's pinning state is gone (UNLISTEN *, DISCARD ALL, ...)."""
         ...
 
     def error(self, kind: str) -> None:
@@ -164,19 +182,30 @@ class PgSessionCore:
                  "_pending_role", "_pinned_reported", "_request_status", "_resend", "_retry", "_retry_started",
                  "_sscan", "_swallow", "_unit_left", "attached", "batch_open", "client_params", "closing", "decider",
                  "draining", "env", "in_recovery", "in_unit", "inflight", "instance", "loss_outcome", "marks",
-                 "mode", "readwrite", "role", "session_consistency", "state", "status", "wrote")
+                 "mode", "readwrite", "role", "session_consistency", "state", "status", "wrote", "smap", "_cpart",
+                 "_conn_params", "_desired", "_startup", "max_prepared", "_borrowed_at")
 
     def __init__(self, env: PgEnv, facts: BackendFacts, *, readwrite: bool = False,
                  session_consistency: bool = False, max_message_bytes: int = 0x3FFFFFFF,
-                 state: SessionState | None = None, client_params: dict[str, str] | None = None) -> None:
+                 state: SessionState | None = None, client_params: dict[str, str] | None = None,
+                 pooled: bool = False, startup: dict[str, str] | None = None, max_prepared: int = 200) -> None:
         from ..protocol.pg.framing import MessageScanner
 
         self.env = env
         self.readwrite = readwrite
         self.session_consistency = session_consistency
-        wanted = CLIENT_TYPES + (b"B" if readwrite else b"")
+        # Transaction pooling: the backend is borrowed per request or transaction (pg_pool.py);
+        # the client's statements are mapped to proxy-wide names; whole messages only.
+        self.smap: StatementMap | None = StatementMap() if pooled else None
+        self._cpart: bytearray | None = None  # pooled: the start of a client message still arriving
+        self._conn_params: dict[str, str] | None = None  # pooled: the borrowed connection's ParameterStatus
+        self._desired: tuple[int, int, dict[str, str]] | None = None  # (version, changes, settings)
+        self._startup = startup or {}
+        self.max_prepared = max_prepared
+        self._borrowed_at = (0, 0, 0)  # the state's (version, changes, statements_dropped) at the borrow
+        wanted = CLIENT_TYPES + (b"B" if readwrite or pooled else b"") + (b"DE" if pooled else b"")
         self._cscan = MessageScanner(wanted, max_length=max_message_bytes)
-        self._sscan = MessageScanner(SERVER_TYPES)
+        self._sscan = MessageScanner(SERVER_TYPES + (LEDGER_SERVER_TYPES if pooled else b""))
         self.state = state if state is not None else SessionState()
         # What the client was told (ParameterStatus); shared with the first backend's own record
         # (it is the same until a server says otherwise), so an idle session keeps one copy.
@@ -185,11 +214,11 @@ class PgSessionCore:
         self._actions: list[Action] = []  # (a list: an idle session keeps an empty one, a deque costs 600 B)
         # The active backend.
         self.role = WRITER if readwrite else MAIN
-        self.attached = True
-        self.instance: str | None = facts.instance
+        self.attached = not pooled  # pooled: a backend is borrowed for the first request
+        self.instance: str | None = facts.instance if not pooled else None
         self.in_recovery = facts.in_recovery
         self.status = facts.status  # transaction status of its last ReadyForQuery
-        self.marks: dict[str, BackendMark] = {self.role: BackendMark(self.state.version)}
+        self.marks: dict[str, BackendMark] = {} if pooled else {self.role: BackendMark(self.state.version)}
         self._checked_generation = env.generation
         # The request ledger.
         self.inflight = 0  # ReadyForQuery messages the client still waits for
@@ -219,7 +248,7 @@ class PgSessionCore:
         self.closing = False
         self.wrote = False  # readwrite, session consistency: a write since the last verified read
         self.decider = PgReadWriteDecider() if readwrite else None
-        self._pinned_reported = False
+        self._pinned_reported: str | None = None  # the pin reason the environment was told of
         self._gated = False  # writer work begun at the writer gate and not ended
 
     # --- what the shell reads -------------------------------------------------------------
@@ -247,6 +276,30 @@ class PgSessionCore:
     def client_data(self, data: Buffer) -> int:
         if self.closing:
             return ATTEND
+        if self.smap is not None:
+            return self._client_whole(data)
+        return self._client_data(data)
+
+    def _client_whole(self, data: Buffer) -> int:
+        """Pooled: only whole messages go on (a message may be rewritten: it must not have gone in part)."""
+        part = self._cpart
+        if part is not None:
+            part += data
+            data = part
+            self._cpart = None
+        cut = whole_messages(data, self._cscan.max_length)
+        if cut < len(data):
+            self._cpart = bytearray(data[cut:])
+            data = data[:cut]
+            if not cut:
+                return ATTEND
+        elif part is None:
+            return self._client_data(data)
+        if self._client_data(data) == FORWARD:
+            self._actions.append(ToServer(bytes(data)))
+        return ATTEND
+
+    def _client_data(self, data: Buffer) -> int:
         msgs = self._cscan.scan(data)
         held = self._held
         if held is None:
@@ -312,6 +365,27 @@ class PgSessionCore:
             while i < nm:
                 type_, payload, end = msgs[i]
                 i += 1
+                smap = self.smap
+                if smap is not None and self.attached and (verdict := smap.client_message(type_, payload)) != SEND:
+                    start = end - 5 - len(payload)
+                    if start > run:
+                        self._actions.append(ToServer(bytes(data[run:start])))
+                    run = end
+                    if verdict == REWRITE:
+                        self._actions.append(ToServer(smap.out))
+                    elif verdict == ANSWER:
+                        self._actions.append(ToClient(smap.out))
+                    else:
+                        # Answers of ours wait for the server's to everything sent before (DRAIN: make it
+                        # answer now), or a statement must be prepared on this connection first (PREPARE).
+                        self._hold(data, msgs, i - 1, start)
+                        if verdict == DRAIN:
+                            self._hold_reason = _DRAIN
+                            self._actions.append(ToServer(FLUSH))
+                        else:
+                            self._hold_reason = _PREPARE
+                            self._actions.append(PrepareStatements(list(smap.wanted)))
+                        return ATTEND
                 if self._account(type_, payload):
                     self.in_unit = False
                     pos = end
@@ -388,7 +462,7 @@ class PgSessionCore:
             elif not self.attached and decided != STAY:
                 role = decided
         if not self.attached:
-            self._attach(role, "session has no backend")
+            self._attach(role, "borrow" if self.smap is not None else "session has no backend")
             self._hold_reason = _BACKEND
             return _HOLD
         if self.inflight == 0 and not self.batch_open:
@@ -439,6 +513,8 @@ class PgSessionCore:
 
     def _sync_ourselves(self) -> None:
         """Close the open extended-protocol batch with a Sync of ours; its ReadyForQuery is ours too."""
+        if self.smap is not None:
+            self.smap.client_message(_S, b"")
         self._actions.append(ToServer(_SYNC))
         self.inflight += 1
         self._swallow += 1
@@ -458,6 +534,9 @@ class PgSessionCore:
         self._actions.append(Attach(role, reason, exclude))
 
     def _detach(self, *, park: bool) -> None:
+        if self.smap is not None:
+            self._give_back()
+            return
         self._actions.append(Detach(park=park))
         self.attached = False
         self.instance = None
@@ -466,7 +545,7 @@ class PgSessionCore:
 
     def _terminate(self, data: Buffer, pos: int) -> int:
         """Terminate: the client's last message. The backend gets it too, then the session ends."""
-        if self.attached and not self._lost:
+        if self.attached and not self._lost and self.smap is None:
             self._actions.append(ToServer(bytes(data[pos:pos + 5])))
         self.closing = True
         self._actions.append(Close())
@@ -545,15 +624,18 @@ class PgSessionCore:
         state = self.state
         version, pinned = state.version, state.pinned_by
         state.on_query_bytes(payload, self.status)
-        mark = self.marks[self.role]
-        if state.version != version or mark.version != state.version:
+        mark = self.marks.get(self.role)
+        if mark is None:
+            pass  # pooled: the borrowed connection's record is brought up to date when it goes back
+        elif state.version != version or mark.version != state.version:
             # RESET ALL / DISCARD ALL / DEALLOCATE ALL ran here; other backends are rebuilt when next used.
             mark.version = state.version
             mark.statements = set(state.parse_messages)
             mark.sql_prepared = set(state.sql_prepared)
         else:
             mark.sql_prepared.update(state.sql_prepared)
-        mark.sets_applied = len(state.set_statements)
+        if mark is not None:
+            mark.sets_applied = len(state.set_statements)
         if state.pinned_by != pinned:
             self._report_pinned()
 
@@ -561,7 +643,9 @@ class PgSessionCore:
         if payload[0]:  # a named statement: kept for replay on other backends
             name = payload[: payload.find(b"\0")].decode("utf-8", "surrogateescape")
             self.state.on_parse(name, frame(_P, payload), status=self.status)
-            self.marks[self.role].statements.add(name)
+            mark = self.marks.get(self.role)
+            if mark is not None:
+                mark.statements.add(name)
         else:  # the unnamed statement: what it sets up counts as done (it is run right away, as a rule)
             self.state.on_parse("", payload, status=self.status)
         if self.state.pinned_by is not None:
@@ -583,9 +667,14 @@ class PgSessionCore:
             self.decider.forget(name_bytes)
 
     def _report_pinned(self) -> None:
-        if not self._pinned_reported and self.state.pinned_by is not None:
-            self._pinned_reported = True
-            self.env.pinned(self.state.pinned_by)
+        """Tell the environment when the session becomes pinned, and when it no longer is."""
+        now = self.state.pinned_by
+        if now != self._pinned_reported:
+            if self._pinned_reported is not None:
+                self.env.unpinned(self._pinned_reported)
+            if now is not None:
+                self.env.pinned(now)
+            self._pinned_reported = now
 
     # --- answering by ourselves -------------------------------------------------------------
 
@@ -625,7 +714,10 @@ class PgSessionCore:
             return FORWARD
         idle_now = False
         strip: tuple[int, int] | None = None
+        smap = self.smap
         for type_, payload, end in msgs:
+            if smap is not None:
+                smap.server_message(type_)
             if type_ == _Z:
                 if payload:
                     self.status = chr(payload[0])
@@ -646,11 +738,13 @@ class PgSessionCore:
                 key, value = name.decode("utf-8", "replace"), rest.rstrip(b"\0").decode("utf-8", "replace")
                 self.client_params[key] = value
                 self.state.on_parameter(key, value)  # standard_conforming_strings, client_encoding: how SQL lexes
+                if self._conn_params is not None:
+                    self._conn_params[key] = value
             elif type_ == _G:
                 self._copy_in = True
             elif type_ == _W:
                 if self.state.pinned_by is None:
-                    self.state.pinned_by = "COPY BOTH (replication)"
+                    self.state.pin("COPY BOTH (replication)")
                     self._report_pinned()
             elif type_ == _E and is_fatal(payload):
                 start = end - 5 - len(payload)
@@ -661,11 +755,20 @@ class PgSessionCore:
                 self._fatal = bytes(data[start:end])
                 self._lose()
                 return ATTEND
+        give_back = smap is not None and idle_now and self._releasable()
         if strip is not None:
             data = bytes(data[: strip[0]]) + bytes(data[strip[1]:])
-            if not (idle_now and self._held is not None):
+            if not (idle_now and self._held is not None) and not give_back:
                 self._actions.append(ToClient(data))
                 return ATTEND
+        if smap is not None and (give_back or (self._held is not None and self._hold_reason == _DRAIN
+                                               and smap.drained)):
+            self._actions.append(ToClient(bytes(data)))
+            if give_back:
+                self._give_back()
+            else:
+                self._release()  # every answer owed came: ours can follow now
+            return ATTEND
         if idle_now and ((self._held is not None and self._hold_reason == _IDLE) or (self.draining and self.idle)):
             self._actions.append(ToClient(bytes(data)))
             if self._held is not None:
@@ -693,8 +796,87 @@ class PgSessionCore:
 
     def _lose(self) -> None:
         self._lost = True
+        if self.smap is not None:
+            self.smap.detached()
         assert self.instance is not None
         self._actions.append(Lost(self.instance))
+
+    # --- transaction pooling ------------------------------------------------------------------
+
+    def _releasable(self) -> bool:
+        """Pooled: may the borrowed backend go back now? Nothing owed, nothing open, no state
+        that lives only there."""
+        smap = self.smap
+        return (smap is not None and self.attached and smap.drained and self.inflight == 0 and self.status == "I"
+                and not self.batch_open and not self.in_unit and not self._copy_in and self._held is None
+                and self.state.pinned_by is None and self.mode is None and self._attaching is None
+                and not self._lost and not self.closing and not self._awaiting_flush)
+
+    def _give_back(self) -> None:
+        """Pooled: the borrowed backend goes back to its pool, with what it now carries."""
+        smap = self.smap
+        assert smap is not None
+        mark = smap.mark
+        cleanup = b""
+        if mark is not None:
+            state = self.state
+            version, changes, dropped = self._borrowed_at
+            if state.statements_dropped != dropped:
+                mark.statements.clear()  # DISCARD ALL / DEALLOCATE ALL ran there: every name is gone
+            if state.version != version:
+                mark.settings = None  # RESET ALL or DISCARD ALL: rebuilt by the next borrower
+            elif state.changes != changes:
+                mark.settings = self._settings()
+            if state.changes != changes or state.statements_dropped != dropped:
+                mark.sql_prepared = dict(state.sql_prepared)
+            mark.owner = self
+            mark.stamp = (state.version, state.changes)
+            evicted = mark.evict(self.max_prepared)
+            if evicted:
+                cleanup = b"".join(m.Close("S", name.decode()).encode() for name in evicted) + _SYNC
+        smap.detached()
+        self._actions.append(Release(cleanup, 1 if cleanup else 0))
+        self.attached = False
+        self.instance = None
+        self._conn_params = None
+
+    def _settings(self) -> dict[str, str]:
+        """The settings this session wants on its server (cached until its state changes)."""
+        state = self.state
+        cached = self._desired
+        if cached is not None and cached[0] == state.version and cached[1] == state.changes:
+            return cached[2]
+        settings = desired_settings(self._startup, state)
+        self._desired = (state.version, state.changes, settings)
+        return settings
+
+    def pooled_plan(self, mark: PooledMark) -> ReplayPlan:
+        """Pooled: what to send a borrowed backend before this session's request there: the
+        difference between its settings and SQL prepared statements and the session's (nothing,
+        usually). Each statement is its own Query, so one failure spoils no other."""
+        state = self.state
+        if mark.owner is self and mark.stamp == (state.version, state.changes):
+            return ReplayPlan(b"", 0)
+        sqls = diff_statements(mark.settings, self._settings())
+        for name, text in mark.sql_prepared.items():
+            if state.sql_prepared.get(name) != text:
+                sqls.append('DEALLOCATE "' + name.replace('"', '""') + '"')
+        sqls += [text for name, text in state.sql_prepared.items() if mark.sql_prepared.get(name) != text]
+        return ReplayPlan(b"".join(m.Query(q).encode() for q in sqls), len(sqls))
+
+    def prepared(self, results: Sequence[tuple[bytes, bool]], error: bytes = b"") -> None:
+        """Pooled: the statements of PrepareStatements were prepared on the borrowed backend; or
+        the server refused one with ``error`` (its ErrorResponse): the client gets it in place of
+        the answer to its message, and the server skips the rest up to the client's Sync."""
+        smap = self.smap
+        assert smap is not None
+        for name, ok in results:
+            smap.prepared(name, ok)
+        if error:
+            self._actions.append(ToClient(error))
+            smap.skipping = True
+        if self._held is not None:
+            self._release()
 
     # --- what the shell reports -------------------------------------------------------------
 
@@ -722,8 +904,10 @@ class PgSessionCore:
         batch += b"".join(p + sync for p in parses)
         return ReplayPlan(batch, (1 if pending else 0) + len(sqls) + len(parses))
 
-    def attached_backend(self, facts: BackendFacts) -> None:
-        """The Attach under way succeeded (the backend was brought up to date by replay_plan)."""
+    def attached_backend(self, facts: BackendFacts, *, mark: PooledMark | None = None,
+                         conn_params: dict[str, str] | None = None) -> None:
+        """The Attach under way succeeded (the backend was brought up to date by replay_plan; pooled:
+        a borrowed one, by pooled_plan, whose record is ``mark`` and ParameterStatus values ``conn_params``)."""
         role = self._attaching or self.role
         self._attaching = None
         self.role = role
@@ -733,8 +917,17 @@ class PgSessionCore:
         self.status = facts.status
         self._checked_generation = self.env.generation
         state = self.state
-        self.marks[role] = BackendMark(state.version, len(state.set_statements), set(state.parse_messages),
-                                       set(state.sql_prepared))
+        if self.smap is not None:
+            assert mark is not None
+            self.smap.mark = mark
+            self._conn_params = conn_params
+            mark.settings = self._settings()
+            mark.sql_prepared = dict(state.sql_prepared)
+            mark.owner, mark.stamp = self, (state.version, state.changes)
+            self._borrowed_at = (state.version, state.changes, state.statements_dropped)
+        else:
+            self.marks[role] = BackendMark(state.version, len(state.set_statements), set(state.parse_messages),
+                                           set(state.sql_prepared))
         changed = b"".join(m.ParameterStatus(k, v).encode() for k, v in facts.parameters
                            if self.client_params.get(k) != v)
         if changed:
@@ -838,9 +1031,12 @@ class PgSessionCore:
             self._attach(WRITER, "reader behind the session's writes")
 
     def end(self) -> None:
-        """The session is over: stop counting a request still in flight."""
+        """The session is over: stop counting a request still in flight, or it as pinned."""
         self._request_ends()
         self._ungate()
+        if self._pinned_reported is not None:
+            self.env.unpinned(self._pinned_reported)
+            self._pinned_reported = None
 
     def gate_opened(self) -> None:
         """The writer gate is open again: the held request goes on (its boundary is decided
@@ -864,8 +1060,29 @@ class PgSessionCore:
 _GO, _HOLD, _EMULATE, _DROP = range(4)
 # What held bytes wait for: the rest of a flush unit; the requests in flight to be answered; a backend.
 _UNIT, _IDLE, _BACKEND = range(3)
+# Pooled: held until the server answered everything sent before (_DRAIN), or until statements are
+# prepared on the borrowed connection (_PREPARE).
+_DRAIN, _PREPARE = 3, 4
 _GATE = "gate"  # what _attaching holds while the session waits at the writer gate
 
 
 def parameters_of(params: Sequence[tuple[str, str]]) -> dict[str, str]:
     return dict(params)
+
+
+def whole_messages(data: Buffer, max_length: int) -> int:
+    """The length of the longest prefix of ``data`` made of whole messages (a bad length raises,
+    as the scanner would)."""
+    from ..protocol.pg.framing import check_length
+
+    n = len(data)
+    pos = 0
+    while pos + 5 <= n:
+        length = int.from_bytes(data[pos + 1: pos + 5], "big")
+        if length < 4 or length > max_length:
+            check_length(length, max_length)
+        end = pos + 1 + length
+        if end > n:
+            break
+        pos = end
+    return pos

@@ -252,3 +252,30 @@ def test_the_hot_path_check_misses_nothing(sql: str) -> None:
     if state_module._maybe_stateful(sql) or not state_module._single(sql):
         return
     assert analyze(sql, dialect=KNOWN).states <= {"unlisten"}, sql
+
+
+@pytest.mark.parametrize(("pin", "release", "key"), [
+    ("LISTEN jobs", "UNLISTEN *", "listen"),
+    ("CREATE TEMP TABLE scratch (a int)", "DISCARD TEMP", "temp_table"),
+    ("SELECT pg_advisory_lock(42)", "SELECT pg_advisory_unlock_all()", "advisory_lock"),
+    ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", "CLOSE ALL", "cursor_with_hold"),
+    ("LISTEN jobs", "DISCARD ALL", "listen"),
+])
+def test_a_pin_ends_when_its_state_is_gone(pin: str, release: str, key: str) -> None:
+    s = SessionState()
+    s.on_query(pin)
+    assert key in s.pins and s.pinned_by is not None
+    s.on_query(release)
+    assert key not in s.pins and s.pinned_by is None
+
+
+def test_only_the_released_pin_ends_and_not_inside_a_transaction() -> None:
+    s = SessionState()
+    s.on_query("LISTEN jobs")
+    s.on_query("CREATE TEMP TABLE scratch (a int)")
+    s.on_query("UNLISTEN jobs")  # one channel: others may be listened to still
+    assert list(s.pins) == ["listen", "temp_table"]
+    s.on_query("UNLISTEN *", status="T")  # takes effect only if the transaction commits
+    assert "listen" in s.pins
+    s.on_query("UNLISTEN *")
+    assert list(s.pins) == ["temp_table"] and s.pinned_by == "temporary table"

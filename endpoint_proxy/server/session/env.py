@@ -86,5 +86,8 @@ class SessionEnv:
     def pinned(self, reason: str) -> None:
         self.metrics.session_pinned()
 
+    def unpinned(self, reason: str) -> None:
+        self.metrics.session_unpinned()
+
     def error(self, kind: str) -> None:
         self.cluster.metrics.error(kind)

@@ -82,6 +82,7 @@ class FakeEnv:
     ended: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     pins: list[str] = field(default_factory=list)
+    unpins: list[str] = field(default_factory=list)
     functions: FunctionPolicy = field(default_factory=FunctionPolicy)
     gate_open: bool = True  # the writer gate
     gated: list[str] = field(default_factory=list)  # "begin" / "end", in order
@@ -100,6 +101,9 @@ class FakeEnv:
 
     def pinned(self, reason: str) -> None:
         self.pins.append(reason)
+
+    def unpinned(self, reason: str) -> None:
+        self.unpins.append(reason)
 
     def error(self, kind: str) -> None:
         self.errors.append(kind)
