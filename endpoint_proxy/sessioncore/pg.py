@@ -183,7 +183,7 @@ class PgSessionCore:
                  "_sscan", "_swallow", "_unit_left", "attached", "batch_open", "client_params", "closing", "decider",
                  "draining", "env", "in_recovery", "in_unit", "inflight", "instance", "loss_outcome", "marks",
                  "mode", "readwrite", "role", "session_consistency", "state", "status", "wrote", "smap", "_cpart",
-                 "_conn_params", "_desired", "_startup", "max_prepared", "_borrowed_at")
+                 "_conn_params", "_desired", "_startup", "max_prepared", "_borrowed_at", "requests")
 
     def __init__(self, env: PgEnv, facts: BackendFacts, *, readwrite: bool = False,
                  session_consistency: bool = False, max_message_bytes: int = 0x3FFFFFFF,
@@ -248,6 +248,7 @@ class PgSessionCore:
         self.closing = False
         self.wrote = False  # readwrite, session consistency: a write since the last verified read
         self.decider = PgReadWriteDecider() if readwrite else None
+        self.requests = 0  # requests begun so far (the janitor's measure of activity)
         self._pinned_reported: str | None = None  # the pin reason the environment was told of
         self._gated = False  # writer work begun at the writer gate and not ended
 
@@ -558,6 +559,7 @@ class PgSessionCore:
 
     def _request_begins(self, data: Buffer, pos: int) -> None:
         self.in_unit = True
+        self.requests += 1
         if data[pos] not in _SIMPLE_STARTS:
             self.batch_open = True  # Bind, Execute, Describe... (not all of them are scanned for)
         if self.inflight == 0:
@@ -840,6 +842,11 @@ class PgSessionCore:
         self.instance = None
         self._conn_params = None
 
+    def release_now(self) -> None:
+        """Pooled: give the borrowed backend back now if nothing needs it (after the login)."""
+        if self._releasable():
+            self._give_back()
+
     def _settings(self) -> dict[str, str]:
         """The settings this session wants on its server (cached until its state changes)."""
         state = self.state
@@ -1046,6 +1053,14 @@ class PgSessionCore:
             self._pending_role = self.role
         if self._held is not None:
             self._release()
+
+    def expire(self, sqlstate: str, message: str) -> None:
+        """End the session now with a FATAL error (a timeout of the janitor's)."""
+        if self.closing:
+            return
+        self.closing = True
+        self._actions.append(ToClient(m.error_response("FATAL", sqlstate, message)))
+        self._actions.append(Close())
 
     def drain(self) -> bool:
         """Graceful shutdown: close at the next idle point. True if there are actions to run now."""

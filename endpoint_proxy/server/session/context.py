@@ -41,9 +41,10 @@ class CancelRegistry:
     def __init__(self, worker_index: int = 0, worker_bits: int = 6) -> None:
         self.worker_index = worker_index
         self.worker_bits = worker_bits
-        self._targets: dict[tuple[int, int], CancelTarget] = {}
+        # None: the key is the session's, but it has no server connection now (transaction pooling).
+        self._targets: dict[tuple[int, int], CancelTarget | None] = {}
 
-    def issue(self, process_id: int, target: CancelTarget) -> int:
+    def issue(self, process_id: int, target: CancelTarget | None) -> int:
         while True:
             secret = (secrets.randbits(32 - self.worker_bits) << self.worker_bits) | self.worker_index
             if (process_id, secret) not in self._targets:
@@ -53,7 +54,7 @@ class CancelRegistry:
     def withdraw(self, process_id: int, secret: int) -> None:
         self._targets.pop((process_id, secret), None)
 
-    def retarget(self, process_id: int, secret: int, target: CancelTarget) -> None:
+    def retarget(self, process_id: int, secret: int, target: CancelTarget | None) -> None:
         """The session moved to another backend: its client-visible key now cancels there."""
         if (process_id, secret) in self._targets:
             self._targets[(process_id, secret)] = target
