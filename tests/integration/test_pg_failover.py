@@ -255,3 +255,58 @@ def test_paused_replica_leaves_the_reader_endpoint(cluster: PostgresCluster, tmp
         cluster.sql(r1, "select pg_wal_replay_resume()")
         wait_until(lambda: asyncio.run(reader_ports(4)) == {cluster.instance(r1).port, cluster.instance(r2).port},
                    10, "the resumed replica to come back")
+
+
+def test_failover_with_pools(cluster: PostgresCluster, tmp_path: Path) -> None:
+    """Transaction mode: idle clients keep their sessions (settings, prepared statements) across a
+    failover without an error; a borrowed transaction gets 08007 and goes on after ROLLBACK."""
+    old, new, other = (i.name for i in cluster.instances)
+    new_port = cluster.instance(new).port
+    cluster.sql(old, "create table t (id int primary key, v text)", user=cluster.app_user)
+    cluster.wait_caught_up(new, other)
+    doc = pg_proxy_config(cluster, failover_timeout_ms=20000, pool_size=4)
+    doc["clusters"][0]["endpoints"].append(
+        {"name": "tx", "listen": f"127.0.0.1:{free_port()}", "kind": "writer", "pool_mode": "transaction"})
+
+    async def main(proxy: ProxyProcess) -> None:
+        loop = asyncio.get_running_loop()
+        sessions = []
+        for i in range(12):
+            conn = await _connect(proxy, cluster, "tx")
+            await conn.execute(f"set myapp.tag = 'tag-{i}'")
+            stmt = await conn.prepare("select $1::int * 10, current_setting('myapp.tag')")
+            assert await stmt.fetchrow(i) == (i * 10, f"tag-{i}")
+            sessions.append((conn, stmt))
+        in_tx = await _connect(proxy, cluster, "tx")
+        tx = in_tx.transaction()
+        await tx.start()
+        await in_tx.execute("insert into t values (1, 'lost?')")
+
+        await loop.run_in_executor(None, cluster.kill, old)
+        waiting = asyncio.create_task(sessions[0][0].fetchval("select inet_server_port()", timeout=30))
+        await _wait_for(lambda: '"instance_down"' in proxy.log(), 10, "the proxy to see the primary down")
+        await loop.run_in_executor(None, cluster.promote, new)
+        assert await asyncio.wait_for(waiting, 20) == new_port
+        await loop.run_in_executor(None, cluster.follow, other, new)
+
+        for i, (conn, stmt) in enumerate(sessions):
+            assert await stmt.fetchrow(i) == (i * 10, f"tag-{i}")
+            assert await conn.fetchval("select inet_server_port()") == new_port
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await in_tx.execute("insert into t values (3, 'in tx')")
+        assert info.value.sqlstate == "08007"
+        await tx.rollback()
+        await in_tx.execute("insert into t values (2, 'after')")
+        assert await in_tx.fetchval("select count(*) from t where id = 2") == 1
+        for conn, _ in sessions:
+            await conn.close()
+        await in_tx.close()
+        pooled = int(cluster.sql(new, f"select count(*) from pg_stat_activity where usename = '{cluster.app_user}' "
+                                      "and backend_type = 'client backend'", database="postgres"))
+        assert pooled <= 4
+
+    with ProxyProcess(doc, tmp_path) as proxy:
+        try:
+            asyncio.run(main(proxy))
+        finally:
+            print(proxy.log()[-4000:])
