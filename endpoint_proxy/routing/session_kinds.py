@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 __all__ = [
+    "pooled_how",
     "MY_PINNING_STATES",
     "MY_STATE_KINDS",
     "PG_PINNING_STATES",
@@ -167,3 +168,44 @@ _LABELS = {**{("postgresql", k.key): k.label for k in PG_STATE_KINDS},
 def label_of(protocol: str, key: str) -> str:
     """The label of a state kind ("postgresql" or "mysql"); the key itself if the list has no such row."""
     return _LABELS.get((protocol, key), key)
+
+
+# What transaction pool mode does with each kind (README's last column): by action, unless a row says more.
+_POOLED_DEFAULT = {
+    Action.REPLAYED: "applied to each borrowed server connection by difference (nothing sent when it has it)",
+    Action.PINNED: "pinned: the client keeps its server connection until it disconnects",
+    Action.NOT_TRACKED: "as in session mode",
+}
+_UNTIL = "pinned: the client keeps its server connection until "
+_POOLED: dict[tuple[str, str], str] = {
+    ("postgresql", "startup"): "pooled connections log in with user and database only; the rest are settings, "
+                               "applied by difference",
+    ("postgresql", "reset"): "`RESET name` returns to the client's startup value; after `RESET ALL` the settings "
+                             "are rebuilt on the next connection",
+    ("postgresql", "load"): "pinned: the client keeps its server connection (a library cannot be unloaded)",
+    ("postgresql", "prepare"): "applied by difference: `PREPARE` where the connection lacks it, `DEALLOCATE` of "
+                               "another client's statement of the same name",
+    ("postgresql", "parse"): "prepared on each connection at its first use there, under a proxy-wide name that "
+                             "every client with the same statement shares; a client's `Close` is answered by the "
+                             "proxy; the least recently used close past `max_prepared_statements`",
+    ("postgresql", "discard"): "`DISCARD ALL` forgets settings and prepared statements and ends every pin; "
+                               "`DISCARD TEMP` ends a temporary-table pin",
+    ("postgresql", "listen"): _UNTIL + "`UNLISTEN *` or `DISCARD ALL`",
+    ("postgresql", "temp_table"): _UNTIL + "`DISCARD TEMP` or `DISCARD ALL`",
+    ("postgresql", "advisory_lock"): _UNTIL + "`pg_advisory_unlock_all()` or `DISCARD ALL`",
+    ("postgresql", "cursor_with_hold"): _UNTIL + "`CLOSE ALL` or `DISCARD ALL`",
+    ("mysql", "handshake"): "pooled connections log in as the user to the login's database; schema and options "
+                            "are applied by difference",
+    ("mysql", "autocommit_off"): "the connection stays borrowed while autocommit is off (a transaction)",
+    ("mysql", "stmt_prepare"): "prepared on each connection at its first use there (by text); statement ids stay "
+                               "the client's; the least recently used close past `max_prepared_statements`",
+    ("mysql", "temp_table"): _UNTIL + "COM_RESET_CONNECTION or it disconnects (then the connection is closed)",
+    ("mysql", "named_lock"): _UNTIL + "`RELEASE_ALL_LOCKS()` or COM_RESET_CONNECTION",
+    ("mysql", "lock_tables"): _UNTIL + "`UNLOCK TABLES` or COM_RESET_CONNECTION",
+    ("mysql", "handler"): _UNTIL + "COM_RESET_CONNECTION or it disconnects",
+}
+
+
+def pooled_how(protocol: str, kind: StateKind) -> str:
+    """What transaction pool mode does with state of ``kind`` ("postgresql" or "mysql")."""
+    return _POOLED.get((protocol, kind.key), _POOLED_DEFAULT[kind.action])

@@ -624,8 +624,11 @@ class PgSessionCore:
 
     def _track_query(self, payload: bytes) -> None:
         state = self.state
-        version, pinned = state.version, state.pinned_by
+        version, pinned, changes = state.version, state.pinned_by, state.changes
         state.on_query_bytes(payload, self.status)
+        if self.smap is not None and state.changes != changes and "load" not in state.pins and any(
+                sql.lstrip()[:4].lower() == "load" for sql in state.set_statements):
+            state.pin("load", "a loaded library stays on its server connection")  # it cannot be unloaded
         mark = self.marks.get(self.role)
         if mark is None:
             pass  # pooled: the borrowed connection's record is brought up to date when it goes back

@@ -15,6 +15,7 @@ from endpoint_proxy.routing.session_kinds import (
     PG_STATE_KINDS,
     Action,
     label_of,
+    pooled_how,
 )
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -24,12 +25,12 @@ def _readme_rows() -> list[tuple[str, ...]]:
     text = README.read_text()
     section = text.split("\n## Session state\n", 1)[1].split("\n## ", 1)[0]
     lines = [line for line in section.splitlines() if line.startswith("| ")]
-    assert lines[0] == "| protocol | state | set up by | the proxy |"
+    assert lines[0] == "| protocol | state | set up by | the proxy | transaction pooling |"
     return [tuple(cell.strip() for cell in line[2:-2].split(" | ")) for line in lines[2:]]
 
 
 def _list_rows() -> list[tuple[str, ...]]:
-    return [(protocol, k.label, k.set_up_by, f"{k.action}: {k.how}")
+    return [(protocol, k.label, k.set_up_by, f"{k.action}: {k.how}", pooled_how(protocol.lower(), k))
             for protocol, kinds in (("PostgreSQL", PG_STATE_KINDS), ("MySQL", MY_STATE_KINDS)) for k in kinds]
 
 

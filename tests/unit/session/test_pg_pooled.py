@@ -248,3 +248,11 @@ def test_a_server_that_never_saw_the_clients_terminate() -> None:
     a.send(q("select 1") + m.Terminate().encode())
     assert a.closed and b"X" not in bytes(pool.opened[0].received)[-5:]
     assert isinstance(StatefulServer, type)
+
+
+def test_a_loaded_library_pins_in_transaction_mode() -> None:
+    pool = Pool(size=1)
+    a = PooledClient(pool)
+    a.send(q("load 'auto_explain'"))
+    a.send(q("select 1"))
+    assert pool.lent == 1 and a.env.pins == ["loaded library"]
