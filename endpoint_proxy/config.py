@@ -192,6 +192,9 @@ class EndpointConfig:
     # one from the pool for each transaction (or statement, or pipeline up to Sync) and gives it back.
     pool_mode: str = "session"
     max_client_connections: int = 0  # client connections to this endpoint at once (0: no limit)
+    # PostgreSQL: let clients open replication connections (startup parameter "replication"; streaming
+    # or logical replication protocol, passed through). Session-mode endpoints other than readwrite only.
+    allow_replication: bool = False
 
 
 @dataclass(frozen=True)
@@ -497,12 +500,16 @@ def _parse_endpoint(t: _Table, instance_names: set[str]) -> EndpointConfig:
         session_wait_ms = t.integer("session_wait_ms", 100, minimum=0, maximum=60_000)
     pool_mode = t.string("pool_mode", "session", POOL_MODES)
     max_client_connections = t.integer("max_client_connections", 0, minimum=0)
+    allow_replication = t.boolean("allow_replication", False)
+    if allow_replication and (kind == "readwrite" or pool_mode == "transaction"):
+        raise ConfigError(t.sub("allow_replication"), "a replication connection needs a server connection of its "
+                          "own: not on readwrite or transaction-mode endpoints")
     t.check_unknown()
     return EndpointConfig(
         name=name, listen=listen, kind=kind, tls=tls, role=role,
         members=members, excluded=excluded, instance=instance,
         consistency=consistency, session_wait_ms=session_wait_ms,
-        pool_mode=pool_mode, max_client_connections=max_client_connections,
+        pool_mode=pool_mode, max_client_connections=max_client_connections, allow_replication=allow_replication,
     )
 
 

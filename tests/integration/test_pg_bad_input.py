@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -77,6 +78,20 @@ def test_bad_names_get_fatal(pg_proxy: ProxyProcess, bystander: None, params: di
     with open_socket(pg_proxy) as s:
         s.sendall(encode_startup_message(params))
         assert fatal(read_all(s)).sqlstate == sqlstate
+
+
+def test_replication_connections_need_an_endpoint_that_allows_them(pg_proxy: ProxyProcess, pg_cluster: PostgresCluster,
+                                                                   bystander: None) -> None:
+    params = {"user": "app", "database": "app", "replication": "database"}
+    with open_socket(pg_proxy) as s:
+        s.sendall(encode_startup_message(params))
+        error = fatal(read_all(s))
+        assert error.sqlstate == "08P01" and "allow_replication" in error.message
+    # Where it is allowed, the server decides (here: the user lacks the REPLICATION attribute).
+    out = subprocess.run(["psql", f"host=127.0.0.1 port={pg_proxy.port('repl')} user={pg_cluster.app_user} "
+                          f"password={pg_cluster.app_password} dbname={pg_cluster.database} replication=database "
+                          "sslmode=disable", "-c", "IDENTIFY_SYSTEM"], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "replication role" in out.stderr, out.stderr
 
 
 def test_unsupported_protocol_version(pg_proxy: ProxyProcess, bystander: None) -> None:

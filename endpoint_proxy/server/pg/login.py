@@ -107,9 +107,10 @@ async def login(ctx: SessionContext, holder: HasClient, logger: FilteringBoundLo
             await client.send_all(npv.encode())
         if packet.database == CONSOLE_DATABASE and ctx.console is not None:
             return Login(client, packet, console=(reader, buf))
-        if "replication" in packet.parameters and packet.parameters["replication"].lower() not in ("false", "off",
-                                                                                                    "no", "0"):
-            raise Fatal("08P01", "replication connections are not supported through endpoint_proxy")
+        replication = packet.parameters.get("replication", "false").lower() not in ("false", "off", "no", "0")
+        if replication and not ctx.endpoint.allow_replication:
+            raise Fatal("08P01", f"endpoint {ctx.endpoint.name} does not allow replication connections "
+                                 "(allow_replication)")
         user, auth = await _authenticate(ctx, client, packet, reader, buf, logger)
         return Login(client, packet, leftover=reader.take_buffered(), user=user, auth=auth)
 
