@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import httpx
@@ -146,6 +146,10 @@ class PatroniAuthority:
                             await self._follow_etcd(client, url)
                         except (StoreLost, *_HTTP_ERRORS) as e:
                             self._failed(url, e)
+                        except Exception as e:  # noqa: BLE001 - a bug of ours must not end the authority
+                            log.exception("authority_error", cluster=self.cluster, error=_text(e))
+                            self._failed(url, e)
+                            await trio.sleep(self.interval_s)
                     if self.config.rest:
                         with trio.move_on_after(ETCD_RETRY_S if self.config.etcd else math.inf):
                             await self._poll_rest(client)
@@ -177,10 +181,20 @@ class PatroniAuthority:
         changed = self.view.apply_snapshot(revision, kvs)
         self._leader_changed(before)
         self._answered("etcd", changed)
+        # The watch and the heartbeat run side by side; the first to fail ends both (a failure
+        # never leaves the nursery as an exception group: it is kept and raised alone).
+        failures: list[BaseException] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._heartbeat, client, url)
-            await self._watch(client, url, revision + 1)
-            nursery.cancel_scope.cancel()
+            async def guarded(step: Callable[[], Awaitable[None]]) -> None:
+                try:
+                    await step()
+                except (StoreLost, *_HTTP_ERRORS) as e:
+                    failures.append(e)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(guarded, lambda: self._heartbeat(client, url))
+            nursery.start_soon(guarded, lambda: self._watch(client, url, revision + 1))
+        raise StoreLost(_text(failures[0]) if failures else "the watch ended")
 
     async def _heartbeat(self, client: httpx.AsyncClient, url: str) -> None:
         """Read the leader key every interval: the store is alive, and nothing was missed."""
