@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -213,7 +214,7 @@ class PatroniCluster(LocalClusterBase[PatroniNode]):
                 _signal(postmaster, signal.SIGCONT)
                 _signal(postmaster, signal.SIGQUIT)
                 try:
-                    _wait_until(lambda p=postmaster: not _alive(p), 10, lambda: "postgres did not stop")
+                    _wait_until(functools.partial(_dead, postmaster), 10, lambda: "postgres did not stop")
                 except TimeoutError:
                     _signal(postmaster, signal.SIGKILL)
         if self._etcd is not None and self._etcd.poll() is None:
@@ -491,7 +492,12 @@ class PatroniCluster(LocalClusterBase[PatroniNode]):
             self.sql(node.name, statement, database="postgres")
 
     def _role_exists(self, node: PatroniNode, role: str) -> bool:
-        return self.sql(node.name, f"select count(*) from pg_roles where rolname = '{role}'", database="postgres") == "1"
+        query = f"select count(*) from pg_roles where rolname = '{role}'"
+        return self.sql(node.name, query, database="postgres") == "1"
+
+
+def _dead(pid: int) -> bool:
+    return not _alive(pid)
 
 
 def _children(ppid: int) -> list[int]:
