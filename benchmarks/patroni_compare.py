@@ -405,7 +405,8 @@ def report(switchovers: list[dict[str, Any]], crashes: list[dict[str, Any]], kil
              markdown_table(["target", "from -> to", "pgbench tx", "pgbench errors", "probe errors", "gap_ms",
                              "pause_ms", "patroni_s"],
                             [[r["target"], f"{r['from']} -> {r['to']}", cell(r["pgbench_tx"]),
-                              cell(r["pgbench_errors"]), cell(r["probe_errors"]), cell(r["gap_ms"]), cell(r["pause_ms"]), cell(r["patroni_s"])]
+                              cell(r["pgbench_errors"]), cell(r["probe_errors"]), cell(r["gap_ms"]),
+                              cell(r["pause_ms"]), cell(r["patroni_s"])]
                              for r in switchovers]) + "\n",
              "Crash of the leader (kill -9 of Patroni and PostgreSQL, leader key deleted). `first_write_ms`: from the "
              "new leader accepting writes (polled directly every 2 ms) to the first write acknowledged through the "
