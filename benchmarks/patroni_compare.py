@@ -332,7 +332,20 @@ async def crash_step(cluster: PatroniCluster, targets: dict[str, int]) -> list[d
     return rows
 
 
-async def patroni_kill_step(cluster: PatroniCluster, targets: dict[str, int]) -> list[dict[str, Any]]:
+def proxy_saw_key_deleted(logfile: Path, old: str) -> float | None:
+    """When the proxy logged the leader key's deletion (authority_leader, was ``old``), epoch s."""
+    seen = None
+    for line in logfile.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if event.get("event") == "authority_leader" and event.get("leader") is None and event.get("was") == old:
+                stamp = event["timestamp"].replace("Z", "+00:00")
+                seen = dt.datetime.fromisoformat(stamp).timestamp()
+    return seen
+
+
+async def patroni_kill_step(cluster: PatroniCluster, targets: dict[str, int], proxy_log: Path
+                            ) -> list[dict[str, Any]]:
     old = cluster.wait_leader()
     writers = {name: Writer(name, url(cluster, port), 4) for name, port in targets.items()}
     tasks = [asyncio.create_task(w.run()) for w in writers.values()]
@@ -346,11 +359,18 @@ async def patroni_kill_step(cluster: PatroniCluster, targets: dict[str, int]) ->
         w.stop.set()
     await asyncio.gather(*tasks)
     rows = []
+    seen = proxy_saw_key_deleted(proxy_log, old)
     for name, w in writers.items():
-        late = int(cluster.sql(old, f"select count(*) from bench_writes where src = '{name}' "
-                                    f"and at > to_timestamp({moved})"))
-        rows.append({"target": name, "old": old, "new": new, "late_writes": late, "writer_errors": len(w.errors),
-                     "acked": len(w.acks)})
+        late, last = cluster.sql(old, f"select count(*), coalesce(extract(epoch from max(at)), 0) from bench_writes "
+                                      f"where src = '{name}' and at > to_timestamp({moved})").split("|")
+        after_seen = None
+        if name == "proxy" and seen is not None:
+            after_seen = int(cluster.sql(old, f"select count(*) from bench_writes where src = '{name}' "
+                                              f"and at > to_timestamp({seen})"))
+        rows.append({"target": name, "old": old, "new": new, "late_writes": int(late),
+                     "last_late_ms": round((float(last) - moved) * 1000) if int(late) else None,
+                     "after_seen": after_seen, "seen_ms": None if seen is None else round((seen - moved) * 1000, 1),
+                     "writer_errors": len(w.errors), "acked": len(w.acks)})
     await asyncio.to_thread(restore, cluster, old)
     return rows
 
@@ -380,7 +400,7 @@ async def main_async(args: argparse.Namespace) -> str:
             crashes = await crash_step(cluster, targets)
             log(f"  {crashes}")
             log("step 3: Patroni killed alone on the leader")
-            kills = await patroni_kill_step(cluster, targets)
+            kills = await patroni_kill_step(cluster, targets, proxy.logfile)
             log(f"  {kills}")
         finally:
             proxy.stop()
@@ -417,10 +437,14 @@ def report(switchovers: list[dict[str, Any]], crashes: list[dict[str, Any]], kil
                               cell(r["idle_errors"]), cell(r["writer_errors"])] for r in crashes]) + "\n",
              "Patroni killed alone on the leader (its PostgreSQL stays up and writable), leader key deleted, another "
              "node promoted; 4 writing sessions per target. `late_writes`: rows that reached the old primary after "
-             "the key moved.\n",
-             markdown_table(["target", "old -> new", "late_writes", "acked", "writer_errors"],
-                            [[r["target"], f"{r['old']} -> {r['new']}", cell(r["late_writes"]), cell(r["acked"]),
-                              cell(r["writer_errors"])] for r in kills]) + "\n"]
+             "the key moved (the benchmark's delete returned), `last_late_ms`: the last of them, after the move; "
+             "`seen_ms`: when the proxy logged the deletion (its watch), after the move; `after_seen`: rows that "
+             "reached the old primary through the proxy after that.\n",
+             markdown_table(["target", "old -> new", "late_writes", "last_late_ms", "seen_ms", "after_seen", "acked",
+                             "writer_errors"],
+                            [[r["target"], f"{r['old']} -> {r['new']}", cell(r["late_writes"]), cell(r["last_late_ms"]),
+                              cell(r["seen_ms"]), cell(r["after_seen"]), cell(r["acked"]), cell(r["writer_errors"])]
+                             for r in kills]) + "\n"]
     return "\n".join(parts)
 
 
