@@ -296,3 +296,25 @@ def test_without_peers_or_workers_the_whole_key_is_random() -> None:
     secrets = {registry.issue(n, TARGET) for n in range(200)}
     assert registry.peer_of(next(iter(secrets))) is None
     assert any(s & 0xFF for s in secrets) and any(s >> 31 for s in secrets)
+
+
+async def test_a_reload_keeps_patronis_members_and_can_drop_the_authority() -> None:
+    config = parse_config(copy.deepcopy(BASE)).clusters[0]
+    runtime = ClusterRuntime(config)
+    authority = runtime.patroni
+    assert authority is not None
+    authority.view.apply_snapshot(*parse_range({"header": {"revision": "4"}, "kvs": [
+        kv("leader", "pg0", 4, 4), kv("members/pg0", member_json(5432, "primary"), 2, 2)]}))
+    authority.known = True
+    runtime._authority_changed()
+    runtime.apply_config(config)  # the same file again: the members stay
+    assert [i.name for i in runtime.config.instances] == ["pg0"]
+    doc = copy.deepcopy(BASE)
+    del doc["clusters"][0]["patroni"]
+    doc["clusters"][0]["instances"] = [{"name": "pg0", "host": "127.0.0.1", "port": 5432}]
+    doc["clusters"][0]["endpoints"] = doc["clusters"][0]["endpoints"][:1]
+    changes = runtime.apply_config(parse_config(doc).clusters[0])
+    assert runtime.patroni is None and runtime.topology.authority is None
+    assert any("[clusters.patroni] removed" in c for c in changes)
+    runtime.topology.probe_succeeded("pg0", 0.0, result=WRITABLE)
+    assert runtime.topology.writer == "pg0"
