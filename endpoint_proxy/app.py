@@ -180,7 +180,10 @@ class Proxy:
         self.metrics.registry.register(FaultsCollector(lambda: self.clusters.values()))
         # Called by POST /reload on the admin server; None answers 404 there.
         self.reload_hook: Callable[[], Awaitable[object]] | None = self.reload_from_file if config_path else None
-        self.cancels = CancelRegistry(worker_index)
+        # Cancel keys carry this proxy's peer id ([[peers]]) and the worker index, in as few
+        # bits as the deployment needs: the rest of the 32 are random.
+        self.cancels = CancelRegistry(worker_index, worker_bits=max(0, (workers - 1).bit_length()),
+                                      peer_id=config.server.peer_id)
         self.bound: dict[str, Address] = {}  # endpoint name -> actual listening address
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
@@ -667,6 +670,10 @@ class Proxy:
         await self._deliver_cancel(request)
 
     async def _deliver_cancel(self, request: CancelRequest) -> None:
+        peer = self.cancels.peer_of(request.secret_key)
+        if peer is not None and peer != self.cancels.peer_id:
+            await self._forward_to_peer(peer, request)
+            return
         owner = self.cancels.owner_of(request.secret_key)
         try:
             with trio.move_on_after(5):
@@ -679,6 +686,24 @@ class Proxy:
                 await send_cancel(target.address, target.process_id, target.secret_key)
         except OSError as e:
             log.info("cancel_failed", error=str(e))
+
+    async def _forward_to_peer(self, peer: int, request: CancelRequest) -> None:
+        """A cancel for a session of another proxy ([[peers]]): send it there as a client would
+        (a CancelRequest on its endpoint) and wait until that proxy closes the connection, which
+        it does once the server took the cancel. An unknown peer id is ignored, as an unknown
+        key is."""
+        address = next((p.address for p in self.config.peers if p.id == peer), None)
+        if address is None:
+            log.info("cancel_unknown_peer", peer=peer)
+            return
+        try:
+            with trio.move_on_after(5):
+                stream = await trio.open_tcp_stream(address.host, address.port)
+                async with stream:
+                    await stream.send_all(encode_cancel_request(request.process_id, request.secret_key))
+                    await stream.receive_some(1)
+        except (OSError, trio.BrokenResourceError) as e:
+            log.info("cancel_failed", peer=peer, address=str(address), error=str(e) or type(e).__name__)
 
     def _cancel_socket_path(self, worker: int) -> str:
         assert self.runtime_dir is not None

@@ -222,6 +222,8 @@ def _free_port() -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.patroni:
+        return _demo_patroni(args)
     from .config import parse_config
     from .localcluster.postgresql import PostgresCluster
     from .server.logs import configure_logging
@@ -285,6 +287,69 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_patroni(args: argparse.Namespace) -> int:
+    """``demo --patroni``: etcd and three Patroni nodes; the proxy follows Patroni's leader key."""
+    from .config import parse_config
+    from .localcluster.patroni import PatroniCluster
+    from .server.logs import configure_logging
+
+    print("endpoint-proxy demo: starting etcd and 3 Patroni nodes (the first run installs Patroni) ...",
+          flush=True)
+    with PatroniCluster(3) as cluster:
+        writer_port = args.port or _free_port()
+        reader_port = _free_port() if not args.port else args.port + 1
+        doc = {
+            "logging": {"format": "console", "level": "info"},
+            "admin": {"listen": f"127.0.0.1:{_free_port()}",
+                      "users": [{"name": "admin", "password": "admin-secret"}]},
+            "clusters": [{
+                "name": "demo",
+                "protocol": "postgresql",
+                "health_check_interval_ms": 250,
+                "monitor": {"user": cluster.monitor_user, "password": cluster.monitor_password},
+                "users": [{"name": cluster.app_user, "password": cluster.app_password}],
+                # No [[clusters.instances]]: the members and the writer come from Patroni.
+                "patroni": {"scope": cluster.scope, "namespace": cluster.namespace, "etcd": [cluster.etcd_url],
+                            "rest": cluster.rest_urls},
+                "promotion": {"method": "patroni"},
+                "endpoints": [
+                    {"name": "writer", "listen": f"127.0.0.1:{writer_port}", "kind": "writer"},
+                    {"name": "reader", "listen": f"127.0.0.1:{reader_port}", "kind": "reader"},
+                    {"name": "readwrite", "listen": f"127.0.0.1:{_free_port()}", "kind": "readwrite"},
+                ],
+            }],
+        }
+        config = parse_config(doc)
+        configure_logging(config.logging)
+
+        def ready(bound: dict[str, str]) -> None:
+            print(f"\nendpoint-proxy demo (Patroni) is ready. Cluster files: {cluster.root_dir}")
+            print(f"etcd: {cluster.etcd_url}   leader: {cluster.leader()}")
+            for node in cluster.instances:
+                print(f"  {node.name}: postgres 127.0.0.1:{node.port}, Patroni REST {node.rest_url}")
+            print("\nConnect through the proxy (Ctrl-C stops everything):")
+            for name in ("writer", "reader", "readwrite"):
+                port = bound[name].rsplit(":", 1)[1]
+                print(f"  {name:9}  PGPASSWORD={cluster.app_password} psql -h 127.0.0.1 -p {port} "
+                      f"-U {cluster.app_user} {cluster.database} -c 'select inet_server_port(), pg_is_in_recovery()'")
+            port = bound["writer"].rsplit(":", 1)[1]
+            console = f"PGPASSWORD=admin-secret psql -h 127.0.0.1 -p {port} -U admin endpoint_proxy -c"
+            print("\nSwitch over through Patroni, or watch the leader key:")
+            print(f"  switchover  {console} 'SWITCHOVER'")
+            print(f"  clusters    {console} 'SHOW CLUSTERS'")
+            print(f"\nStatus page: http://{bound['admin']}/  (/topology has `authority`; user admin, "
+                  "password admin-secret)", flush=True)
+            if args.exit_after_ready:
+                raise KeyboardInterrupt
+
+        try:
+            trio.run(_serve, config, 0, 1, None, ready)
+        except KeyboardInterrupt:
+            pass
+        print("endpoint-proxy demo: stopping Patroni and etcd ...", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="endpoint-proxy",
                                      description="Aurora-style endpoints for PostgreSQL and MySQL clusters")
@@ -305,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     switch.set_defaults(func=_switchover)
     demo = sub.add_parser("demo", help="start a local primary + 2 replicas with the proxy in front")
     demo.add_argument("--port", type=int, default=None, help="writer port (reader gets the next one)")
+    demo.add_argument("--patroni", action="store_true",
+                      help="etcd + 3 Patroni nodes instead; the proxy follows Patroni's leader key")
     demo.add_argument("--exit-after-ready", action="store_true", help=argparse.SUPPRESS)
     demo.set_defaults(func=_demo)
     return parser

@@ -29,7 +29,9 @@ CONSISTENCY_MODES = ("eventual", "session")
 POOL_MODES = ("session", "transaction")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-PROMOTION_METHODS = ("none", "sql", "command")
+PROMOTION_METHODS = ("none", "sql", "command", "patroni")
+# Bits of a PostgreSQL cancel key that name the proxy that issued it, when [[peers]] are set.
+PEER_ID_MAX = 255
 
 
 class ConfigError(ValueError):
@@ -141,6 +143,17 @@ class ServerConfig:
     # Where fencing's memory (the highest timeline seen per cluster) survives restarts; None: memory only.
     state_file: str | None = None
     max_client_connections: int = 0  # client connections to all endpoints at once, per process (0: no limit)
+    # This proxy's id among [[peers]] (carried in the cancel keys it hands out); None: no peering.
+    peer_id: int | None = None
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """Another proxy of the same endpoints (``[[peers]]``): where CancelRequests for sessions
+    it owns are forwarded (any of its PostgreSQL endpoints)."""
+
+    id: int
+    address: Address
 
 
 @dataclass(frozen=True)
@@ -217,6 +230,22 @@ class PromotionConfig:
 
 
 @dataclass(frozen=True)
+class PatroniConfig:
+    """``[clusters.patroni]``: Patroni, through etcd v3 (its HTTP/JSON gateway) or its REST API,
+    is the cluster's HA authority: it names the members and, by its leader key, the writer."""
+
+    scope: str | None = None
+    namespace: str = "/service"
+    etcd: tuple[str, ...] = ()  # "http://host:2379" ...
+    rest: tuple[str, ...] = ()  # "http://host:8008" ... polled when etcd is not given or not reachable
+
+    @property
+    def prefix(self) -> str:
+        """The store's key prefix of this cluster: ``<namespace>/<scope>/``."""
+        return f"{self.namespace.rstrip('/')}/{self.scope}/"
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     name: str
     protocol: str
@@ -258,6 +287,7 @@ class ClusterConfig:
     query_timeout_ms: int = 0
     idle_transaction_timeout_ms: int = 0
     client_idle_timeout_ms: int = 0
+    patroni: PatroniConfig | None = None
 
     def user(self, name: str) -> UserConfig | None:
         for u in self.users:
@@ -279,6 +309,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    peers: tuple[PeerConfig, ...] = ()
 
 
 # --- parsing helpers -------------------------------------------------------------------------
@@ -463,7 +494,7 @@ def _parse_instance(t: _Table) -> InstanceConfig:
     return inst
 
 
-def _parse_endpoint(t: _Table, instance_names: set[str]) -> EndpointConfig:
+def _parse_endpoint(t: _Table, instance_names: set[str] | None) -> EndpointConfig:
     name = t.string("name")
     listen = parse_address(t.string("listen"), t.sub("listen"))
     kind = t.string("kind", choices=ENDPOINT_KINDS)
@@ -481,7 +512,7 @@ def _parse_endpoint(t: _Table, instance_names: set[str]) -> EndpointConfig:
         key = "members" if has_members else "excluded"
         names = _names(t.array(key), t.sub(key))
         for i, n in enumerate(names):
-            if n not in instance_names:
+            if instance_names is not None and n not in instance_names:
                 raise ConfigError(f"{t.sub(key)}[{i}]", f"no instance named {n!r}")
         if has_members:
             if not names:
@@ -491,7 +522,7 @@ def _parse_endpoint(t: _Table, instance_names: set[str]) -> EndpointConfig:
             excluded = names
     elif kind == "instance":
         instance = t.string("instance")
-        if instance not in instance_names:
+        if instance_names is not None and instance not in instance_names:
             raise ConfigError(t.sub("instance"), f"no instance named {instance!r}")
     consistency = "eventual"
     session_wait_ms = 100
@@ -542,9 +573,12 @@ def _parse_cluster(t: _Table, environ: Mapping[str, str]) -> ClusterConfig:
         if any(o.name == inst.name for o in instances):
             raise ConfigError(f"{t.sub('instances')}[{i}].name", f"duplicate instance name {inst.name!r}")
         instances.append(inst)
-    if not instances:
-        raise ConfigError(t.sub("instances"), "a cluster needs at least one instance")
-    names = {i.name for i in instances}
+    patroni = _parse_patroni(t.table("patroni"), protocol) if "patroni" in t.data else None
+    t.used.add("patroni")
+    if not instances and patroni is None:
+        raise ConfigError(t.sub("instances"), "a cluster needs at least one instance (or [clusters.patroni])")
+    # With Patroni the members are named by it, at run time: endpoints may name any of them.
+    names: set[str] | None = {i.name for i in instances} if patroni is None else None
     auth_methods = MYSQL_CLIENT_AUTH_METHODS if protocol == "mysql" else CLIENT_AUTH_METHODS
     client_auth = t.string("client_auth", auth_methods[0], auth_methods)
     users: list[UserConfig] = []
@@ -616,10 +650,13 @@ def _parse_cluster(t: _Table, environ: Mapping[str, str]) -> ClusterConfig:
         read_functions=tuple(n.lower() for n in _names(t.array("read_functions"), t.sub("read_functions"))),
         write_functions=tuple(n.lower() for n in _names(t.array("write_functions"), t.sub("write_functions"))),
         function_refresh_ms=t.integer("function_refresh_ms", 30_000, minimum=0),
+        patroni=patroni,
         **_parse_drills(t, environ),
         **_parse_pooling(t),
     )
     t.check_unknown()
+    if cluster.promotion.method == "patroni" and patroni is None:
+        raise ConfigError(t.sub("promotion.method"), 'method = "patroni" needs [clusters.patroni]')
     return cluster
 
 
@@ -639,6 +676,31 @@ def _parse_pooling(t: _Table) -> dict[str, Any]:
         "idle_transaction_timeout_ms": t.integer("idle_transaction_timeout_ms", 0, minimum=0),
         "client_idle_timeout_ms": t.integer("client_idle_timeout_ms", 0, minimum=0),
     }
+
+
+def _urls(t: _Table, key: str) -> tuple[str, ...]:
+    urls = _names(t.array(key), t.sub(key))
+    for i, url in enumerate(urls):
+        if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) == 0:
+            raise ConfigError(f"{t.sub(key)}[{i}]", f"must be an http:// or https:// URL (got {url!r})")
+    return tuple(u.rstrip("/") for u in urls)
+
+
+def _parse_patroni(t: _Table, protocol: str) -> PatroniConfig:
+    if protocol != "postgresql":
+        raise ConfigError(t.path, "Patroni manages PostgreSQL clusters")
+    etcd = _urls(t, "etcd")
+    rest = _urls(t, "rest")
+    scope = t.string("scope", None)
+    namespace = t.string("namespace", "/service")
+    if not namespace.startswith("/"):
+        raise ConfigError(t.sub("namespace"), f"must start with / (got {namespace!r})")
+    if not etcd and not rest:
+        raise ConfigError(t.sub("etcd"), "give etcd (its client URLs), rest (Patroni's REST API URLs), or both")
+    if etcd and not scope:
+        raise ConfigError(t.sub("scope"), "is required with etcd (Patroni's scope: the cluster's name in the store)")
+    t.check_unknown()
+    return PatroniConfig(scope=scope, namespace=namespace, etcd=etcd, rest=rest)
 
 
 def _parse_promotion(t: _Table, environ: Mapping[str, str]) -> PromotionConfig:
@@ -749,6 +811,7 @@ def parse_config(data: dict[str, Any], environ: Mapping[str, str] | None = None)
         shutdown_timeout_ms=srv_t.integer("shutdown_timeout_ms", 30_000, minimum=0),
         state_file=srv_t.string("state_file", None),
         max_client_connections=srv_t.integer("max_client_connections", 0, minimum=0),
+        peer_id=srv_t.integer("peer_id", None, minimum=0, maximum=PEER_ID_MAX) if "peer_id" in srv_t.data else None,
     )
     if server.state_file is not None:
         state_path = Path(server.state_file)
@@ -779,8 +842,26 @@ def parse_config(data: dict[str, Any], environ: Mapping[str, str] | None = None)
                 raise ConfigError(f"clusters[{i}].users[{j}].auth" if user.auth else f"clusters[{i}].client_auth",
                                   "cleartext password authentication is only offered over TLS: set [tls]")
         clusters.append(cluster)
+    peers = _parse_peers(top, server)
     top.check_unknown()
-    return Config(clusters=tuple(clusters), admin=admin, logging=logging_cfg, tls=tls, server=server)
+    return Config(clusters=tuple(clusters), admin=admin, logging=logging_cfg, tls=tls, server=server, peers=peers)
+
+
+def _parse_peers(top: _Table, server: ServerConfig) -> tuple[PeerConfig, ...]:
+    """``[[peers]]``: ``id`` and ``address`` of each proxy of the same endpoints (this one may be
+    listed too: every proxy can share one list). Needs ``server.peer_id``."""
+    peers: list[PeerConfig] = []
+    for i, raw in enumerate(top.array("peers")):
+        pt = _Table(raw, f"peers[{i}]")
+        peer = PeerConfig(id=pt.integer("id", minimum=0, maximum=PEER_ID_MAX),
+                          address=parse_address(pt.string("address"), pt.sub("address")))
+        pt.check_unknown()
+        if any(p.id == peer.id for p in peers):
+            raise ConfigError(f"peers[{i}].id", f"duplicate peer id {peer.id}")
+        peers.append(peer)
+    if peers and server.peer_id is None:
+        raise ConfigError("server.peer_id", "is required with [[peers]]: this proxy's own id")
+    return tuple(peers)
 
 
 def load_config(path: str | Path) -> Config:

@@ -20,6 +20,8 @@ if $for_tests; then
   command -v sysbench >/dev/null 2>&1 || need_apt+=(sysbench)
   # Headless Chromium renders the admin status page in the integration tests.
   [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+  # etcd is the store of the local Patroni clusters (tests, `demo --patroni`).
+  [ -x /usr/bin/etcd ] || need_apt+=(etcd-server)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -43,4 +45,8 @@ stamp=.venv/.installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
   touch "$stamp"
+fi
+if $for_tests; then
+  # Patroni (pinned) in a virtualenv of its own that the postgres user can read; idempotent.
+  .venv/bin/python -c 'from endpoint_proxy.localcluster.patroni import ensure_patroni; ensure_patroni()'
 fi

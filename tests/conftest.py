@@ -8,6 +8,7 @@ import pytest
 
 from endpoint_proxy.localcluster.certs import write_self_signed
 from endpoint_proxy.localcluster.mariadb import MariaDBCluster
+from endpoint_proxy.localcluster.patroni import PatroniCluster
 from endpoint_proxy.localcluster.postgresql import PostgresCluster
 from tests.fixtures.proxy import ProxyProcess, free_port, my_proxy_config, pg_proxy_config
 
@@ -16,6 +17,15 @@ from tests.fixtures.proxy import ProxyProcess, free_port, my_proxy_config, pg_pr
 def pg_cluster() -> Iterator[PostgresCluster]:
     """A primary and two streaming replicas with TLS enabled; tests must not disturb it."""
     with PostgresCluster(replicas=2, ssl=True) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def patroni_cluster() -> Iterator[PatroniCluster]:
+    """etcd and three Patroni nodes (pg0 the first leader; pg2 tagged noloadbalance). Tests that
+    fail a node over (tests/integration/test_patroni.py) leave it with every node running and
+    streaming again, but the leader may be any node: ask ``leader()``."""
+    with PatroniCluster(3, tags={"pg2": {"noloadbalance": True}}) as cluster:
         yield cluster
 
 

@@ -77,6 +77,12 @@ class TopologyCollector:
                               "1 when the cluster has a known writer", ["cluster"]),
             "members": g("endpoint_proxy_endpoint_members",
                          "instances the endpoint may route to right now", ["cluster", "endpoint"]),
+            "revision": g("endpoint_proxy_authority_revision",
+                          "the HA authority's fencing token: the leader key's revision (Patroni's etcd)",
+                          ["cluster", "source"]),
+            "stale": g("endpoint_proxy_authority_stale",
+                       "1 while the HA authority's store does not answer (the writer is kept, none elected)",
+                       ["cluster"]),
         }
 
     def describe(self) -> Iterable[Metric]:
@@ -101,6 +107,11 @@ class TopologyCollector:
                 fam["backends"].add_metric([c, name], max(0, cluster.connections.get(name, 0)))
             for ep in cluster.config.endpoints:
                 fam["members"].add_metric([c, ep.name], len(members(ep, topo)))
+            authority = cluster.patroni
+            if authority is not None:
+                if authority.view.revision is not None:
+                    fam["revision"].add_metric([c, authority.source or "etcd"], authority.view.revision)
+                fam["stale"].add_metric([c], 1 if authority.stale else 0)
         return list(fam.values())
 
 

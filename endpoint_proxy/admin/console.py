@@ -207,8 +207,14 @@ def _topology(state: ConsoleState) -> list[dict[str, Any]]:
 
 
 def show_clusters(state: ConsoleState) -> Result:
-    return _show(("name", "protocol", "status", "writer", "instances", "endpoints"),
-                 ((c["name"], c["protocol"], c["status"], c["writer"], len(c["instances"]), len(c["endpoints"]))
+    def authority(c: dict[str, Any], key: str) -> Value:
+        value: Value = c["authority"][key] if c.get("authority") else None
+        return value
+
+    return _show(("name", "protocol", "status", "writer", "instances", "endpoints", "authority", "authority_status",
+                  "leader", "revision"),
+                 ((c["name"], c["protocol"], c["status"], c["writer"], len(c["instances"]), len(c["endpoints"]),
+                   authority(c, "source"), authority(c, "status"), authority(c, "leader"), authority(c, "revision"))
                   for c in _topology(state)))
 
 

@@ -44,6 +44,7 @@ from ..protocol.pg.auth import parse_scram_verifier, scram_keys_from_password
 from ..routing.endpoints import members
 from ..server.cluster import ClusterRuntime
 from ..server.metrics import ProxyMetrics
+from ..server.patroni import PatroniAuthority
 from . import drills
 from .page import STATUS_PAGE
 
@@ -270,9 +271,12 @@ def topology_document(source: AdminSource, now: float) -> dict[str, Any]:
         topo = cluster.topology
         lost_at = cluster.metrics.writer_lost_at
         instances = []
+        authority = cluster.patroni
         for inst in cfg.instances:
-            st = topo.instances[inst.name]
-            instances.append({
+            st = topo.instances.get(inst.name)
+            if st is None:
+                continue  # a member that just arrived (or left) between two steps
+            doc_inst: dict[str, Any] = {
                 "name": inst.name,
                 "address": str(inst.address),
                 "role": topo.role(inst.name).value,
@@ -286,7 +290,10 @@ def topology_document(source: AdminSource, now: float) -> dict[str, Any]:
                 "last_probe_age_ms": None if st.last_probe_at is None else round((now - st.last_probe_at) * 1000),
                 "connections": max(0, cluster.connections.get(inst.name, 0)),
                 "weight": inst.weight,
-            })
+            }
+            if authority is not None:
+                doc_inst["patroni"] = _patroni_member(authority, inst.name)
+            instances.append(doc_inst)
         endpoints = []
         for ep in cfg.endpoints:
             listen = source.bound.get(f"{cfg.name}/{ep.name}", ep.listen)
@@ -305,6 +312,8 @@ def topology_document(source: AdminSource, now: float) -> dict[str, Any]:
             "status": cluster_status(cluster, now),
             "writer": topo.writer,
             "writer_lost_ms": None if lost_at is None else round((now - lost_at) * 1000),
+            "writer_changed_at": None if cluster.writer_changed_at is None else round(cluster.writer_changed_at, 3),
+            "authority": None if authority is None else authority.to_json(),
             "max_replica_lag_ms": cfg.max_replica_lag_ms,
             "instances": instances,
             "endpoints": endpoints,
@@ -314,6 +323,16 @@ def topology_document(source: AdminSource, now: float) -> dict[str, Any]:
             "faults": [f.to_json(now) for f in cluster.drills.active_faults()],
         })
     return {"clusters": clusters}
+
+
+def _patroni_member(authority: PatroniAuthority, name: str) -> dict[str, Any] | None:
+    """What Patroni's store says of a member (null when it does not list it)."""
+    member = authority.view.members.get(name)
+    if member is None:
+        return None
+    return {"role": member.role, "state": member.state, "timeline": member.timeline,
+            "lag_bytes": authority.view.lag_bytes(name), "noloadbalance": member.noloadbalance,
+            "nofailover": member.nofailover, "api_url": member.api_url}
 
 
 def history_document(source: AdminSource) -> dict[str, Any]:
@@ -338,6 +357,12 @@ def _json_body(request: Request) -> dict[str, Any]:
 def readiness(source: AdminSource) -> tuple[bool, list[str]]:
     missing = [name for name, c in source.clusters.items() if c.topology.writer is None]
     return not missing, missing
+
+
+def authority_status(source: AdminSource) -> dict[str, str]:
+    """Per cluster with an HA authority: ``fresh``, ``stale`` (its store does not answer: the
+    writer is kept, none is elected) or ``unknown`` (it never answered)."""
+    return {name: c.patroni.status for name, c in source.clusters.items() if c.patroni is not None}
 
 
 # --- access -----------------------------------------------------------------------------------
@@ -583,9 +608,11 @@ class AdminServer:
 
     async def _readyz(self, request: Request) -> Response:
         ready, missing = readiness(self.source)
+        authority = authority_status(self.source)
+        extra: dict[str, Any] = {"authority": authority} if authority else {}
         if ready:
-            return json_response(200, {"ready": True})
-        return json_response(503, {"ready": False, "clusters_without_writer": missing})
+            return json_response(200, {"ready": True, **extra})
+        return json_response(503, {"ready": False, "clusters_without_writer": missing, **extra})
 
     async def _topology(self, request: Request) -> Response:
         return json_response(200, topology_document(self.source, trio.current_time()))

@@ -30,8 +30,8 @@ def members(endpoint: EndpointConfig, topology: ClusterTopology) -> list[str]:
     if kind == "instance":
         name = endpoint.instance
         assert name is not None
-        st = topology.instances[name]
-        return [name] if st.up and not st.fenced else []
+        st = topology.instances.get(name)  # None: a Patroni member not (yet, or any more) known
+        return [name] if st is not None and st.up and not st.fenced else []
     # custom
     candidates = [n for n in topology.instance_names
                   if (endpoint.members is None or n in endpoint.members)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import secrets
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from ..config import (
     STORED_SCRAM,
     ClusterConfig,
     EndpointConfig,
+    InstanceConfig,
     StoredPassword,
     UserConfig,
     parse_stored_password,
@@ -41,15 +44,17 @@ from ..protocol.pg.auth import (
 from ..routing.endpoints import Route, route
 from ..routing.pg_classify import FunctionPolicy
 from ..topology.pg_probe import PG_PROBE_SQL, VOLATILE_FUNCTIONS_SQL, parse_function_names, parse_probe_row
-from ..topology.state import ClusterTopology, Health, ProbeResult, TopologyEvent
+from ..topology.state import AuthorityConstraint, ClusterTopology, Health, ProbeResult, TopologyEvent
 from ..topology.verdict import Verdict, verdict_of
 from .backend_security import BackendSecurity, make_backend_security
 from .drills import ClusterDrills
 from .metrics import ClusterMetrics, ProxyMetrics
 from .mysql.backend import MyBackendError, MyProbeConnection
 from .mysql.probe import probe_mariadb
+from .patroni import PatroniAuthority, PatroniPromotion
 from .pg.backend import BackendError, ProbeConnection
 from .pools import PoolRegistry
+from .promotion import Promotion, make_promotion
 from .state_file import StateFile
 
 log = structlog.get_logger("endpoint_proxy.cluster")
@@ -83,6 +88,10 @@ VERDICT_MARGIN_S: Final = 0.5
 # answer, and once it has answered every probe has the normal timeout, so no failure is
 # detected later for it.
 FIRST_PROBE_TIMEOUT_S: Final = 5.0
+# When the HA authority names a new leader, the proxy probes it this often until it accepts
+# writes (the leader key moves ~0.1 s before the server does), for at most CONFIRM_LEADER_S.
+CONFIRM_POLL_S: Final = 0.005
+CONFIRM_LEADER_S: Final = 60.0
 # Errors a probe expects from a server that is down or broken; anything else is logged with
 # its traceback too (once per new error), as it may be a bug of ours.
 _EXPECTED_PROBE_ERRORS: Final = (OSError, BackendError, MyBackendError, ProtocolError, ValueError)
@@ -103,6 +112,7 @@ class ClusterRuntime:
     def __init__(self, config: ClusterConfig, metrics: ClusterMetrics | None = None, *,
                  state: StateFile | None = None) -> None:
         self.config = config
+        self.configured = config  # as configured; ``config`` has Patroni's members as its instances
         self.metrics = metrics if metrics is not None else ProxyMetrics().cluster(config.name)
         self.topology = ClusterTopology(tuple(i.name for i in config.instances),
                                         max_replica_lag_ms=config.max_replica_lag_ms)
@@ -139,6 +149,15 @@ class ClusterRuntime:
         self.drills = ClusterDrills(self)
         # Pools of server connections for transaction-mode endpoints (server/pools.py).
         self.pools = PoolRegistry(self)
+        self.drills.make_promotion = self._make_promotion
+        # Patroni as the HA authority ([clusters.patroni]): the members and the leader key.
+        self.patroni: PatroniAuthority | None = None
+        self._patroni_scope: trio.CancelScope | None = None
+        self._confirming: str | None = None  # the leader a fast confirmation loop probes now
+        self.writer_changed_at: float | None = None  # wall clock of the last writer change
+        if config.patroni is not None:
+            self.patroni = self._new_authority(config)
+            self.topology.set_authority(AuthorityConstraint(None, "patroni"))
         # Per instance, the session backends open on it: what to call when a fault starts there
         # (a session wraps the connection in the fault's toxics, or sees it reset).
         self.live_backends: dict[str, dict[int, Any]] = {}  # instance -> {id(backend): its BackendSet}
@@ -561,6 +580,8 @@ class ClusterRuntime:
     def _apply(self, events: list[TopologyEvent]) -> None:
         for ev in events:
             log.info(ev.kind, cluster=self.config.name, instance=ev.instance, detail=ev.detail)
+            if ev.kind == "writer_changed":
+                self.writer_changed_at = time.time()
         if events:
             self.metrics.topology_changed(events, trio.current_time())
             self.drills.note_topology(events)
@@ -680,29 +701,13 @@ class ClusterRuntime:
         """Live reload: take a changed configuration of this cluster. Instances added start
         being monitored; removed ones (or ones whose address changed) leave the topology, so
         their sessions move at their next statement; changed passwords take effect for new
-        logins. Returns a description of what changed, for the log."""
+        logins. With [clusters.patroni] the instances stay Patroni's members (configured ones
+        only override a member's address or weight). Returns a description of what changed,
+        for the log."""
         old = self.config
-        changes: list[str] = []
-        old_addr = {i.name: (i.host, i.port) for i in old.instances}
-        new_addr = {i.name: (i.host, i.port) for i in new.instances}
-        gone = [n for n in old_addr if new_addr.get(n) != old_addr[n]]
-        added = [n for n in new_addr if old_addr.get(n) != new_addr[n]]
-        self.config = new
-        for name in gone:
-            scope = self._monitor_scopes.pop(name, None)
-            if scope is not None:
-                scope.cancel()
-            self._probe_now.pop(name, None)
-            changes.append(f"instance {name} removed" if name not in new_addr else f"instance {name} moved")
-        self.topology.set_instances(tuple(i.name for i in new.instances))
-        self.topology.max_replica_lag_ms = new.max_replica_lag_ms
-        for name in added:
-            self._probe_now[name] = trio.Event()
-            if self._nursery is not None:
-                self._nursery.start_soon(self.monitor_instance, name)
-            if name not in gone:
-                changes.append(f"instance {name} added")
-        self.weights = {i.name: i.weight for i in new.instances}
+        changes = self._reconfigure_authority(new)
+        self.configured = new
+        changes += self._set_instances(self._effective(new))
         old_users = {u.name: u for u in old.users}
         for user in new.users:
             if old_users.get(user.name) != user:
@@ -719,6 +724,119 @@ class ClusterRuntime:
         self._wake()
         return changes
 
+    def _set_instances(self, new: ClusterConfig) -> list[str]:
+        """Make ``new`` (with its instances) the running configuration: monitors start for
+        instances added, stop for those removed or moved."""
+        old = self.config
+        changes: list[str] = []
+        old_addr = {i.name: (i.host, i.port) for i in old.instances}
+        new_addr = {i.name: (i.host, i.port) for i in new.instances}
+        gone = [n for n in old_addr if new_addr.get(n) != old_addr[n]]
+        added = [n for n in new_addr if old_addr.get(n) != new_addr[n]]
+        self.config = new
+        for name in gone:
+            scope = self._monitor_scopes.pop(name, None)
+            if scope is not None:
+                scope.cancel()
+            self._probe_now.pop(name, None)
+            changes.append(f"instance {name} removed" if name not in new_addr else f"instance {name} moved")
+        self._apply(self.topology.set_instances(tuple(i.name for i in new.instances)))
+        self.topology.max_replica_lag_ms = new.max_replica_lag_ms
+        for name in added:
+            self._probe_now[name] = trio.Event()
+            if self._nursery is not None:
+                self._nursery.start_soon(self.monitor_instance, name)
+            if name not in gone:
+                changes.append(f"instance {name} added")
+        self.weights = {i.name: i.weight for i in new.instances}
+        return changes
+
+    # --- Patroni as the HA authority ------------------------------------------------------------
+
+    def _new_authority(self, config: ClusterConfig) -> PatroniAuthority:
+        assert config.patroni is not None
+        return PatroniAuthority(config.name, config.patroni, interval_s=config.health_check_interval_ms / 1000,
+                                on_change=self._authority_changed)
+
+    def _effective(self, configured: ClusterConfig) -> ClusterConfig:
+        """The configuration with the instances the cluster has now: Patroni's members (by
+        name, in name order; a configured instance of the same name gives its address and
+        weight) once the store has answered, else the configured ones."""
+        if configured.patroni is None or self.patroni is None or not self.patroni.known:
+            return configured
+        overrides = {i.name: i for i in configured.instances}
+        members = self.patroni.view.members
+        instances = tuple(overrides.get(name) or InstanceConfig(name, members[name].host, members[name].port)
+                          for name in sorted(members))
+        return dataclasses.replace(configured, instances=instances)
+
+    def _reconfigure_authority(self, new: ClusterConfig) -> list[str]:
+        if new.patroni == self.configured.patroni:
+            return []
+        if self._patroni_scope is not None:
+            self._patroni_scope.cancel()
+            self._patroni_scope = None
+        if new.patroni is None:
+            self.patroni = None
+            self._apply(self.topology.set_authority(None))
+            self.topology.set_no_readers(frozenset())
+            return ["[clusters.patroni] removed: the proxy elects the writer from its probes"]
+        self.patroni = self._new_authority(new)
+        self._apply(self.topology.set_authority(AuthorityConstraint(None, "patroni")))
+        if self._nursery is not None:
+            self._nursery.start_soon(self._run_authority, self.patroni)
+        return ["[clusters.patroni] changed: following the store again"]
+
+    async def _run_authority(self, authority: PatroniAuthority) -> None:
+        with trio.CancelScope() as scope:
+            self._patroni_scope = scope
+            await authority.run()
+
+    def _authority_changed(self) -> None:
+        """The store said something new (or went quiet): follow its members and its leader."""
+        authority = self.patroni
+        if authority is None:
+            return
+        view = authority.view
+        effective = self._effective(self.configured)
+        if effective.instances != self.config.instances:
+            for change in self._set_instances(effective):
+                log.info("membership_changed", cluster=self.config.name, change=change)
+        self.topology.set_no_readers(frozenset(n for n, m in view.members.items() if m.noloadbalance))
+        constraint = AuthorityConstraint(view.leader, "patroni")
+        if constraint != self.topology.authority:
+            self._apply(self.topology.set_authority(constraint))
+        if view.leader is not None and self.topology.writer != view.leader:
+            self._confirm_leader(view.leader)
+        self._wake()
+
+    def _confirm_leader(self, leader: str) -> None:
+        """Probe the named leader every CONFIRM_POLL_S until it accepts writes: held
+        statements go to it as soon as it does, not at the next check interval."""
+        if self._confirming == leader or self._nursery is None:
+            return
+        self._confirming = leader
+        self._nursery.start_soon(self._confirm_loop, leader)
+
+    async def _confirm_loop(self, leader: str) -> None:
+        try:
+            with trio.move_on_after(CONFIRM_LEADER_S):
+                while True:
+                    authority = self.topology.authority
+                    if authority is None or authority.leader != leader or self.topology.writer == leader:
+                        return
+                    self.request_probe(leader)
+                    await trio.sleep(CONFIRM_POLL_S)
+        finally:
+            if self._confirming == leader:
+                self._confirming = None
+
+    def _make_promotion(self, config: ClusterConfig, old: str, new: str) -> Promotion:
+        if config.promotion.method == "patroni":
+            urls = self.patroni.api_urls(first=old) if self.patroni is not None else []
+            return PatroniPromotion(config, old, new, urls)
+        return make_promotion(config, old, new)
+
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Probe every instance once, then keep monitoring; reports started after the first round."""
         async with trio.open_nursery() as nursery:
@@ -728,9 +846,13 @@ class ClusterRuntime:
                 nursery.start_soon(self.monitor_instance, inst.name)
             nursery.start_soon(self.drills.run)
             nursery.start_soon(self.pools.run)
-            # Wait (bounded) until every instance has an answer, so the first clients route well.
+            if self.patroni is not None:
+                nursery.start_soon(self._run_authority, self.patroni)
+            # Wait (bounded) until the authority (if any) and every instance has an answer, so
+            # the first clients route well.
             with trio.move_on_after(max(2.0, 8 * self.config.health_check_interval_ms / 1000)):
-                while any(st.last_probe_at is None for st in self.topology.instances.values()):
+                while (self.patroni is not None and not self.patroni.known) or any(
+                        st.last_probe_at is None for st in self.topology.instances.values()):
                     await first[0].wait()
                     first[0] = self._changed
             task_status.started()

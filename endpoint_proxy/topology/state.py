@@ -11,6 +11,12 @@ be writable below it is fenced even when the instance that reached it is down or
 an old primary that comes back writable while the new one is away is never the writer.
 The mark only rises; the I/O layer may seed it from what an earlier run saw (``remember``).
 
+An HA authority (Patroni's leader key) overrides the proxy's own choice: with ``set_authority``
+only the member it names may be the writer, and only once a probe shows that member writable
+(the key moves before the server does); every other writable instance is fenced, whatever its
+timeline, and with no member named there is no writer. The authority is the fencing token
+then: the timeline mark is still kept but no longer vetoes the named leader.
+
 Only probes change health and roles: what a session sees (a broken connection, a
 terminated backend) is a reason to probe, never a verdict.
 """
@@ -88,6 +94,15 @@ class TopologyEvent:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class AuthorityConstraint:
+    """What an HA authority allows: ``leader`` is the only instance that may be the writer
+    (None: none may, for now: the leader key is gone and no successor holds it yet)."""
+
+    leader: str | None
+    source: str = "authority"
+
+
 @dataclass
 class ClusterTopology:
     instance_names: tuple[str, ...]
@@ -103,6 +118,10 @@ class ClusterTopology:
     _writer_lsn_history: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=1024))
     # Fencing's memory: no instance below this timeline is ever the writer (module docstring).
     high_water: HighWater | None = None
+    # An HA authority's constraint on the election (None: the proxy elects on its own).
+    authority: AuthorityConstraint | None = None
+    # Instances kept out of reader endpoints whatever their state (Patroni's noloadbalance tag).
+    no_readers: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         for name in self.instance_names:
@@ -132,7 +151,7 @@ class ClusterTopology:
         return [n for n in self.instance_names if self._eligible_reader(self.instances[n])]
 
     def _eligible_reader(self, st: InstanceStatus) -> bool:
-        if not (st.up and st.in_recovery and not st.fenced):
+        if not (st.up and st.in_recovery and not st.fenced) or st.name in self.no_readers:
             return False
         limit = self.max_replica_lag_ms
         return limit is None or st.lag_ms is None or st.lag_ms <= limit
@@ -209,6 +228,20 @@ class ClusterTopology:
         self._bump_if_changed(before)
         return events
 
+    def set_authority(self, constraint: AuthorityConstraint | None) -> list[TopologyEvent]:
+        """The HA authority's constraint changed (None: no authority any more): elect again."""
+        before = self._routing_view()
+        self.authority = constraint
+        events = self._elect()
+        self._bump_if_changed(before)
+        return events
+
+    def set_no_readers(self, names: frozenset[str]) -> None:
+        """Instances that must stay out of reader endpoints (sessions there move)."""
+        before = self._routing_view()
+        self.no_readers = names
+        self._bump_if_changed(before)
+
     def _bump_if_changed(self, before: tuple[object, ...]) -> None:
         if self._routing_view() != before:
             self.generation += 1
@@ -261,11 +294,18 @@ class ClusterTopology:
     def _elect(self) -> list[TopologyEvent]:
         claimants = [self.instances[n] for n in self.instance_names
                      if self.instances[n].up and self.instances[n].in_recovery is False]
-        events = self._raise_high_water(claimants)
-        floor = self.high_water.timeline if self.high_water is not None else 0
-        # Claimants at the high-water mark may be the writer; on a tie keep the current one.
-        eligible = [st for st in claimants if (st.timeline or 0) >= floor]
-        best = max(eligible, key=lambda st: st.name == self._writer, default=None)
+        best: InstanceStatus | None
+        if self.authority is not None:
+            # The authority names the writer; a probe must still show it writable.
+            leader = self.authority.leader
+            best = next((st for st in claimants if st.name == leader), None)
+            events = self._raise_high_water([best] if best is not None else [])
+        else:
+            events = self._raise_high_water(claimants)
+            floor = self.high_water.timeline if self.high_water is not None else 0
+            # Claimants at the high-water mark may be the writer; on a tie keep the current one.
+            eligible = [st for st in claimants if (st.timeline or 0) >= floor]
+            best = max(eligible, key=lambda st: st.name == self._writer, default=None)
         for st in claimants:
             fenced = st is not best
             if fenced and not st.fenced:
@@ -294,6 +334,10 @@ class ClusterTopology:
                               f"timeline {top.timeline} (was {old.timeline} on {old.instance})")]
 
     def _fence_reason(self, st: InstanceStatus, best: InstanceStatus | None) -> str:
+        if self.authority is not None:
+            leader = self.authority.leader
+            return (f"claims to be writable; {self.authority.source} names "
+                    + (f"{leader} the leader" if leader is not None else "no leader"))
         mark = self.high_water
         if mark is not None and (st.timeline or 0) < mark.timeline:
             return (f"claims to be writable on timeline {st.timeline}; "

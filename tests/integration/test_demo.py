@@ -80,3 +80,42 @@ def test_demo_prints_working_psql_commands_and_cleans_up() -> None:
     assert "stopping the cluster" in "".join(lines)
     for d in tmp_dirs:
         assert not Path(d).exists()
+
+
+def _psql(command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    words = shlex.split(command)
+    env = dict(os.environ)
+    while "=" in words[0]:
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    return subprocess.run([*words, "-At"], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_demo_patroni_follows_the_leader_key_and_switches_over_through_patroni() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "endpoint_proxy", "demo", "--patroni"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    tmp_dirs: list[str] = []
+    try:
+        wait_until(lambda: any("Status page" in ln for ln in lines), 120, "the Patroni demo to be ready")
+        tmp_dirs = re.findall(r"Cluster files: (\S+)", "".join(lines))
+        commands = {m.group(1): m.group(2) for ln in lines
+                    if (m := re.match(r"\s+(writer|switchover)\s+(.*psql.*)$", ln))}
+        out = _psql(commands["writer"])
+        assert out.returncode == 0 and out.stdout.strip().endswith("|f"), out.stderr
+        out = _psql(commands["switchover"])
+        assert out.returncode == 0 and "|completed|" in out.stdout, out.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+        t.join(5)
+    assert code == 0, "".join(lines)
+    assert tmp_dirs and not Path(tmp_dirs[0]).exists()

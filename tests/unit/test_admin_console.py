@@ -293,7 +293,8 @@ async def test_a_client_that_leaves_during_login_is_just_gone(nursery: trio.Nurs
 async def test_show_clusters(console: Console) -> None:
     assert table(await console.client.query("SHOW CLUSTERS")) == [{
         "name": "app", "protocol": "postgresql", "status": "no-writer", "writer": None,
-        "instances": "3", "endpoints": "3"}]
+        "instances": "3", "endpoints": "3", "authority": None, "authority_status": None, "leader": None,
+        "revision": None}]
     console.state.probe("a", in_recovery=False)
     (c,) = table(await console.client.query("show clusters;"))
     assert (c["status"], c["writer"]) == ("available", "a")

@@ -138,3 +138,26 @@ def test_dockerfile() -> None:
     assert f"http://127.0.0.1:{admin_port()}/healthz" in text and "urllib.request" in text
     assert 'ENTRYPOINT ["endpoint-proxy", "run", "--config", "/etc/endpoint-proxy/config.toml"]' in lines
     assert (DEPLOY / "endpoint-proxy.service").is_file()
+
+
+def test_two_proxies_behind_haproxy_example() -> None:
+    """deploy/patroni: both proxy configs pass `check`, name each other as peers with their own
+    ids, and the HAProxy example checks each proxy's /readyz on its admin port."""
+    base = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    docs = []
+    for n in (1, 2):
+        path = DEPLOY / "patroni" / f"proxy-{n}.toml"
+        out = subprocess.run([sys.executable, "-m", "endpoint_proxy", "check", "--config", str(path)],
+                             capture_output=True, text=True, timeout=60, cwd=REPO,
+                             env={**base, **{k: "example" for k in SECRET_ENV}})
+        assert out.returncode == 0, out.stderr
+        with open(path, "rb") as f:
+            docs.append(tomllib.load(f))
+    assert [d["server"]["peer_id"] for d in docs] == [1, 2]
+    assert docs[0]["peers"] == docs[1]["peers"]
+    peers = {p["id"]: p["address"] for p in docs[0]["peers"]}
+    haproxy = (DEPLOY / "patroni" / "haproxy.cfg").read_text()
+    admin = docs[0]["admin"]["listen"].rsplit(":", 1)[1]
+    assert "option httpchk GET /readyz" in haproxy
+    for address in peers.values():
+        assert f"{address} check port {admin}" in haproxy

@@ -31,22 +31,33 @@ class CancelTarget:
     secret_key: int
 
 
+# With [[peers]], the low bits of a secret name the proxy that issued it (ids 0..255).
+PEER_BITS: Final = 8
+
+
 class CancelRegistry:
     """Maps the (pid, secret) pairs the proxy handed to clients to the backends they name.
 
-    The secret's low bits carry the worker index, so a cancel that lands on another worker
-    process can be forwarded to the worker that owns the session.
+    The secret's low bits say where its session lives, so that any proxy process can route a
+    cancel: with ``peer_id`` set (``[[peers]]``) the lowest PEER_BITS carry this proxy's id, so
+    a cancel that reaches another proxy behind the same load balancer is forwarded here; the
+    next ``worker_bits`` carry the worker index, so one that lands on another worker process is
+    forwarded to the worker that owns the session. The rest is random.
     """
 
-    def __init__(self, worker_index: int = 0, worker_bits: int = 6) -> None:
+    def __init__(self, worker_index: int = 0, worker_bits: int = 6, peer_id: int | None = None) -> None:
         self.worker_index = worker_index
         self.worker_bits = worker_bits
+        self.peer_id = peer_id
+        self.peer_bits = PEER_BITS if peer_id is not None else 0
         # None: the key is the session's, but it has no server connection now (transaction pooling).
         self._targets: dict[tuple[int, int], CancelTarget | None] = {}
 
     def issue(self, process_id: int, target: CancelTarget | None) -> int:
+        low_bits = self.peer_bits + self.worker_bits
+        low = (self.worker_index << self.peer_bits) | (self.peer_id or 0)
         while True:
-            secret = (secrets.randbits(32 - self.worker_bits) << self.worker_bits) | self.worker_index
+            secret = (secrets.randbits(32 - low_bits) << low_bits) | low
             if (process_id, secret) not in self._targets:
                 self._targets[(process_id, secret)] = target
                 return secret
@@ -63,7 +74,12 @@ class CancelRegistry:
         return self._targets.get((process_id, secret))
 
     def owner_of(self, secret: int) -> int:
-        return secret & ((1 << self.worker_bits) - 1)
+        """The worker index a secret of this proxy names."""
+        return (secret >> self.peer_bits) & ((1 << self.worker_bits) - 1)
+
+    def peer_of(self, secret: int) -> int | None:
+        """The proxy id a secret names (None without peering)."""
+        return secret & ((1 << PEER_BITS) - 1) if self.peer_id is not None else None
 
 
 class SessionContext:
