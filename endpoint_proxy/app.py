@@ -180,10 +180,10 @@ class Proxy:
         self.metrics.registry.register(FaultsCollector(lambda: self.clusters.values()))
         # Called by POST /reload on the admin server; None answers 404 there.
         self.reload_hook: Callable[[], Awaitable[object]] | None = self.reload_from_file if config_path else None
-        # Cancel keys carry this proxy's peer id ([[peers]]) and the worker index, in as few
-        # bits as the deployment needs: the rest of the 32 are random.
-        self.cancels = CancelRegistry(worker_index, worker_bits=max(0, (workers - 1).bit_length()),
-                                      peer_id=config.server.peer_id)
+        # Cancel keys are 32 random bits, but for this proxy's peer id with [[peers]] (8 bits); a
+        # cancel a worker does not know is asked of the other workers.
+        self.cancels = CancelRegistry(worker_index, worker_bits=0, peer_id=config.server.peer_id)
+        self.cancel_limiter = CancelLimiter()
         self.bound: dict[str, Address] = {}  # endpoint name -> actual listening address
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
@@ -664,28 +664,56 @@ class Proxy:
 
     # --- cancels ------------------------------------------------------------------------------
 
-    async def handle_cancel(self, request: CancelRequest) -> None:
-        """A CancelRequest arrived: deliver it to the backend it names, wherever its session
-        is; return once the server has taken it (or after a bounded wait)."""
-        await self._deliver_cancel(request)
+    async def handle_cancel(self, request: CancelRequest, source: str | None = None) -> bool:
+        """A CancelRequest arrived from ``source`` (an IP address): deliver it to the backend it
+        names, wherever its session is; return once the server has taken it (or after a bounded
+        wait). False when no session of this proxy has that key (the caller counts it). Past
+        CancelLimiter's limit of unknown keys, a source's cancels are dropped for a while: a
+        32-bit key cannot be guessed at that rate."""
+        now = trio.current_time()
+        peer_source = source is not None and any(p.address.host == source for p in self.config.peers)
+        if source is not None and not peer_source and self.cancel_limiter.blocked(source, now):
+            return False
+        found = await self._deliver_cancel(request)
+        if not found and source is not None and not peer_source:
+            self.cancel_limiter.unknown(source, now)
+        return found
 
-    async def _deliver_cancel(self, request: CancelRequest) -> None:
+    async def _deliver_cancel(self, request: CancelRequest, *, forwarded: bool = False) -> bool:
         peer = self.cancels.peer_of(request.secret_key)
-        if peer is not None and peer != self.cancels.peer_id:
+        if peer is not None and peer != self.cancels.peer_id and not forwarded:
             await self._forward_to_peer(peer, request)
-            return
-        owner = self.cancels.owner_of(request.secret_key)
+            return True  # that proxy decides
+        found = False
         try:
             with trio.move_on_after(5):
-                if owner != self.worker_index and self.workers > 1 and self.runtime_dir:
-                    await self._forward_cancel(owner, request)
-                    return
                 target = self.cancels.lookup(request.process_id, request.secret_key)
-                if target is None:
-                    return  # like PostgreSQL: an unknown key is ignored silently
-                await send_cancel(target.address, target.process_id, target.secret_key)
+                if target is not None:
+                    found = True
+                    await send_cancel(target.address, target.process_id, target.secret_key)
+                elif self.cancels.known(request.process_id, request.secret_key):
+                    found = True  # the session has no server connection now: nothing runs to cancel
+                elif not forwarded and self.workers > 1 and self.runtime_dir:
+                    found = await self._ask_workers(request)
         except OSError as e:
             log.info("cancel_failed", error=str(e))
+        return found
+
+    async def _ask_workers(self, request: CancelRequest) -> bool:
+        """Hand a cancel this worker does not know to the others; True if one of them had it."""
+        answers: list[bool] = []
+
+        async def ask(worker: int) -> None:
+            try:
+                answers.append(await self._forward_cancel(worker, request))
+            except OSError:
+                pass  # that worker is gone
+
+        async with trio.open_nursery() as nursery:
+            for worker in range(self.workers):
+                if worker != self.worker_index:
+                    nursery.start_soon(ask, worker)
+        return any(answers)
 
     async def _forward_to_peer(self, peer: int, request: CancelRequest) -> None:
         """A cancel for a session of another proxy ([[peers]]): send it there as a client would
@@ -709,12 +737,13 @@ class Proxy:
         assert self.runtime_dir is not None
         return os.path.join(self.runtime_dir, f"cancel-{worker}.sock")
 
-    async def _forward_cancel(self, worker: int, request: CancelRequest) -> None:
+    async def _forward_cancel(self, worker: int, request: CancelRequest) -> bool:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with sock:
             await sock.connect(self._cancel_socket_path(worker))
             await sock.send(encode_cancel_request(request.process_id, request.secret_key))
-            await sock.recv(1)  # the owner closes once the server has taken the cancel
+            # The worker answers once the server has taken the cancel: 1 if the key was its.
+            return await sock.recv(1) == b"1"
 
     async def _serve_cancel_forwarding(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         path = self._cancel_socket_path(self.worker_index)
@@ -748,11 +777,42 @@ class Proxy:
                     got += n
                 packet = parse_startup_packet(bytes(buf[4:16]))
                 if isinstance(packet, CancelRequest):
-                    await self._deliver_cancel(packet)
+                    found = await self._deliver_cancel(packet, forwarded=True)
+                    await conn.send_all(b"1" if found else b"0")
         except Exception as e:  # a forwarded cancel is best effort
             log.info("cancel_failed", error=str(e))
         finally:
             await conn.aclose()
+
+
+class CancelLimiter:
+    """Unknown cancel keys per source address: past ``limit`` within ``window_s``, that source's
+    cancels are dropped until the window has passed (the clock is trio's, given by the caller)."""
+
+    def __init__(self, limit: int = 20, window_s: float = 60.0, max_sources: int = 10_000) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.max_sources = max_sources
+        self._seen: dict[str, list[float]] = {}
+
+    def _recent(self, source: str, now: float) -> list[float]:
+        times = [t for t in self._seen.get(source, ()) if now - t < self.window_s]
+        if times:
+            self._seen[source] = times
+        else:
+            self._seen.pop(source, None)
+        return times
+
+    def blocked(self, source: str, now: float) -> bool:
+        return len(self._recent(source, now)) >= self.limit
+
+    def unknown(self, source: str, now: float) -> None:
+        if source not in self._seen and len(self._seen) >= self.max_sources:
+            for old in list(self._seen)[: len(self._seen) // 2]:
+                self._recent(old, now)  # forget what has aged out, so the table stays bounded
+            if len(self._seen) >= self.max_sources:
+                self._seen.pop(next(iter(self._seen)))
+        self._seen.setdefault(source, []).append(now)
 
 
 class _Channel:

@@ -36,6 +36,8 @@ ERROR_KINDS = {
     "statement_lost": "a statement's server died while it ran outside a transaction (outcome unknown)",
     "session_fatal": "a session ended with a FATAL error other than authentication",
     "session_crashed": "a session ended on an unexpected internal error (logged with its traceback)",
+    "cancel_unknown": "a CancelRequest named no session of this proxy (past 20 a minute from one address, that "
+                      "address's cancels are dropped for the rest of the minute)",
 }
 
 FAILOVER_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)

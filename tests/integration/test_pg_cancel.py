@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from endpoint_proxy.localcluster.postgresql import PostgresCluster
 from endpoint_proxy.protocol.pg import messages as m
 from endpoint_proxy.protocol.pg.startup import encode_cancel_request
 from tests.fixtures.pgwire import md5_session, read_until_ready
-from tests.fixtures.proxy import ProxyProcess, pg_proxy_config, wait_until
+from tests.fixtures.proxy import ProxyProcess, free_port, pg_proxy_config, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -72,3 +73,27 @@ def test_a_cancel_forwarded_to_another_worker_too(pg_cluster: PostgresCluster, t
     # on the worker that does not hold the session (each does with probability 1/2).
     for _ in range(4):
         _cancel_waits_for_the_server(pg_cluster, two_workers)
+
+
+def test_unknown_keys_are_counted_and_a_guessing_source_is_stopped(pg_cluster: PostgresCluster,
+                                                                   tmp_path: Path) -> None:
+    doc = pg_proxy_config(pg_cluster)
+    doc.pop("tls", None)
+    doc["admin"] = {"listen": f"127.0.0.1:{free_port()}"}
+    doc["clusters"][0]["endpoints"] = [e for e in doc["clusters"][0]["endpoints"] if e["name"] == "writer"]
+    with ProxyProcess(doc, tmp_path) as proxy:
+        for guess in range(20):
+            with socket.create_connection(("127.0.0.1", proxy.port("writer")), timeout=10) as c:
+                c.sendall(encode_cancel_request(4242, guess))
+                assert c.recv(1) == b""
+        with urllib.request.urlopen(f"http://{doc['admin']['listen']}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        assert 'endpoint_proxy_errors_total{cluster="pg",kind="cancel_unknown"} 20.0' in text
+        # Past the limit even a right key from that address is dropped: the statement runs out.
+        s, key = md5_session(proxy)
+        with s:
+            s.sendall(m.Query("select pg_sleep(1)").encode())
+            with socket.create_connection(("127.0.0.1", proxy.port("writer")), timeout=10) as c:
+                c.sendall(encode_cancel_request(key.process_id, key.secret_key))
+                assert c.recv(1) == b""
+            assert not [x for x in read_until_ready(s) if isinstance(x, m.ErrorResponse)]

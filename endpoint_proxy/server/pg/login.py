@@ -97,7 +97,8 @@ async def login(ctx: SessionContext, holder: HasClient, logger: FilteringBoundLo
             # Like PostgreSQL, close the connection only once the cancel is delivered: a client
             # waits for that before its next statement, which the cancel must miss.
             if ctx.cancel_handler is not None:
-                await ctx.cancel_handler(packet)
+                if not await ctx.cancel_handler(packet, _source_address(client)):
+                    ctx.cluster.metrics.error("cancel_unknown")
             return Login(client)
         assert isinstance(packet, StartupMessage)
         if ctx.endpoint.tls == "required" and not client.is_tls:
@@ -153,3 +154,12 @@ async def _authenticate(ctx: SessionContext, client: Conn, startup: StartupMessa
         if done:
             assert user is not None
             return user, auth
+
+
+def _source_address(client: Conn) -> str | None:
+    """The client's IP address (None when the transport does not say)."""
+    sock = getattr(client, "sock", None)
+    try:
+        return str(sock.getpeername()[0]) if sock is not None else None
+    except (OSError, IndexError, TypeError):
+        return None

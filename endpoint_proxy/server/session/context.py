@@ -55,7 +55,7 @@ class CancelRegistry:
 
     def issue(self, process_id: int, target: CancelTarget | None) -> int:
         low_bits = self.peer_bits + self.worker_bits
-        low = (self.worker_index << self.peer_bits) | (self.peer_id or 0)
+        low = ((self.worker_index & ((1 << self.worker_bits) - 1)) << self.peer_bits) | (self.peer_id or 0)
         while True:
             secret = (secrets.randbits(32 - low_bits) << low_bits) | low
             if (process_id, secret) not in self._targets:
@@ -69,6 +69,10 @@ class CancelRegistry:
         """The session moved to another backend: its client-visible key now cancels there."""
         if (process_id, secret) in self._targets:
             self._targets[(process_id, secret)] = target
+
+    def known(self, process_id: int, secret: int) -> bool:
+        """Whether the key is one of this process's sessions' (with or without a server connection now)."""
+        return (process_id, secret) in self._targets
 
     def lookup(self, process_id: int, secret: int) -> CancelTarget | None:
         return self._targets.get((process_id, secret))
@@ -89,7 +93,7 @@ class SessionContext:
                  tls_context: ssl.SSLContext | None, cancels: CancelRegistry,
                  startup_timeout_s: float, max_startup_bytes: int, max_message_bytes: int,
                  connect_timeout_s: float,
-                 cancel_handler: Callable[[CancelRequest], Awaitable[None]] | None = None,
+                 cancel_handler: Callable[[CancelRequest, str | None], Awaitable[bool]] | None = None,
                  console: ConsoleHandler | None = None, hub: Hub | None = None) -> None:
         self.cluster = cluster
         self.endpoint = endpoint
