@@ -1,0 +1,241 @@
+"""A PostgreSQL session's borrowed connections in transaction mode: login on a pooled connection,
+borrow and give back, statements prepared before use (part of ``PgSession``)."""
+
+from __future__ import annotations
+
+import functools
+import secrets
+import ssl
+
+import trio
+
+from ...protocol.pg import messages as m
+from ...protocol.pg.framing import FrameReader
+from ...sessioncore.actions import WRITER, Attach, AttachError, BackendFacts, PrepareStatements, Release
+from ...sessioncore.pg import PgSessionCore, dialect_of, is_fatal
+from ...sessioncore.pg_pool import PooledMark, StartupError, startup_settings
+from ..pool import Pooled, PoolTimeout
+from ..session import faults
+from ..session.shell import NETWORK_ERRORS
+from .backend import BackendConnection, BackendError, open_backend
+from .backends import NoRoute, PgBackends, Refused, close_pooled
+from .login import Fatal
+
+
+class PgPooling(PgBackends):
+    """Transaction mode (``pool_mode = "transaction"``)."""
+
+    __slots__ = ()
+
+    async def _login_pooled(self, role: str, parameters: dict[str, str]) -> None:
+        """Transaction mode: the client is told what a server connection of the pool says, with
+        its own startup values set; then the connection goes back until the first request."""
+        ctx = self.ctx
+        cluster = ctx.cluster
+        try:
+            startup = startup_settings(parameters)
+        except StartupError as e:
+            raise Fatal("08P01", str(e)) from None
+        readwrite = role == WRITER
+        if readwrite:
+            await cluster.ensure_functions(self.env.database)
+        self._core = self.core = core = PgSessionCore(
+            self.env, BackendFacts("", False), readwrite=readwrite,
+            session_consistency=ctx.endpoint.consistency == "session", max_message_bytes=ctx.max_message_bytes,
+            client_params={}, pooled=True, startup=startup, max_prepared=cluster.config.max_prepared_statements)
+        try:
+            pooled = await self._borrow(role, cluster.config.failover_timeout_ms / 1000)
+        except NoRoute as e:
+            raise Fatal("08006", str(e)) from None
+        except Refused as e:
+            raise Fatal(e.sqlstate, str(e), raw=e.raw) from None
+        except PoolTimeout as e:
+            raise Fatal("53300", str(e)) from None
+        backend = pooled.conn
+        self._pooled = pooled  # from here on, the session's to give back (_close)
+        self.backends.activate(role, backend)
+        try:
+            plan = core.pooled_plan(pooled.mark)  # type: ignore[arg-type]
+            if plan.expected_ready:
+                await self._exchange(backend, plan.batch, plan.expected_ready)
+        except (*NETWORK_ERRORS, BackendError) as e:
+            await self._let_go(False)
+            raise Fatal("08006", f"could not set up the server connection: {e}") from None
+        core.client_params.update(backend.parameters)
+        core.state.dialect = dialect_of(core.client_params)
+        core._attaching = role
+        core.attached_backend(self._facts(backend), mark=pooled.mark,  # type: ignore[arg-type]
+                              conn_params=backend.parameters)
+        # A process id of our own: the client's requests run on whichever connection is free.
+        pid = secrets.randbelow((1 << 31) - 2) + 1
+        secret = ctx.cancels.issue(pid, None)
+        self.cancel_key = (pid, secret)
+        if self.draining:
+            core.drain()
+        core.release_now()
+        hello = (b"".join(m.ParameterStatus(k, v).encode() for k, v in core.client_params.items())
+                 + m.BackendKeyData(pid, secret).encode() + m.ReadyForQuery("I").encode())
+        await self.client.send_all(hello)
+
+    async def _connect(self, name: str) -> BackendConnection:
+        """A new connection of a pool: the user and database only (the client's own settings are
+        SETs, applied by difference)."""
+        ctx = self.ctx
+        cluster = ctx.cluster
+        assert self.user is not None
+        address = cluster.config.instance_named(name).address
+        with trio.fail_after(ctx.connect_timeout_s):
+            backend = await open_backend(name, address, {"database": self.env.database}, user=self.user.name,
+                                         credential=cluster.pg_backend_credential(self.user.name, self._login),
+                                         security=cluster.backend_security)
+        backend.address = address
+        backend.startup_messages = b""
+        faults.with_toxics(cluster, backend)
+        return backend
+
+    async def _borrow(self, role: str, timeout_s: float, exclude: frozenset[str] = frozenset(),
+                      *, held: bool = False) -> Pooled[BackendConnection]:
+        """Route, then borrow from that instance's pool (opening a connection if the pool may).
+        Raises NoRoute, Refused, or PoolTimeout (borrow_timeout_ms)."""
+        ctx = self.ctx
+        cluster = ctx.cluster
+        assert self.user is not None
+        rule = self.env.rule(role)
+        attempts: dict[str, int] = {}
+        stale = 0
+        deadline = trio.current_time() + timeout_s
+        while True:
+            remaining = max(0.0, deadline - trio.current_time())
+            decision = await cluster.wait_for_route(rule, remaining, held=held, exclude=exclude)
+            name = decision.instance
+            if name is None or attempts.get(name, 0) >= 2:
+                raise NoRoute(f"endpoint {ctx.endpoint.name}: {decision.reason or 'no instance is available'}")
+            if faults.refused(cluster, rule, name):
+                exclude = exclude | {name}
+                continue
+            try:
+                pooled: Pooled[BackendConnection] = await cluster.pools.borrow(
+                    name, self.user.name, self.env.database, functools.partial(self._connect, name), close_pooled)
+            except BackendError as e:
+                if e.raw_error is not None:
+                    raise Refused(e.sqlstate, str(e), e.raw_error) from None
+                error = str(e)
+            except (OSError, trio.TooSlowError, ssl.SSLError, trio.BrokenResourceError) as e:
+                error = str(e) or "connect timed out"
+            else:
+                backend = pooled.conn
+                if backend.conn.peer_closed() and stale < 100:
+                    stale += 1  # the server closed it while idle (a restart, a terminate): the next one
+                    await self._forget(pooled)
+                    continue
+                backend.in_recovery = bool(cluster.topology.instances[name].in_recovery)
+                if pooled.mark is None:
+                    pooled.mark = PooledMark()
+                return pooled
+            attempts[name] = attempts.get(name, 0) + 1
+            cluster.backend_failed(name, error)
+            verdict = await cluster.verdict(name)
+            if not verdict.up:
+                exclude = exclude | {name}
+
+
+    async def _let_go(self, reusable: bool) -> None:
+        """The session lets go of its borrowed connection (back to the pool, or closed)."""
+        pooled, self._pooled = self._pooled, None
+        if self.backends.active is not None and pooled is not None and self.backends.active is pooled.conn:
+            self.backends.release_active()
+        if pooled is None:
+            return
+        if reusable:
+            self.ctx.cluster.pools.give_back(pooled)
+        else:
+            await self._forget(pooled)
+
+    async def _release(self, action: Release) -> None:
+        pooled = self._pooled
+        if pooled is None:
+            return
+        if self.cancel_key is not None:
+            self.ctx.cancels.retarget(*self.cancel_key, None)
+        reusable = True
+        if action.expected_ready:
+            try:
+                await self._exchange(pooled.conn, action.cleanup, action.expected_ready)
+            except (*NETWORK_ERRORS, BackendError):
+                reusable = False
+        await self._let_go(reusable)
+
+    async def _attach_pooled(self, action: Attach) -> None:
+        core, role = self.core, action.role
+        cluster = self.ctx.cluster
+        timeout = cluster.config.failover_timeout_ms / 1000
+        try:
+            pooled = await self._borrow(role, timeout, action.exclude, held=True)
+        except NoRoute as e:
+            core.attach_failed(AttachError("no_route", "57P03", f"{e} (waited {timeout * 1000:.0f} ms)"))
+            return
+        except Refused as e:
+            core.attach_failed(AttachError("refused", e.sqlstate, str(e), e.raw))
+            return
+        except PoolTimeout as e:
+            core.attach_failed(AttachError("busy", "53300", str(e)))
+            return
+        backend = pooled.conn
+        self._pooled = pooled
+        self.backends.activate(role, backend)
+        plan = core.pooled_plan(pooled.mark)  # type: ignore[arg-type]
+        if plan.expected_ready:
+            try:
+                await self._exchange(backend, plan.batch, plan.expected_ready)
+            except (*NETWORK_ERRORS, BackendError) as e:
+                await self._let_go(False)
+                core.attach_failed(AttachError("failed", "08006", f"could not set up a server connection: {e}"))
+                return
+        if self.cancel_key is not None:
+            self.ctx.cancels.retarget(*self.cancel_key, self._cancel_target(backend))
+        core.attached_backend(self._facts(backend), mark=pooled.mark,  # type: ignore[arg-type]
+                              conn_params=backend.parameters)
+
+    async def _prepare(self, action: PrepareStatements) -> None:
+        """Prepare statements on the borrowed connection before the client's message that uses them
+        (nothing is owed on it: the core waited). A refusal goes to the client in that message's place."""
+        backend = self.backends.active
+        assert backend is not None
+        results: list[tuple[bytes, bool]] = []
+        error = b""
+        batch = b"".join(_parse_message(name, body) for name, body in action.statements) + m.Flush().encode()
+        try:
+            await backend.conn.send_all(batch)
+            reader = FrameReader()
+            buf = bytearray(8192)
+            while len(results) < len(action.statements):
+                msg = reader.next_message()
+                if msg is None:
+                    n = await backend.conn.recv_into(buf)
+                    if n == 0:
+                        raise ConnectionResetError("the server closed the connection")
+                    reader.feed(memoryview(buf)[:n])
+                    continue
+                type_, payload = msg
+                name = action.statements[len(results)][0]
+                if type_ == ord("1"):
+                    results.append((name, True))
+                elif type_ == ord("E"):
+                    if is_fatal(payload):
+                        raise ConnectionResetError("the server ended the connection")
+                    results.append((name, False))
+                    error = _frame(type_, payload)
+                    break  # the server skips the rest up to the client's Sync
+        except NETWORK_ERRORS + (ConnectionResetError,):
+            self.core.server_eof()
+            return
+        self.core.prepared(results, error)
+
+
+def _frame(type_: int, payload: bytes) -> bytes:
+    return bytes((type_,)) + (len(payload) + 4).to_bytes(4, "big") + payload
+
+
+def _parse_message(name: bytes, body: bytes) -> bytes:
+    return _frame(ord("P"), name + b"\0" + body)
+
