@@ -564,6 +564,7 @@ class ClusterRuntime:
         if events:
             self.metrics.topology_changed(events, trio.current_time())
             self.drills.note_topology(events)
+            self.pools.note_topology(events)
         self._record_high_water()
         # Every probe result wakes waiters: a route may now exist, or a wait may give up.
         self._wake()
@@ -714,6 +715,9 @@ class ClusterRuntime:
             self._mysql_secrets.pop(name, None)
             changes.append(f"user {name} removed")
         self._functions.clear()
+        self.pools.configure(gone)  # new pool limits; pools of removed or moved instances drained
+        if self.pools.limits() != PoolRegistry.limits_of(old):
+            changes.append("pool limits changed")
         # Endpoint rules may have changed too: make every session re-check its placement.
         self.topology.generation += 1
         self._wake()

@@ -36,6 +36,7 @@ ERROR_KINDS = {
     "statement_lost": "a statement's server died while it ran outside a transaction (outcome unknown)",
     "session_fatal": "a session ended with a FATAL error other than authentication",
     "session_crashed": "a session ended on an unexpected internal error (logged with its traceback)",
+    "borrow_timeout": "a client waited longer than borrow_timeout_ms for a pooled server connection",
 }
 
 FAILOVER_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -102,6 +103,9 @@ class ClusterMetrics:
         self.writer: str | None = None  # the writer as of the last topology event
         self.last_writer: str | None = None  # the last writer ever known
         self.writer_lost_at: float | None = None  # trio time the writer was lost, while none is known
+        # How long borrowing a pooled server connection took (server/pools.py), read at scrape
+        # time as endpoint_proxy_pool_borrow_seconds (admin.collectors.PoolCollector).
+        self.pool_borrow = LatencyHistogram()
 
     def endpoint(self, name: str) -> EndpointMetrics:
         em = self._endpoints.get(name)
@@ -119,6 +123,10 @@ class ClusterMetrics:
     def error(self, kind: str) -> None:
         """Count one error; ``kind`` is one of ERROR_KINDS."""
         self._metrics.errors.labels(self.name, kind).inc()
+
+    def pool_borrowed(self, ns: int) -> None:
+        """A pooled server connection was borrowed after ``ns`` nanoseconds (waiting and opening included)."""
+        self.pool_borrow.record(ns)
 
     @contextmanager
     def holding(self) -> Iterator[None]:
