@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 import trio
 
-from .admin.collectors import FaultsCollector, HubCollector, LatencyCollector, TopologyCollector
+from .admin.collectors import FaultsCollector, HubCollector, LatencyCollector, PoolCollector, TopologyCollector
 from .admin.console import AdminUsers, serve_pg_console
 from .admin.http import AdminAccess, AdminServer
 from .config import Address, ClusterConfig, Config, ConfigError, EndpointConfig, load_config
@@ -178,6 +178,7 @@ class Proxy:
         self.metrics.registry.register(TopologyCollector(lambda: self.clusters.values()))
         self.metrics.registry.register(LatencyCollector(lambda: self.clusters.values()))
         self.metrics.registry.register(FaultsCollector(lambda: self.clusters.values()))
+        self.metrics.registry.register(PoolCollector(lambda: self.clusters.values()))
         # Called by POST /reload on the admin server; None answers 404 there.
         self.reload_hook: Callable[[], Awaitable[object]] | None = self.reload_from_file if config_path else None
         self.cancels = CancelRegistry(worker_index)

@@ -124,9 +124,9 @@ def test_show_help_and_errors(console_proxy: ProxyProcess) -> None:
     env = {**os.environ, "PGPASSWORD": ADMIN_PASSWORD, "PGSSLMODE": "disable"}
     out = subprocess.run(
         ["psql", "-h", "127.0.0.1", "-p", str(console_proxy.port("writer")), "-U", ADMIN_USER, "endpoint_proxy",
-         "-At", "-c", "SHOW POOLS", "-c", "SHOW CLUSTERS"],
+         "-At", "-c", "SHOW STATS", "-c", "SHOW CLUSTERS"],
         env=env, capture_output=True, text=True, timeout=30)
-    assert "SHOW POOLS" in out.stderr
+    assert "SHOW STATS" in out.stderr
     assert out.stdout.startswith("pg|postgresql|available|")
 
 
