@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import pickle
@@ -149,8 +150,15 @@ class ProxyConsole:
         return self.proxy.metrics
 
     def sessions(self) -> list[SessionInfo]:
-        infos = (s.session_info() for s in list(self.proxy.sessions))
-        return [i for i in infos if i is not None]
+        infos = []
+        for session in list(self.proxy.sessions):
+            info = session.session_info()
+            if info is None:
+                continue
+            if info.pinned is None and session.env.pin is not None:
+                info = dataclasses.replace(info, pinned=session.env.pin)  # what the core reported to the env
+            infos.append(info)
+        return infos
 
     async def reload(self) -> object:
         if self.proxy.reload_hook is None:
@@ -341,6 +349,7 @@ class Proxy:
             log.exception("session_crashed", endpoint=session.ctx.endpoint.name)
             session.ctx.cluster.metrics.error("session_crashed")
         finally:
+            session.env.closed()  # a pin it still held stops counting
             self.sessions.discard(session)
             self._sessions_changed.set()
             self._sessions_changed = trio.Event()

@@ -237,8 +237,8 @@ def show_endpoints(state: ConsoleState) -> Result:
 
 def show_sessions(state: ConsoleState) -> Result:
     sessions = sorted(state.sessions(), key=lambda s: (s.cluster, s.id))
-    return _show(("cluster", "endpoint", "id", "user", "database", "instance", "state", "client"),
-                 ((s.cluster, s.endpoint, s.id, s.user, s.database, s.instance, s.state, s.client)
+    return _show(("cluster", "endpoint", "id", "user", "database", "instance", "state", "client", "pinned"),
+                 ((s.cluster, s.endpoint, s.id, s.user, s.database, s.instance, s.state, s.client, s.pinned)
                   for s in sessions))
 
 
@@ -269,7 +269,7 @@ HELP: Final = (
     ("SHOW CLUSTERS", "each cluster: protocol, status, writer, number of instances and endpoints"),
     ("SHOW INSTANCES", "each instance: address, role, health, replication lag, timeline, connections"),
     ("SHOW ENDPOINTS", "each endpoint: kind, listening address, the instances it routes to now"),
-    ("SHOW SESSIONS", "each client session: endpoint, user, database, instance, state"),
+    ("SHOW SESSIONS", "each client session: endpoint, user, database, instance, state, why it is pinned"),
     ("SHOW POOLS", "each pool of server connections: size, in use, idle, opening, waiting clients, longest wait"),
     ("SHOW FAULTS", "the injected faults now active, and when each lifts"),
     ("SHOW HELP", "this list"),

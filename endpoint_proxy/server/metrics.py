@@ -45,7 +45,7 @@ class EndpointMetrics:
     """Children of the per-endpoint metrics, labelled once; what a session bumps."""
 
     __slots__ = ("cluster", "endpoint", "connections", "accepted", "writer_statements", "reader_statements",
-                 "pinned", "writer_latency", "reader_latency")
+                 "_pinned", "writer_latency", "reader_latency")
 
     def __init__(self, metrics: ProxyMetrics, cluster: str, endpoint: str) -> None:
         self.cluster = cluster
@@ -56,7 +56,7 @@ class EndpointMetrics:
         # addition, not a lock.
         self.writer_statements = 0
         self.reader_statements = 0
-        self.pinned = metrics.pinned_sessions.labels(cluster, endpoint)
+        self._pinned = metrics.pinned_sessions  # labelled per reason when a session pins (rare)
         # Statement durations per route (request to ReadyForQuery / OK), read at scrape time
         # as endpoint_proxy_statement_duration_seconds: a session calls ``record(ns)``.
         self.writer_latency = LatencyHistogram()
@@ -81,12 +81,14 @@ class EndpointMetrics:
         ``statement``. (A session may also keep the histogram and call ``record`` on it.)"""
         (self.writer_latency if route == "writer" else self.reader_latency).record(ns)
 
-    def session_pinned(self) -> None:
-        """A session became tied to its server (state that cannot be replayed elsewhere)."""
-        self.pinned.inc()
+    def session_pinned(self, reason: str) -> None:
+        """A session became tied to its server by state that cannot be replayed elsewhere;
+        ``reason`` is the state's label (``routing.session_kinds``: a small fixed set)."""
+        self._pinned.labels(self.cluster, self.endpoint, reason).inc()
 
-    def session_unpinned(self) -> None:
-        self.pinned.dec()
+    def session_unpinned(self, reason: str) -> None:
+        """The state that pinned a session for ``reason`` is gone (or the session ended)."""
+        self._pinned.labels(self.cluster, self.endpoint, reason).dec()
 
 
 class ClusterMetrics:
@@ -209,7 +211,7 @@ class ProxyMetrics:
             "endpoint_proxy_statements_held", "statements that had to wait for a writer", ["cluster"], registry=r)
         self.pinned_sessions = Gauge(
             "endpoint_proxy_pinned_sessions", "sessions tied to their server by state that cannot be replayed",
-            ce, registry=r)
+            [*ce, "reason"], registry=r)
         self._clusters: dict[str, ClusterMetrics] = {}
         r.register(StatementCollector(self))
 

@@ -342,16 +342,16 @@ async def test_show_endpoints(console: Console) -> None:
 
 async def test_show_sessions(console: Console) -> None:
     assert rows(await console.client.query("SHOW SESSIONS")) == (
-        ["cluster", "endpoint", "id", "user", "database", "instance", "state", "client"], [])
+        ["cluster", "endpoint", "id", "user", "database", "instance", "state", "client", "pinned"], [])
     console.state.session_list = [
         SessionInfo("app", "ro", 7, "app", "appdb", "b", "idle", "127.0.0.1:50000"),
-        SessionInfo("app", "rw", 3, "app", "appdb", "a", "idle in transaction", None),
+        SessionInfo("app", "rw", 3, "app", "appdb", "a", "idle in transaction", None, pinned="LISTEN"),
         SessionInfo("app", "rw", 9, None, None, None, "startup", "127.0.0.1:50002"),
     ]
     assert rows(await console.client.query("SHOW SESSIONS"))[1] == [
-        ["app", "rw", "3", "app", "appdb", "a", "idle in transaction", None],
-        ["app", "ro", "7", "app", "appdb", "b", "idle", "127.0.0.1:50000"],
-        ["app", "rw", "9", None, None, None, "startup", "127.0.0.1:50002"],
+        ["app", "rw", "3", "app", "appdb", "a", "idle in transaction", None, "LISTEN"],
+        ["app", "ro", "7", "app", "appdb", "b", "idle", "127.0.0.1:50000", None],
+        ["app", "rw", "9", None, None, None, "startup", "127.0.0.1:50002", None],
     ]
 
 
