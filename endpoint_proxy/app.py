@@ -27,8 +27,10 @@ from .protocol.pg.startup import CancelRequest, StartupMessage, encode_cancel_re
 from .relay.hub import Hub
 from .relay.net import Conn, RawConn
 from .server.acceptwatch import AcceptWatch, accept_backlog
+from .server.admission import Admission
 from .server.cluster import ClusterRuntime, StagedCredentials
 from .server.metrics import EndpointMetrics, ProxyMetrics
+from .server.mysql.login import refuse as refuse_mysql
 from .server.mysql.session import MySession
 from .server.pg.backend import send_cancel
 from .server.pg.session import PgSession
@@ -190,6 +192,9 @@ class Proxy:
         # Called by POST /reload on the admin server; None answers 404 there.
         self.reload_hook: Callable[[], Awaitable[object]] | None = self.reload_from_file if config_path else None
         self.cancels = CancelRegistry(worker_index)
+        # Client connection limits ([server] and endpoint max_client_connections, users'
+        # max_connections), counted per process; [server] changes need a restart.
+        self.admission = Admission(config.server.max_client_connections)
         self.bound: dict[str, Address] = {}  # endpoint name -> actual listening address
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
@@ -330,12 +335,26 @@ class Proxy:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass  # not TCP (tests), or already reset: the session finds out
-        session_class = MySession if cluster.config.protocol == "mysql" else PgSession
         assert self._session_nursery is not None
+        ticket = self.admission.ticket(cluster.config.name)
+        session: PgSession | MySession
         try:
-            self._session_nursery.start_soon(
-                self._session, session_class(listener.ctx, conn, next(self._ids)), counts)
+            if cluster.config.protocol == "mysql":
+                # MySQL answers a connection over the limit in place of its greeting: before the
+                # session would contact a server for one. PostgreSQL's login admits the ticket
+                # after the StartupMessage (cancel requests and the console are not counted).
+                refusal = ticket.admit(listener.endpoint)
+                if refusal is not None:
+                    cluster.metrics.error("connection_limit")
+                    self._session_nursery.start_soon(refuse_mysql, RawConn(conn), refusal)
+                    return
+                session = MySession(listener.ctx, conn, next(self._ids))
+            else:
+                session = PgSession(listener.ctx, conn, next(self._ids))
+            session.ticket = ticket
+            self._session_nursery.start_soon(self._session, session, counts)
         except RuntimeError:  # the proxy is stopping: its session nursery takes no more
+            ticket.release()
             conn.close()
 
     async def _session(self, session: PgSession | MySession, counts: EndpointMetrics) -> None:
@@ -350,6 +369,8 @@ class Proxy:
             session.ctx.cluster.metrics.error("session_crashed")
         finally:
             session.env.closed()  # a pin it still held stops counting
+            if session.ticket is not None:
+                session.ticket.release()  # the session's own _close did already, unless it crashed first
             self.sessions.discard(session)
             self._sessions_changed.set()
             self._sessions_changed = trio.Event()

@@ -37,6 +37,7 @@ ERROR_KINDS = {
     "session_fatal": "a session ended with a FATAL error other than authentication",
     "session_crashed": "a session ended on an unexpected internal error (logged with its traceback)",
     "borrow_timeout": "a client waited longer than borrow_timeout_ms for a pooled server connection",
+    "connection_limit": "a client was refused at login: max_client_connections or a user's max_connections",
 }
 
 FAILOVER_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)

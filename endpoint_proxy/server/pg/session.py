@@ -32,6 +32,7 @@ from ...sessioncore.actions import (
     WaitGate,
 )
 from ...sessioncore.pg import PgSessionCore, is_fatal
+from ..admission import Ticket
 from ..session import faults
 from ..session.backends import BackendSet
 from ..session.context import CancelTarget, SessionContext
@@ -63,7 +64,7 @@ class Refused(Exception):
 
 class PgSession(SessionShell):
     __slots__ = ("ctx", "peer", "session_id", "metrics", "scope", "draining", "is_console", "user", "backend_params",
-                 "backends", "env", "cancel_key", "_login", "_core")
+                 "backends", "env", "cancel_key", "_login", "_core", "ticket")
 
     core: PgSessionCore
 
@@ -89,6 +90,7 @@ class PgSession(SessionShell):
         self.cancel_key: tuple[int, int] | None = None
         self._login: ScramKeys | None = None  # SCRAM keys of the client's own login (passthrough)
         self._core: PgSessionCore | None = None
+        self.ticket: Ticket | None = None  # counts it against the connection limits (login admits)
 
     # --- what the proxy asks of a session -----------------------------------------------------
 
@@ -182,6 +184,8 @@ class PgSession(SessionShell):
 
     async def _close(self) -> None:
         with trio.CancelScope(shield=True):
+            if self.ticket is not None:
+                self.ticket.release()
             if self._core is not None:
                 self._core.end()
             if self.cancel_key is not None:
