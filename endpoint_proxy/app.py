@@ -29,6 +29,7 @@ from .relay.net import Conn, RawConn
 from .server.acceptwatch import AcceptWatch, accept_backlog
 from .server.admission import Admission
 from .server.cluster import ClusterRuntime, StagedCredentials
+from .server.janitor import Janitor
 from .server.metrics import EndpointMetrics, ProxyMetrics
 from .server.mysql.login import refuse as refuse_mysql
 from .server.mysql.session import MySession
@@ -195,6 +196,9 @@ class Proxy:
         # Client connection limits ([server] and endpoint max_client_connections, users'
         # max_connections), counted per process; [server] changes need a restart.
         self.admission = Admission(config.server.max_client_connections)
+        # Session timeouts (query, idle in transaction, client idle), from each session's cluster.
+        self.janitor = Janitor(lambda: self.sessions, lambda s: s.ctx.cluster.config,
+                               lambda: [c.config for c in self.clusters.values()])
         self.bound: dict[str, Address] = {}  # endpoint name -> actual listening address
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
@@ -246,6 +250,7 @@ class Proxy:
                 if self.hub is not None:
                     await nursery.start(self.hub.run)
                 self._session_nursery = await nursery.start(self._hold_sessions)
+                nursery.start_soon(self.janitor.run)
                 if admin_sock is not None:
                     admin = AdminServer(self, reload=self.reload_hook, access=self.admin_access,
                                         tls_context=self.admin_tls_context, liveness=self.stuck_endpoints)
