@@ -152,8 +152,13 @@ class ServerPool(Generic[C]):
     async def borrow(self, open_conn: Callable[[], Awaitable[C]], timeout_s: float) -> Pooled[C]:
         """A connection for one transaction: an idle one, a new one while under the size, else
         the next one returned (in order of asking). Raises PoolTimeout after ``timeout_s``; a
-        failure to open propagates (nothing is counted for it)."""
+        failure to open propagates (nothing is counted for it). Once it has a connection, the
+        pool remembers ``open_conn`` as its opener (``fill``)."""
+        pooled = await self._borrow(open_conn, timeout_s)
         self.opener = open_conn
+        return pooled
+
+    async def _borrow(self, open_conn: Callable[[], Awaitable[C]], timeout_s: float) -> Pooled[C]:
         now = trio.current_time()
         if not self._waiting:
             pooled = self._take_idle(now)
@@ -313,6 +318,11 @@ class ServerPool(Generic[C]):
                 self.idle.remove(pooled)
                 self._discard(pooled)
         self._serve_waiters()
+
+    @property
+    def unused(self) -> bool:
+        """Nothing open, opening, lent or waiting, and nothing to keep open: the pool may go."""
+        return self.total == 0 and not self._waiting and not self.filling and not self.wants_fill
 
     @property
     def wants_fill(self) -> bool:

@@ -188,13 +188,14 @@ class PoolRegistry:
 
     def sweep(self, now: float) -> None:
         """One round of upkeep: idle timeout and lifetime, closing, min_pool_size, and forgetting
-        the empty pools of instances no longer configured."""
-        configured = {i.name for i in self.cluster.config.instances}
+        pools left with nothing (no connection, no waiter, nothing to keep open: a pool whose
+        opens all fail, say for a database that does not exist, costs nothing for long)."""
         for key, pool in list(self.pools.items()):
-            if key.instance not in configured and pool.total == 0 and not pool.waiting:
-                del self.pools[key]  # drained by configure(): nothing of it is left
             pool.sweep(now)
             self._close_soon(pool)
+            if pool.unused:
+                del self.pools[key]  # made again by the next borrow (closes under way hold the pool)
+                continue
             if pool.wants_fill and not pool.filling and self._may_fill(key.instance):
                 nursery = self.cluster.nursery
                 if nursery is not None:

@@ -135,7 +135,7 @@ async def test_a_reload_resizes_pools_without_dropping_clients(
     assert servers.closed == [3, 2] and len(pool.idle) == 1
 
 
-async def test_a_moved_instance_is_drained_and_a_removed_ones_empty_pool_forgotten(
+async def test_a_moved_instance_is_drained_and_empty_pools_are_forgotten(
         rt: ClusterRuntime, autojump_clock: trio.testing.MockClock) -> None:
     servers = Servers()
     on_b = await borrow(rt, servers, "b")
@@ -152,7 +152,18 @@ async def test_a_moved_instance_is_drained_and_a_removed_ones_empty_pool_forgott
     rt.pools.sweep(trio.current_time())
     await settle()
     assert on_c.conn in servers.closed
-    assert {k.instance for k in rt.pools.pools} == {"b"}
+    assert rt.pools.pools == {}  # nothing left in either pool: both go
+
+
+async def test_a_pool_whose_opens_fail_does_not_stay(rt: ClusterRuntime,
+                                                     autojump_clock: trio.testing.MockClock) -> None:
+    servers = Servers()
+    servers.refuse = True  # say, a database that does not exist
+    for n in range(100):
+        with pytest.raises(OSError):
+            await rt.pools.borrow("a", "app", f"db{n}", servers.opener(), servers.close)
+    rt.pools.sweep(trio.current_time())
+    assert rt.pools.pools == {}
 
 
 async def test_min_pool_size_is_kept_open_through_the_last_opener(
