@@ -319,3 +319,29 @@ async def test_closing_never_raises_nor_hangs(autojump_clock: trio.testing.MockC
     start = trio.current_time()
     await p.close_discarded()
     assert closed == [3] and trio.current_time() - start <= 5.0 + 0.01
+
+
+async def test_a_connection_handed_to_a_client_that_is_leaving_goes_to_the_next(
+        autojump_clock: trio.testing.MockClock) -> None:
+    conns = Conns()
+    p = pool(conns, size=1)
+    a = await p.borrow(conns.open, 1)
+    got: list[int] = []
+    leaver = trio.CancelScope()
+
+    async def first() -> None:
+        with leaver:
+            await p.borrow(conns.open, 10)
+            raise AssertionError("cancelled while waiting")
+
+    async def second() -> None:
+        got.append((await p.borrow(conns.open, 10)).conn)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(second)
+        await trio.testing.wait_all_tasks_blocked()
+        leaver.cancel()  # the first client leaves; before its task has run again...
+        p.give_back(a)  # ...the connection is handed to it, and it must pass it on
+    assert got == [1] and p.lent == 1 and p.waiting == 0 and p.total == 1
