@@ -154,8 +154,10 @@ class Janitor:
         self.configs = configs
         self.tracks: dict[Any, Track] = {}  # by session (identity); sessions gone are dropped each tick
 
-    def interval(self) -> float:
-        return tick_interval(Timeouts.of(c) for c in self.configs())
+    def interval(self) -> float | None:
+        """Seconds to the next tick; None while no cluster has a timeout on (nothing to sample)."""
+        timeouts = [Timeouts.of(c) for c in self.configs()]
+        return tick_interval(timeouts) if any(t.enabled for t in timeouts) else None
 
     def sweep(self, now: float) -> None:
         """One tick: sample every session, act, forget the sessions that left."""
@@ -197,5 +199,10 @@ class Janitor:
     async def run(self) -> None:
         """Tick until cancelled (the interval follows reloads)."""
         while True:
-            await trio.sleep(self.interval())
+            interval = self.interval()
+            if interval is None:  # every timeout off: look again later (a reload may set one)
+                self.tracks.clear()
+                await trio.sleep(MAX_TICK_S)
+                continue
+            await trio.sleep(interval)
             self.sweep(trio.current_time())

@@ -41,8 +41,10 @@ class FakeSession:
     logged_in: bool = True
     cancels: list[float] = field(default_factory=list)
     expired: list[tuple[str, float]] = field(default_factory=list)
+    sampled: int = 0
 
     def activity(self) -> tuple[int, bool, bool] | None:
+        self.sampled += 1
         if not self.logged_in:
             return None
         return self.requests, self.in_flight, self.in_transaction
@@ -198,6 +200,7 @@ async def test_nothing_happens_with_the_timeouts_off(proxy: Sessions, autojump_c
     idle = add(proxy, Config())
     await trio.sleep(3600)
     assert all(s.cancels == [] and s.expired == [] for s in (running, in_tx, idle))
+    assert running.sampled == 0  # with every timeout off, sessions cost the janitor nothing
 
 
 async def test_a_session_logging_in_or_without_the_protocol_is_left_alone(
