@@ -137,6 +137,7 @@ def test_the_tick(timeouts: list[Timeouts], interval: float) -> None:
 async def test_a_statement_running_too_long_is_cancelled_once(proxy: Sessions,
                                                                autojump_clock: trio.testing.MockClock) -> None:
     session = add(proxy, Config(query_timeout_ms=2000))
+    await trio.sleep(1)  # the janitor sees a timeout on (it looks every second while none is)
     session.start()
     started = trio.current_time()
     await trio.sleep(10)  # it never ends (the server ignores the cancel)
