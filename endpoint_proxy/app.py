@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import pickle
@@ -17,7 +18,7 @@ from typing import Any
 import structlog
 import trio
 
-from .admin.collectors import FaultsCollector, HubCollector, LatencyCollector, TopologyCollector
+from .admin.collectors import FaultsCollector, HubCollector, LatencyCollector, PoolCollector, TopologyCollector
 from .admin.console import AdminUsers, serve_pg_console
 from .admin.http import AdminAccess, AdminServer
 from .config import Address, ClusterConfig, Config, ConfigError, EndpointConfig, load_config
@@ -26,8 +27,11 @@ from .protocol.pg.startup import CancelRequest, StartupMessage, encode_cancel_re
 from .relay.hub import Hub
 from .relay.net import Conn, RawConn
 from .server.acceptwatch import AcceptWatch, accept_backlog
+from .server.admission import Admission
 from .server.cluster import ClusterRuntime, StagedCredentials
+from .server.janitor import Janitor
 from .server.metrics import EndpointMetrics, ProxyMetrics
+from .server.mysql.login import refuse as refuse_mysql
 from .server.mysql.session import MySession
 from .server.pg.backend import send_cancel
 from .server.pg.session import PgSession
@@ -149,8 +153,15 @@ class ProxyConsole:
         return self.proxy.metrics
 
     def sessions(self) -> list[SessionInfo]:
-        infos = (s.session_info() for s in list(self.proxy.sessions))
-        return [i for i in infos if i is not None]
+        infos = []
+        for session in list(self.proxy.sessions):
+            info = session.session_info()
+            if info is None:
+                continue
+            if info.pinned is None and session.env.pin is not None:
+                info = dataclasses.replace(info, pinned=session.env.pin)  # what the core reported to the env
+            infos.append(info)
+        return infos
 
     async def reload(self) -> object:
         if self.proxy.reload_hook is None:
@@ -178,12 +189,19 @@ class Proxy:
         self.metrics.registry.register(TopologyCollector(lambda: self.clusters.values()))
         self.metrics.registry.register(LatencyCollector(lambda: self.clusters.values()))
         self.metrics.registry.register(FaultsCollector(lambda: self.clusters.values()))
+        self.metrics.registry.register(PoolCollector(lambda: self.clusters.values()))
         # Called by POST /reload on the admin server; None answers 404 there.
         self.reload_hook: Callable[[], Awaitable[object]] | None = self.reload_from_file if config_path else None
         # Cancel keys are 32 random bits, but for this proxy's peer id with [[peers]] (8 bits); a
         # cancel a worker does not know is asked of the other workers.
         self.cancels = CancelRegistry(worker_index, worker_bits=0, peer_id=config.server.peer_id)
         self.cancel_limiter = CancelLimiter()
+        # Client connection limits ([server] and endpoint max_client_connections, users'
+        # max_connections), counted per process; [server] changes need a restart.
+        self.admission = Admission(config.server.max_client_connections)
+        # Session timeouts (query, idle in transaction, client idle), from each session's cluster.
+        self.janitor = Janitor(lambda: self.sessions, lambda s: s.ctx.cluster.config,
+                               lambda: [c.config for c in self.clusters.values()])
         self.bound: dict[str, Address] = {}  # endpoint name -> actual listening address
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
@@ -235,6 +253,7 @@ class Proxy:
                 if self.hub is not None:
                     await nursery.start(self.hub.run)
                 self._session_nursery = await nursery.start(self._hold_sessions)
+                nursery.start_soon(self.janitor.run)
                 if admin_sock is not None:
                     admin = AdminServer(self, reload=self.reload_hook, access=self.admin_access,
                                         tls_context=self.admin_tls_context, liveness=self.stuck_endpoints)
@@ -324,12 +343,26 @@ class Proxy:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass  # not TCP (tests), or already reset: the session finds out
-        session_class = MySession if cluster.config.protocol == "mysql" else PgSession
         assert self._session_nursery is not None
+        ticket = self.admission.ticket(cluster.config.name)
+        session: PgSession | MySession
         try:
-            self._session_nursery.start_soon(
-                self._session, session_class(listener.ctx, conn, next(self._ids)), counts)
+            if cluster.config.protocol == "mysql":
+                # MySQL answers a connection over the limit in place of its greeting: before the
+                # session would contact a server for one. PostgreSQL's login admits the ticket
+                # after the StartupMessage (cancel requests and the console are not counted).
+                refusal = ticket.admit(listener.endpoint)
+                if refusal is not None:
+                    cluster.metrics.error("connection_limit")
+                    self._session_nursery.start_soon(refuse_mysql, RawConn(conn), refusal)
+                    return
+                session = MySession(listener.ctx, conn, next(self._ids))
+            else:
+                session = PgSession(listener.ctx, conn, next(self._ids))
+            session.ticket = ticket
+            self._session_nursery.start_soon(self._session, session, counts)
         except RuntimeError:  # the proxy is stopping: its session nursery takes no more
+            ticket.release()
             conn.close()
 
     async def _session(self, session: PgSession | MySession, counts: EndpointMetrics) -> None:
@@ -343,6 +376,9 @@ class Proxy:
             log.exception("session_crashed", endpoint=session.ctx.endpoint.name)
             session.ctx.cluster.metrics.error("session_crashed")
         finally:
+            session.env.closed()  # a pin it still held stops counting
+            if session.ticket is not None:
+                session.ticket.release()  # the session's own _close did already, unless it crashed first
             self.sessions.discard(session)
             self._sessions_changed.set()
             self._sessions_changed = trio.Event()

@@ -1,5 +1,5 @@
 """Prometheus collectors that read live state at scrape time: the topology, the relay hub, statement
-latency and injected faults.
+latency, injected faults and the pools of server connections.
 
 Nothing here is stored: the instance and endpoint gauges are computed from the live
 ``ClusterRuntime`` objects when Prometheus scrapes, so they never drift from what the proxy
@@ -170,3 +170,45 @@ class FaultsCollector:
         for kind, n in counts.items():
             family.add_metric([kind], n)
         return [family]
+
+
+POOL_STATES = ("idle", "in_use", "opening")
+
+
+class PoolCollector:
+    """The pools of server connections (server/pools.py), read at scrape time:
+    ``endpoint_proxy_pool_connections{cluster,instance,user,database,state}``,
+    ``endpoint_proxy_pool_waiting_clients{cluster,instance,user,database}`` and
+    ``endpoint_proxy_pool_borrow_seconds{cluster}``."""
+
+    def __init__(self, clusters: Callable[[], Iterable[ClusterRuntime]]) -> None:
+        self.clusters = clusters
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, HistogramMetricFamily]:
+        labels = ["cluster", "instance", "user", "database"]
+        return (
+            GaugeMetricFamily("endpoint_proxy_pool_connections",
+                              "pooled server connections, by state (idle, in_use, opening)", labels=[*labels, "state"]),
+            GaugeMetricFamily("endpoint_proxy_pool_waiting_clients",
+                              "clients waiting for a connection of the pool now", labels=labels),
+            HistogramMetricFamily("endpoint_proxy_pool_borrow_seconds",
+                                  "time to borrow a pooled server connection (waiting and opening included)",
+                                  labels=["cluster"]),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterable[Metric]:
+        connections, waiting, borrow = self._families()
+        for cluster in self.clusters():
+            c = cluster.config.name
+            for st in cluster.pools.status(0.0):  # the time only matters for longest_wait_ms
+                labels = [c, st.instance, st.user, st.database]
+                for state, n in zip(POOL_STATES, (st.idle, st.in_use, st.opening), strict=True):
+                    connections.add_metric([*labels, state], n)
+                waiting.add_metric(labels, st.waiting)
+            histogram = cluster.metrics.pool_borrow
+            borrow.add_metric([c], _buckets(histogram), histogram.sum_ns / 1e9)
+        return [connections, waiting, borrow]

@@ -9,7 +9,7 @@ SCRAM-SHA-256 against ``[[admin.users]]`` and then answers simple-protocol queri
 
 Commands (case-insensitive, an optional trailing ``;``, several in one query string run in
 order and stop at the first error): ``SHOW CLUSTERS``, ``SHOW INSTANCES``, ``SHOW ENDPOINTS``,
-``SHOW SESSIONS``, ``SHOW FAULTS``, ``SHOW HELP``, ``RELOAD``, and the drills:
+``SHOW SESSIONS``, ``SHOW POOLS``, ``SHOW FAULTS``, ``SHOW HELP``, ``RELOAD``, and the drills:
 ``SWITCHOVER [cluster] [TO instance]``, ``SIMULATE ...`` (drills/faults.py has the grammar),
 ``CLEAR FAULTS`` and ``CLEAR FAULT <id>``. Every result column is text (type oid 25);
 unknown values are NULL. Anything else is an ERROR (42601, or 0A000 for an unsupported
@@ -243,9 +243,19 @@ def show_endpoints(state: ConsoleState) -> Result:
 
 def show_sessions(state: ConsoleState) -> Result:
     sessions = sorted(state.sessions(), key=lambda s: (s.cluster, s.id))
-    return _show(("cluster", "endpoint", "id", "user", "database", "instance", "state", "client"),
-                 ((s.cluster, s.endpoint, s.id, s.user, s.database, s.instance, s.state, s.client)
+    return _show(("cluster", "endpoint", "id", "user", "database", "instance", "state", "client", "pinned"),
+                 ((s.cluster, s.endpoint, s.id, s.user, s.database, s.instance, s.state, s.client, s.pinned)
                   for s in sessions))
+
+
+POOL_COLUMNS: Final = ("cluster", "instance", "user", "database", "size", "in_use", "idle", "opening", "waiting",
+                       "longest_wait_ms", "borrows")
+
+
+def show_pools(state: ConsoleState) -> Result:
+    """One row per pool of server connections (transaction-mode endpoints), as /topology's ``pools``."""
+    return _show(POOL_COLUMNS, ((c["name"], *(p[col] for col in POOL_COLUMNS[1:]))
+                                for c in _topology(state) for p in c["pools"]))
 
 
 FAULT_COLUMNS: Final = ("id", "cluster", "kind", "instance", "description", "expires_in_s")
@@ -265,7 +275,8 @@ HELP: Final = (
     ("SHOW CLUSTERS", "each cluster: protocol, status, writer, number of instances and endpoints"),
     ("SHOW INSTANCES", "each instance: address, role, health, replication lag, timeline, connections"),
     ("SHOW ENDPOINTS", "each endpoint: kind, listening address, the instances it routes to now"),
-    ("SHOW SESSIONS", "each client session: endpoint, user, database, instance, state"),
+    ("SHOW SESSIONS", "each client session: endpoint, user, database, instance, state, why it is pinned"),
+    ("SHOW POOLS", "each pool of server connections: size, in use, idle, opening, waiting clients, longest wait"),
     ("SHOW FAULTS", "the injected faults now active, and when each lifts"),
     ("SHOW HELP", "this list"),
     ("RELOAD", "re-read the configuration file"),
@@ -291,6 +302,7 @@ SHOW_COMMANDS: Final[dict[str, Callable[[ConsoleState], Result]]] = {
     "INSTANCES": show_instances,
     "ENDPOINTS": show_endpoints,
     "SESSIONS": show_sessions,
+    "POOLS": show_pools,
     "FAULTS": show_faults,
     "HELP": show_help,
 }

@@ -321,6 +321,7 @@ def topology_document(source: AdminSource, now: float) -> dict[str, Any]:
             "switchover_running": cluster.drills.switchover_running,
             "last_switchover": cluster.drills.last_switchover_json(),
             "faults": [f.to_json(now) for f in cluster.drills.active_faults()],
+            "pools": [p.to_json() for p in cluster.pools.status(now)],
         })
     return {"clusters": clusters}
 

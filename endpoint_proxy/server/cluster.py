@@ -585,6 +585,7 @@ class ClusterRuntime:
         if events:
             self.metrics.topology_changed(events, trio.current_time())
             self.drills.note_topology(events)
+            self.pools.note_topology(events)
         self._record_high_water()
         # Every probe result wakes waiters: a route may now exist, or a wait may give up.
         self._wake()
@@ -708,6 +709,9 @@ class ClusterRuntime:
         changes = self._reconfigure_authority(new)
         self.configured = new
         changes += self._set_instances(self._effective(new))
+        old_addr = {i.name: (i.host, i.port) for i in old.instances}
+        new_addr = {i.name: (i.host, i.port) for i in self.config.instances}
+        gone = [n for n in old_addr if new_addr.get(n) != old_addr[n]]
         old_users = {u.name: u for u in old.users}
         for user in new.users:
             if old_users.get(user.name) != user:
@@ -719,6 +723,9 @@ class ClusterRuntime:
             self._mysql_secrets.pop(name, None)
             changes.append(f"user {name} removed")
         self._functions.clear()
+        self.pools.configure(gone)  # new pool limits; pools of removed or moved instances drained
+        if self.pools.limits() != PoolRegistry.limits_of(old):
+            changes.append("pool limits changed")
         # Endpoint rules may have changed too: make every session re-check its placement.
         self.topology.generation += 1
         self._wake()

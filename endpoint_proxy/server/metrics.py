@@ -38,6 +38,8 @@ ERROR_KINDS = {
     "session_crashed": "a session ended on an unexpected internal error (logged with its traceback)",
     "cancel_unknown": "a CancelRequest named no session of this proxy (past 20 a minute from one address, that "
                       "address's cancels are dropped for the rest of the minute)",
+    "borrow_timeout": "a client waited longer than borrow_timeout_ms for a pooled server connection",
+    "connection_limit": "a client was refused at login: max_client_connections or a user's max_connections",
 }
 
 FAILOVER_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -46,7 +48,7 @@ class EndpointMetrics:
     """Children of the per-endpoint metrics, labelled once; what a session bumps."""
 
     __slots__ = ("cluster", "endpoint", "connections", "accepted", "writer_statements", "reader_statements",
-                 "pinned", "writer_latency", "reader_latency")
+                 "_pinned", "writer_latency", "reader_latency")
 
     def __init__(self, metrics: ProxyMetrics, cluster: str, endpoint: str) -> None:
         self.cluster = cluster
@@ -57,7 +59,7 @@ class EndpointMetrics:
         # addition, not a lock.
         self.writer_statements = 0
         self.reader_statements = 0
-        self.pinned = metrics.pinned_sessions.labels(cluster, endpoint)
+        self._pinned = metrics.pinned_sessions  # labelled per reason when a session pins (rare)
         # Statement durations per route (request to ReadyForQuery / OK), read at scrape time
         # as endpoint_proxy_statement_duration_seconds: a session calls ``record(ns)``.
         self.writer_latency = LatencyHistogram()
@@ -82,12 +84,14 @@ class EndpointMetrics:
         ``statement``. (A session may also keep the histogram and call ``record`` on it.)"""
         (self.writer_latency if route == "writer" else self.reader_latency).record(ns)
 
-    def session_pinned(self) -> None:
-        """A session became tied to its server (state that cannot be replayed elsewhere)."""
-        self.pinned.inc()
+    def session_pinned(self, reason: str) -> None:
+        """A session became tied to its server by state that cannot be replayed elsewhere;
+        ``reason`` is the state's label (``routing.session_kinds``: a small fixed set)."""
+        self._pinned.labels(self.cluster, self.endpoint, reason).inc()
 
-    def session_unpinned(self) -> None:
-        self.pinned.dec()
+    def session_unpinned(self, reason: str) -> None:
+        """The state that pinned a session for ``reason`` is gone (or the session ended)."""
+        self._pinned.labels(self.cluster, self.endpoint, reason).dec()
 
 
 class ClusterMetrics:
@@ -104,6 +108,9 @@ class ClusterMetrics:
         self.writer: str | None = None  # the writer as of the last topology event
         self.last_writer: str | None = None  # the last writer ever known
         self.writer_lost_at: float | None = None  # trio time the writer was lost, while none is known
+        # How long borrowing a pooled server connection took (server/pools.py), read at scrape
+        # time as endpoint_proxy_pool_borrow_seconds (admin.collectors.PoolCollector).
+        self.pool_borrow = LatencyHistogram()
 
     def endpoint(self, name: str) -> EndpointMetrics:
         em = self._endpoints.get(name)
@@ -121,6 +128,10 @@ class ClusterMetrics:
     def error(self, kind: str) -> None:
         """Count one error; ``kind`` is one of ERROR_KINDS."""
         self._metrics.errors.labels(self.name, kind).inc()
+
+    def pool_borrowed(self, ns: int) -> None:
+        """A pooled server connection was borrowed after ``ns`` nanoseconds (waiting and opening included)."""
+        self.pool_borrow.record(ns)
 
     @contextmanager
     def holding(self) -> Iterator[None]:
@@ -203,7 +214,7 @@ class ProxyMetrics:
             "endpoint_proxy_statements_held", "statements that had to wait for a writer", ["cluster"], registry=r)
         self.pinned_sessions = Gauge(
             "endpoint_proxy_pinned_sessions", "sessions tied to their server by state that cannot be replayed",
-            ce, registry=r)
+            [*ce, "reason"], registry=r)
         self._clusters: dict[str, ClusterMetrics] = {}
         r.register(StatementCollector(self))
 

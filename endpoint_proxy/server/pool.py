@@ -2,9 +2,20 @@
 
 One pool per (instance, user, database). A connection keeps what state it carries (its
 ``mark``: SET values, prepared statements), so the next borrower is brought to its own state by
-the difference, not by a reset. Rules of this file: counting is exact (every connection is in
-exactly one of idle / lent / opening), a waiter is served in order, and nothing here blocks
-but ``borrow`` (bounded by its timeout).
+the difference, not by a reset.
+
+Rules of this file:
+- Counting is exact: every connection is in exactly one of idle / lent / opening, and a place
+  granted to a waiter is counted as opening from the moment it is granted (nobody can take it
+  meanwhile).
+- Waiters are served in order of arrival; while anyone waits, nobody else takes an idle
+  connection or a free place. So idle connections and waiters never coexist.
+- Nothing here blocks but ``borrow`` (bounded by its timeout), ``fill`` (bounded by the opener)
+  and ``close_discarded`` (bounded per connection). ``give_back``, ``forget``, ``drain``,
+  ``sweep`` and ``set_limits`` only move counts and lists; what they let go of is closed later
+  by ``close_discarded``.
+- A borrower cancelled at any point (its client left) loses nothing: a connection handed to it,
+  or a place granted, goes to the next waiter.
 """
 
 from __future__ import annotations
@@ -12,11 +23,17 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
+import structlog
 import trio
 
 C = TypeVar("C")
+
+log = structlog.get_logger("endpoint_proxy.pool")
+
+# Closing one discarded connection (a Terminate / COM_QUIT and the socket) may take at most this.
+CLOSE_TIMEOUT_S: Final = 5.0
 
 
 class PoolTimeout(Exception):
@@ -43,6 +60,7 @@ class Pooled(Generic[C]):
     generation: int  # the pool's generation when it was opened (a drain makes it stale)
     mark: object = None  # the session core's record of this connection's state
     key: PoolKey | None = None  # the pool it belongs to
+    pool: ServerPool[Any] | None = field(default=None, repr=False)  # the same pool, itself
 
 
 @dataclass
@@ -53,11 +71,34 @@ class PoolLimits:
     lifetime_s: float | None = None
 
 
+@dataclass(frozen=True)
+class PoolStatus:
+    """One pool as SHOW POOLS, /topology and the metrics show it."""
+
+    instance: str
+    user: str
+    database: str
+    size: int  # the limit
+    in_use: int  # lent to sessions
+    idle: int
+    opening: int
+    waiting: int  # clients waiting for a connection
+    longest_wait_ms: int  # how long the first of them has waited (0: nobody waits)
+    borrows: int  # connections lent since the pool was made
+
+    def to_json(self) -> dict[str, Any]:
+        return {"instance": self.instance, "user": self.user, "database": self.database, "size": self.size,
+                "in_use": self.in_use, "idle": self.idle, "opening": self.opening, "waiting": self.waiting,
+                "longest_wait_ms": self.longest_wait_ms, "borrows": self.borrows}
+
+
 @dataclass(eq=False)
 class _Waiter:
+    since: float
     event: trio.Event = field(default_factory=trio.Event)
-    given: Pooled[object] | None = None
-    allowed_to_open: bool = False
+    given: Pooled[Any] | None = None  # a connection handed over (counted as lent)
+    allowed_to_open: bool = False  # a place granted (counted as opening)
+    gone: bool = False  # gave up: skipped when served
 
 
 class ServerPool(Generic[C]):
@@ -68,11 +109,18 @@ class ServerPool(Generic[C]):
         self.idle: deque[Pooled[C]] = deque()  # most recently returned last
         self.lent = 0
         self.opening = 0
-        self._waiters: deque[_Waiter] = deque()
+        self._waiters: deque[_Waiter] = deque()  # may hold ``gone`` ones (dropped lazily)
+        self._waiting = 0
         self.generation = 0
         self.borrows = 0
         self.longest_wait_s = 0.0  # since the last read of ``take_longest_wait``
         self._closing: list[C] = []
+        # The opener the last borrow passed: ``fill`` opens min_size connections through it. It
+        # must not depend on its session still running. None after a drain: a drained pool is
+        # not refilled until it is borrowed from again.
+        self.opener: Callable[[], Awaitable[C]] | None = None
+        self.filling = False  # a fill is under way (PoolRegistry runs one at a time)
+        self.fill_error: str | None = None  # the last fill's failure (logged once per new error)
 
     # --- what the status reports --------------------------------------------------------------
 
@@ -87,36 +135,56 @@ class ServerPool(Generic[C]):
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return self._waiting
+
+    def oldest_wait_s(self, now: float) -> float:
+        """How long the first waiter in line has waited (0 when nobody waits)."""
+        waiter = self._first_waiter()
+        return max(0.0, now - waiter.since) if waiter is not None else 0.0
+
+    def status(self, now: float) -> PoolStatus:
+        return PoolStatus(self.key.instance, self.key.user, self.key.database, self.limits.size, self.lent,
+                          len(self.idle), self.opening, self._waiting, round(self.oldest_wait_s(now) * 1000),
+                          self.borrows)
 
     # --- borrowing ------------------------------------------------------------------------------
 
     async def borrow(self, open_conn: Callable[[], Awaitable[C]], timeout_s: float) -> Pooled[C]:
         """A connection for one transaction: an idle one, a new one while under the size, else
         the next one returned (in order of asking). Raises PoolTimeout after ``timeout_s``; a
-        failure to open propagates (nothing is counted for it)."""
+        failure to open propagates (nothing is counted for it). Once it has a connection, the
+        pool remembers ``open_conn`` as its opener (``fill``)."""
+        pooled = await self._borrow(open_conn, timeout_s)
+        self.opener = open_conn
+        return pooled
+
+    async def _borrow(self, open_conn: Callable[[], Awaitable[C]], timeout_s: float) -> Pooled[C]:
         now = trio.current_time()
-        pooled = self._take_idle(now)
-        if pooled is not None:
-            self.borrows += 1
-            return pooled
-        if self.total < self.limits.size and not self._waiters:
-            return await self._open(open_conn, now)
-        waiter = _Waiter()
+        if not self._waiting:
+            pooled = self._take_idle(now)
+            if pooled is not None:
+                self.borrows += 1
+                return pooled
+            if self.total < self.limits.size:
+                self.opening += 1
+                return await self._open(open_conn)
+        waiter = _Waiter(now)
         self._waiters.append(waiter)
-        started = now
+        self._waiting += 1
         try:
             with trio.move_on_after(timeout_s):
                 await waiter.event.wait()
+        except BaseException:
+            self._abandon(waiter)
+            raise
         finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-            self.longest_wait_s = max(self.longest_wait_s, trio.current_time() - started)
+            self.longest_wait_s = max(self.longest_wait_s, trio.current_time() - now)
         if waiter.given is not None:
             self.borrows += 1
-            return waiter.given  # type: ignore[return-value]
+            return waiter.given
         if waiter.allowed_to_open:
-            return await self._open(open_conn, trio.current_time())
+            return await self._open(open_conn)
+        self._abandon(waiter)
         raise PoolTimeout(f"no server connection of pool {self.key} within {timeout_s * 1000:.0f} ms "
                           f"({self.limits.size} in use)")
 
@@ -131,8 +199,9 @@ class ServerPool(Generic[C]):
             return pooled
         return None
 
-    async def _open(self, open_conn: Callable[[], Awaitable[C]], now: float) -> Pooled[C]:
-        self.opening += 1
+    async def _open(self, open_conn: Callable[[], Awaitable[C]]) -> Pooled[C]:
+        """Open a connection in a place already counted as opening; it is lent on success."""
+        generation = self.generation  # a drain meanwhile makes it stale
         try:
             conn = await open_conn()
         except BaseException:
@@ -142,25 +211,57 @@ class ServerPool(Generic[C]):
         self.opening -= 1
         self.lent += 1
         self.borrows += 1
-        return Pooled(conn, created_at=now, last_used=now, generation=self.generation, key=self.key)
+        now = trio.current_time()
+        return Pooled(conn, created_at=now, last_used=now, generation=generation, key=self.key, pool=self)
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """A waiter gives up (timeout, or its task was cancelled): whatever it was granted goes on."""
+        if not waiter.gone and not waiter.event.is_set():
+            waiter.gone = True
+            self._waiting -= 1
+            return
+        given, waiter.given = waiter.given, None
+        if given is not None:
+            self.give_back(given)
+        elif waiter.allowed_to_open:
+            waiter.allowed_to_open = False
+            self.opening -= 1
+            self._serve_waiters()
+
+    def _first_waiter(self) -> _Waiter | None:
+        while self._waiters and self._waiters[0].gone:
+            self._waiters.popleft()
+        return self._waiters[0] if self._waiters else None
+
+    def _next_waiter(self) -> _Waiter | None:
+        waiter = self._first_waiter()
+        if waiter is not None:
+            self._waiters.popleft()
+            self._waiting -= 1
+        return waiter
 
     def give_back(self, pooled: Pooled[C], *, reusable: bool = True) -> None:
         """A borrowed connection comes back: to the next waiter, to the idle list, or closed
-        (``reusable`` False: broken, or state that must not reach another client)."""
+        (``reusable`` False: broken, or state that must not reach another client; also when
+        stale, past its lifetime, or beyond a pool_size lowered meanwhile)."""
         self.lent -= 1
         now = trio.current_time()
         pooled.last_used = now
-        if not reusable or self._expired(pooled, now):
+        if not reusable or self._expired(pooled, now) or self.total >= self.limits.size:
             self._discard(pooled)
             self._serve_waiters()
             return
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            self.lent += 1
-            waiter.given = pooled  # type: ignore[assignment]
-            waiter.event.set()
+        self._put(pooled)
+
+    def _put(self, pooled: Pooled[C]) -> None:
+        """A usable connection (not counted anywhere): to the first waiter, else idle."""
+        waiter = self._next_waiter()
+        if waiter is None:
+            self.idle.append(pooled)
             return
-        self.idle.append(pooled)
+        self.lent += 1
+        waiter.given = pooled
+        waiter.event.set()
 
     def forget(self, pooled: Pooled[C]) -> None:
         """A borrowed connection is gone (lost, or kept by a session it is pinned to, then closed
@@ -169,9 +270,12 @@ class ServerPool(Generic[C]):
         self._serve_waiters()
 
     def _serve_waiters(self) -> None:
-        """A place freed up: the first waiter may open a connection of its own."""
-        while self._waiters and self.total < self.limits.size:
-            waiter = self._waiters.popleft()
+        """Places freed up: the first waiters may open connections of their own."""
+        while self.total < self.limits.size:
+            waiter = self._next_waiter()
+            if waiter is None:
+                return
+            self.opening += 1
             waiter.allowed_to_open = True
             waiter.event.set()
 
@@ -188,10 +292,20 @@ class ServerPool(Generic[C]):
 
     def drain(self) -> None:
         """Every connection of this pool is stale (the instance left its role, a reload): idle
-        ones close now, lent ones when they come back."""
+        ones close now, lent ones when they come back. The pool is not refilled to min_size
+        until its next borrow."""
         self.generation += 1
+        self.opener = None
         while self.idle:
             self._discard(self.idle.popleft())
+
+    def set_limits(self, limits: PoolLimits) -> None:
+        """New limits (a reload): beyond a smaller size, idle connections close now (least
+        recently used first) and lent ones as they come back; a larger size serves waiters."""
+        self.limits = limits
+        while self.idle and self.total > limits.size:
+            self._discard(self.idle.popleft())
+        self._serve_waiters()
 
     def sweep(self, now: float) -> None:
         """Close idle connections past the idle timeout or their lifetime (keeping min_size)."""
@@ -205,12 +319,48 @@ class ServerPool(Generic[C]):
                 self._discard(pooled)
         self._serve_waiters()
 
+    @property
+    def unused(self) -> bool:
+        """Nothing open, opening, lent or waiting, and nothing to keep open: the pool may go."""
+        return self.total == 0 and not self._waiting and not self.filling and not self.wants_fill
+
+    @property
+    def wants_fill(self) -> bool:
+        """Below min_size with an opener to open more with."""
+        limits = self.limits
+        return self.opener is not None and self.total < min(limits.min_size, limits.size)
+
+    async def fill(self) -> None:
+        """Open connections through the last borrower's opener until min_size are open (one at
+        a time). A failure to open propagates; what was opened stays."""
+        while True:
+            opener = self.opener
+            if opener is None or not self.wants_fill:
+                return
+            self.opening += 1
+            generation = self.generation
+            try:
+                conn = await opener()
+            except BaseException:
+                self.opening -= 1
+                self._serve_waiters()
+                raise
+            self.opening -= 1
+            now = trio.current_time()
+            pooled = Pooled(conn, created_at=now, last_used=now, generation=generation, key=self.key, pool=self)
+            self.lent += 1  # as if lent and given back: stale or over the size, it closes
+            self.give_back(pooled)
+
     async def close_discarded(self) -> None:
-        """Close what the pool let go of (closing may take a moment: not done in give_back)."""
+        """Close what the pool let go of (closing may take a moment: not done in give_back).
+        Never raises and never blocks for long: each close is bounded and its errors logged."""
         closing, self._closing = self._closing, []
         for conn in closing:
-            with trio.CancelScope(shield=True):
-                await self._close(conn)
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT_S):
+                try:
+                    await self._close(conn)
+                except Exception as e:  # noqa: BLE001 - a connection that fails to close is gone anyway
+                    log.info("pool_close_failed", pool=str(self.key), error=str(e) or type(e).__name__)
 
     def take_longest_wait(self) -> float:
         longest, self.longest_wait_s = self.longest_wait_s, 0.0

@@ -957,7 +957,8 @@ class PgSessionCore:
         """No backend could be had: the request waiting for one fails; the session stays usable."""
         self._attaching = None
         self._pending_role = None
-        self.env.error("no_route" if error.kind == "no_route" else "backend_failed")
+        if error.kind != "busy":  # (a pool's borrow timeout is counted by the pool)
+            self.env.error("no_route" if error.kind == "no_route" else "backend_failed")
         if self._resend is not None:
             self._resend = None
             self._fail_in_flight(in_transaction=False)

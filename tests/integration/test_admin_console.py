@@ -105,7 +105,8 @@ def test_show_sessions_lists_an_open_session(pg_cluster: PostgresCluster, consol
             await conn.close()
 
     rows = asyncio.run(main())
-    assert list(rows[0]) == ["cluster", "endpoint", "id", "user", "database", "instance", "state", "client"]
+    assert list(rows[0]) == ["cluster", "endpoint", "id", "user", "database", "instance", "state", "client",
+                             "pinned"]
     mine = [r for r in rows if r["endpoint"] == "reader" and r["user"] == pg_cluster.app_user]
     assert len(mine) == 1, rows
     (r,) = mine
@@ -114,6 +115,24 @@ def test_show_sessions_lists_an_open_session(pg_cluster: PostgresCluster, consol
     assert r["instance"] in replicas
     assert r["client"].startswith("127.0.0.1:")
     assert int(r["id"]) > 0
+    assert r["pinned"] == ""
+
+
+def test_show_sessions_says_why_a_session_is_pinned(pg_cluster: PostgresCluster,
+                                                    console_proxy: ProxyProcess) -> None:
+    async def main() -> list[dict[str, str]]:
+        conn = await asyncpg.connect(host="127.0.0.1", port=console_proxy.port("rw"), user=pg_cluster.app_user,
+                                     password=pg_cluster.app_password, database=pg_cluster.database, ssl=False,
+                                     timeout=10)
+        try:
+            await conn.execute("listen pinned_channel")  # state that cannot move: the session stays put
+            return show(console_proxy, "SESSIONS")
+        finally:
+            await conn.close()
+
+    during = asyncio.run(main())
+    (mine,) = [r for r in during if r["endpoint"] == "rw" and r["user"] == pg_cluster.app_user]
+    assert (mine["pinned"], mine["instance"]) == ("LISTEN", pg_cluster.primary_name)
 
 
 def test_show_help_and_errors(console_proxy: ProxyProcess) -> None:
@@ -126,9 +145,9 @@ def test_show_help_and_errors(console_proxy: ProxyProcess) -> None:
     env = {**os.environ, "PGPASSWORD": ADMIN_PASSWORD, "PGSSLMODE": "disable"}
     out = subprocess.run(
         ["psql", "-h", "127.0.0.1", "-p", str(console_proxy.port("writer")), "-U", ADMIN_USER, "endpoint_proxy",
-         "-At", "-c", "SHOW POOLS", "-c", "SHOW CLUSTERS"],
+         "-At", "-c", "SHOW STATS", "-c", "SHOW CLUSTERS"],
         env=env, capture_output=True, text=True, timeout=30)
-    assert "SHOW POOLS" in out.stderr
+    assert "SHOW STATS" in out.stderr
     assert out.stdout.startswith("pg|postgresql|available|")
 
 

@@ -343,24 +343,25 @@ async def test_show_endpoints(console: Console) -> None:
 
 async def test_show_sessions(console: Console) -> None:
     assert rows(await console.client.query("SHOW SESSIONS")) == (
-        ["cluster", "endpoint", "id", "user", "database", "instance", "state", "client"], [])
+        ["cluster", "endpoint", "id", "user", "database", "instance", "state", "client", "pinned"], [])
     console.state.session_list = [
         SessionInfo("app", "ro", 7, "app", "appdb", "b", "idle", "127.0.0.1:50000"),
-        SessionInfo("app", "rw", 3, "app", "appdb", "a", "idle in transaction", None),
+        SessionInfo("app", "rw", 3, "app", "appdb", "a", "idle in transaction", None, pinned="LISTEN"),
         SessionInfo("app", "rw", 9, None, None, None, "startup", "127.0.0.1:50002"),
     ]
     assert rows(await console.client.query("SHOW SESSIONS"))[1] == [
-        ["app", "rw", "3", "app", "appdb", "a", "idle in transaction", None],
-        ["app", "ro", "7", "app", "appdb", "b", "idle", "127.0.0.1:50000"],
-        ["app", "rw", "9", None, None, None, "startup", "127.0.0.1:50002"],
+        ["app", "rw", "3", "app", "appdb", "a", "idle in transaction", None, "LISTEN"],
+        ["app", "ro", "7", "app", "appdb", "b", "idle", "127.0.0.1:50000", None],
+        ["app", "rw", "9", None, None, None, "startup", "127.0.0.1:50002", None],
     ]
 
 
 async def test_show_help_lists_every_command(console: Console) -> None:
     columns, data = rows(await console.client.query("SHOW HELP"))
     assert columns == ["command", "description"]
-    assert [r[0] for r in data][:8] == ["SHOW CLUSTERS", "SHOW INSTANCES", "SHOW ENDPOINTS", "SHOW SESSIONS",
-                                        "SHOW FAULTS", "SHOW HELP", "RELOAD", "SWITCHOVER [cluster] [TO instance]"]
+    assert [r[0] for r in data][:9] == ["SHOW CLUSTERS", "SHOW INSTANCES", "SHOW ENDPOINTS", "SHOW SESSIONS",
+                                        "SHOW POOLS", "SHOW FAULTS", "SHOW HELP", "RELOAD",
+                                        "SWITCHOVER [cluster] [TO instance]"]
     simulate = [r[0] for r in data if r[0] is not None and r[0].startswith("SIMULATE")]
     assert [c.split(" ")[1] for c in simulate] == ["INSTANCE", "<p>", "LATENCY", "BANDWIDTH", "SLICER", "RESET",
                                                    "REPLICA"]
@@ -385,7 +386,7 @@ async def test_empty_query(console: Console) -> None:
 @pytest.mark.parametrize(("sql", "sqlstate"), [
     ("SELECT 1", "42601"),
     ("SHOW", "42601"),
-    ("SHOW POOLS", "0A000"),
+    ("SHOW STATS", "0A000"),
     ("SHOW CLUSTERS EXTRA", "0A000"),
     ("RELOAD NOW", "42601"),
     ("BEGIN", "42601"),

@@ -80,14 +80,14 @@ def test_endpoint_counters() -> None:
     em.statement("writer")
     em.statement("reader")
     em.statement("reader")
-    em.session_pinned()
+    em.session_pinned("LISTEN")
     metrics.cluster("app").error("no_route")
     labels = {"endpoint": "rw"}
     assert sample(metrics, "endpoint_proxy_client_connections", **labels) == 1
     assert sample(metrics, "endpoint_proxy_client_connections_accepted_total", **labels) == 2
     assert sample(metrics, "endpoint_proxy_statements_total", route="writer", **labels) == 1
     assert sample(metrics, "endpoint_proxy_statements_total", route="reader", **labels) == 2
-    assert sample(metrics, "endpoint_proxy_pinned_sessions", **labels) == 1
+    assert sample(metrics, "endpoint_proxy_pinned_sessions", reason="LISTEN", **labels) == 1
     assert sample(metrics, "endpoint_proxy_errors_total", kind="no_route") == 1
 
 

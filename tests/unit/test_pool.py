@@ -1,5 +1,6 @@
 """Server pools: borrow and give back, the size limit, waiting in order, the borrow timeout,
-idle timeout and lifetime, draining (trio's MockClock: timing without waiting)."""
+idle timeout and lifetime, draining, resizing, min_size fills, closing that cannot block
+(trio's MockClock: timing without waiting)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from endpoint_proxy.server.pool import PoolKey, PoolLimits, PoolTimeout, ServerPool
+from endpoint_proxy.server.pool import Pooled, PoolKey, PoolLimits, PoolTimeout, ServerPool
 
 KEY = PoolKey("a", "app", "app")
 
@@ -111,3 +112,236 @@ async def test_drain_makes_every_connection_stale(autojump_clock: trio.testing.M
     assert sorted(conns.closed) == [1, 2] and p.total == 0
     c = await p.borrow(conns.open, 1)
     assert c.conn == 3 and c.generation == p.generation
+
+
+async def test_a_place_granted_to_a_waiter_is_not_taken_by_a_newcomer(
+        autojump_clock: trio.testing.MockClock) -> None:
+    conns = Conns()
+    p = pool(conns, size=1)
+    a = await p.borrow(conns.open, 1)
+    order: list[str] = []
+
+    async def waiter() -> None:
+        pooled = await p.borrow(conns.open, 10)
+        order.append("waiter")
+        await trio.sleep(1)
+        p.give_back(pooled)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        p.give_back(a, reusable=False)  # the place goes to the waiter, who opens its own...
+        newcomer = await p.borrow(conns.open, 10)  # ...so a newcomer, arriving first, queues behind
+        order.append("newcomer")
+        assert p.total == 1
+        p.give_back(newcomer)
+    assert order == ["waiter", "newcomer"] and p.total == 1
+
+
+async def test_a_waiter_whose_client_leaves_is_skipped(autojump_clock: trio.testing.MockClock) -> None:
+    conns = Conns()
+    p = pool(conns, size=1)
+    a = await p.borrow(conns.open, 1)
+    got: list[int] = []
+    leaver = trio.CancelScope()
+
+    async def first() -> None:
+        with leaver:
+            await p.borrow(conns.open, 10)
+            raise AssertionError("cancelled while waiting")
+
+    async def second() -> None:
+        got.append((await p.borrow(conns.open, 10)).conn)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(second)
+        await trio.testing.wait_all_tasks_blocked()
+        leaver.cancel()  # the first client leaves while it waits
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.waiting == 1
+        p.give_back(a)
+    assert got == [1] and p.lent == 1 and p.waiting == 0 and p.total == 1
+
+
+async def test_a_waiter_that_times_out_leaves_the_line_without_holding_it_up(
+        autojump_clock: trio.testing.MockClock) -> None:
+    conns = Conns()
+    p = pool(conns, size=1)
+    a = await p.borrow(conns.open, 1)
+    results: list[str] = []
+
+    async def client(name: str, timeout: float) -> None:
+        try:
+            pooled = await p.borrow(conns.open, timeout)
+        except PoolTimeout:
+            results.append(f"{name} timed out")
+            return
+        results.append(f"{name} got {pooled.conn}")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client, "impatient", 1)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(client, "patient", 100)
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.waiting == 2
+        await trio.sleep(2)
+        assert p.waiting == 1 and p.status(trio.current_time()).longest_wait_ms == 2000
+        p.give_back(a)
+    assert results == ["impatient timed out", "patient got 1"]
+    assert p.waiting == 0 and p.status(trio.current_time()).longest_wait_ms == 0
+
+
+async def test_a_lent_connection_past_its_lifetime_closes_when_given_back(
+        autojump_clock: trio.testing.MockClock) -> None:
+    conns = Conns()
+    p = pool(conns, size=2, lifetime_s=10)
+    a = await p.borrow(conns.open, 1)
+    await trio.sleep(11)  # a long transaction: the connection ages while lent
+    p.give_back(a)
+    await p.close_discarded()
+    assert conns.closed == [1] and p.total == 0
+    assert (await p.borrow(conns.open, 1)).conn == 2
+
+
+async def test_a_smaller_size_closes_idle_ones_and_lends_no_more_than_it(
+        autojump_clock: trio.testing.MockClock) -> None:
+    conns = Conns()
+    p = pool(conns, size=4)
+    lent = [await p.borrow(conns.open, 1) for _ in range(4)]
+    p.give_back(lent.pop())  # conn 4 idle
+    p.set_limits(PoolLimits(size=2))
+    await p.close_discarded()
+    assert conns.closed == [4] and p.total == 3  # three still lent: nobody loses theirs
+
+    async def waiter() -> None:
+        pooled = await p.borrow(conns.open, 10)
+        assert p.lent <= 2
+        p.give_back(pooled)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        p.give_back(lent.pop())  # conn 3: over the new size, closed; the waiter keeps waiting
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.waiting == 1 and p.lent == 2
+        p.give_back(lent.pop())  # conn 2: now within the size, handed to the waiter
+    await p.close_discarded()
+    assert sorted(conns.closed) == [3, 4] and p.total == 2 and p.lent == 1
+
+
+async def test_a_larger_size_lets_waiters_open(autojump_clock: trio.testing.MockClock) -> None:
+    conns = Conns()
+    p = pool(conns, size=1)
+    await p.borrow(conns.open, 1)
+    got: list[int] = []
+
+    async def waiter() -> None:
+        got.append((await p.borrow(conns.open, 10)).conn)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        p.set_limits(PoolLimits(size=2))
+    assert got == [2] and p.lent == 2
+
+
+async def test_fill_opens_min_size_through_the_last_opener(autojump_clock: trio.testing.MockClock) -> None:
+    conns = Conns()
+    p = pool(conns, size=5, min_size=3)
+    assert not p.wants_fill  # never borrowed from: no opener
+    a = await p.borrow(conns.open, 1)
+    assert p.wants_fill
+    await p.fill()
+    assert (p.lent, len(p.idle), p.total) == (1, 2, 3) and not p.wants_fill
+    p.give_back(a)
+    p.drain()  # the instance left its role: idle ones close, and the pool is not refilled...
+    assert not p.wants_fill
+    await p.fill()
+    assert p.total == 0
+    await p.borrow(conns.open, 1)  # ...until it is used again
+    await p.fill()
+    assert p.total == 3
+
+
+async def test_a_connection_opened_across_a_drain_is_stale(autojump_clock: trio.testing.MockClock) -> None:
+    conns = Conns()
+    p = pool(conns, size=2)
+
+    async def slow_open() -> int:
+        await trio.sleep(1)
+        return next(conns.ids)
+
+    got: list[Pooled[int]] = []
+
+    async def borrow() -> None:
+        got.append(await p.borrow(slow_open, 5))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(borrow)
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.opening == 1
+        p.drain()  # the instance left its role while the connection was being opened
+    p.give_back(got[0])
+    await p.close_discarded()
+    assert conns.closed == [1] and p.total == 0
+
+
+async def test_a_failed_open_frees_its_place(autojump_clock: trio.testing.MockClock) -> None:
+    conns = Conns()
+    p = pool(conns, size=1)
+
+    async def refused() -> int:
+        raise OSError("connection refused")
+
+    with pytest.raises(OSError):
+        await p.borrow(refused, 1)
+    assert p.total == 0
+    assert (await p.borrow(conns.open, 1)).conn == 1
+
+
+async def test_closing_never_raises_nor_hangs(autojump_clock: trio.testing.MockClock) -> None:
+    closed: list[int] = []
+
+    async def bad_close(conn: int) -> None:
+        if conn == 1:
+            raise OSError("reset")
+        if conn == 2:
+            await trio.sleep_forever()  # a server that never answers the goodbye
+        closed.append(conn)
+
+    conns = Conns()
+    p: ServerPool[int] = ServerPool(KEY, PoolLimits(size=3), close=bad_close)
+    lent = [await p.borrow(conns.open, 1) for _ in range(3)]
+    for pooled in lent:
+        p.give_back(pooled, reusable=False)
+    start = trio.current_time()
+    await p.close_discarded()
+    assert closed == [3] and trio.current_time() - start <= 5.0 + 0.01
+
+
+async def test_a_connection_handed_to_a_client_that_is_leaving_goes_to_the_next(
+        autojump_clock: trio.testing.MockClock) -> None:
+    conns = Conns()
+    p = pool(conns, size=1)
+    a = await p.borrow(conns.open, 1)
+    got: list[int] = []
+    leaver = trio.CancelScope()
+
+    async def first() -> None:
+        with leaver:
+            await p.borrow(conns.open, 10)
+            raise AssertionError("cancelled while waiting")
+
+    async def second() -> None:
+        got.append((await p.borrow(conns.open, 10)).conn)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(second)
+        await trio.testing.wait_all_tasks_blocked()
+        leaver.cancel()  # the first client leaves; before its task has run again...
+        p.give_back(a)  # ...the connection is handed to it, and it must pass it on
+    assert got == [1] and p.lent == 1 and p.waiting == 0 and p.total == 1

@@ -23,7 +23,9 @@ from ...protocol.mysql.auth import (
 from ...protocol.mysql.errors import MySQLAuthenticationError, MySQLProtocolError
 from ...protocol.mysql.framing import PacketReader, encode_packet
 from ...protocol.mysql.handshake import HandshakeResponse41, HandshakeV10, SSLRequest, decode_handshake_response
-from ...relay.net import Conn, RawConn, start_tls_server
+from ...protocol.mysql.packets import err_packet
+from ...relay.net import Conn, RawConn, send_quietly, start_tls_server
+from ..admission import Refusal, Ticket
 from ..session.context import SessionContext
 
 if TYPE_CHECKING:
@@ -97,13 +99,38 @@ def server_auth(ctx: SessionContext, user_name: str, tls: bool, nonce: bytes) ->
 
 class HasClient(Protocol):
     client: Conn
+    ticket: Ticket | None  # counts the session against the connection limits (server/admission.py)
+
+
+def refusal_fatal(ctx: SessionContext, refusal: Refusal, seq: int) -> Fatal:
+    """Over a connection limit: ERR 1040 (1203 for a user's limit), as MySQL answers."""
+    ctx.cluster.metrics.error("connection_limit")
+    errno, sqlstate, message = refusal.mysql_error
+    return Fatal(errno, sqlstate, message, seq=seq)
+
+
+async def refuse(client: Conn, refusal: Refusal) -> None:
+    """Answer a connection over the endpoint's or the process's limit with ERR 1040 in place of
+    the greeting, as MySQL does, and close it (no server is contacted)."""
+    errno, sqlstate, message = refusal.mysql_error
+    try:
+        await send_quietly(client, encode_packet(0, err_packet(errno, sqlstate, message)))
+    finally:
+        await client.aclose()
 
 
 async def login(ctx: SessionContext, holder: HasClient, logger: FilteringBoundLogger, *, connection_id: int,
                 server_version: str | None) -> MyLogin:
     """Greet, upgrade to TLS if asked, authenticate. Raises Fatal or MySQLProtocolError. A TLS
-    upgrade replaces ``holder.client`` at once, so an error after it goes over TLS too."""
+    upgrade replaces ``holder.client`` at once, so an error after it goes over TLS too. The
+    session's ``holder.ticket`` is admitted before the greeting (over the endpoint's or the
+    process's limit: ERR 1040 in its place) and for its user after authentication (ERR 1203)."""
     client = holder.client
+    ticket = holder.ticket
+    if ticket is not None:
+        refusal = ticket.admit(ctx.endpoint)  # admitted at accept already (the proxy): a no-op then
+        if refusal is not None:
+            raise refusal_fatal(ctx, refusal, 0)
     tls_ok = ctx.tls_context is not None and ctx.endpoint.tls != "off"
     offered = OFFERED | (k.CLIENT_SSL if tls_ok else 0)
     if ctx.cluster.config.allow_local_infile:
@@ -145,6 +172,10 @@ async def login(ctx: SessionContext, holder: HasClient, logger: FilteringBoundLo
     seq = await _exchange(client, packets, auth, seq, data, plugin, response.username, logger)
     if user is None:
         raise Fatal(1045, "28000", f"Access denied for user '{response.username}'@'%'", seq=seq)
+    if ticket is not None:
+        refusal = ticket.admit_user(user)  # like MySQL's max_user_connections: after authentication
+        if refusal is not None:
+            raise refusal_fatal(ctx, refusal, seq)
     if packets.reader.buffered:
         raise MySQLProtocolError("Malformed communication packet: data before the login ended", errno=1835)
     return MyLogin(client, user, response.capabilities & offered, response.character_set or charset,

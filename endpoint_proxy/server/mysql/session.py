@@ -36,6 +36,7 @@ from ...sessioncore.actions import (
     WaitGate,
 )
 from ...sessioncore.mysql import ChangeUser, DropParked, Kill, MySessionCore, Prepare
+from ..admission import Ticket
 from ..session import faults
 from ..session.backends import BackendSet
 from ..session.context import SessionContext
@@ -64,7 +65,7 @@ class NoRoute(Exception):
 
 class MySession(SessionShell):
     __slots__ = ("ctx", "peer", "session_id", "connection_id", "metrics", "scope", "draining", "user", "login",
-                 "backends", "env", "_core")
+                 "backends", "env", "_core", "ticket")
 
     core: MySessionCore
 
@@ -88,6 +89,7 @@ class MySession(SessionShell):
         self.env = SessionEnv(ctx.cluster, ctx.endpoint, self.metrics)
         self.backends.on_fault = self._fault
         self._core: MySessionCore | None = None
+        self.ticket: Ticket | None = None  # counts it against the connection limits (login admits)
 
     # --- what the proxy asks of a session -----------------------------------------------------
 
@@ -171,6 +173,8 @@ class MySession(SessionShell):
 
     async def _close(self) -> None:
         with trio.CancelScope(shield=True):
+            if self.ticket is not None:
+                self.ticket.release()
             self.ctx.cluster.mysql_sessions.pop(self.connection_id, None)
             if self._core is not None:
                 self._core.end()

@@ -19,6 +19,7 @@ from ...protocol.pg.auth import ServerAuth
 from ...protocol.pg.framing import FrameReader
 from ...protocol.pg.startup import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, parse_startup_packet
 from ...relay.net import Conn, RawConn, start_tls_server
+from ..admission import PG_TOO_MANY, Refusal, Ticket
 from ..cluster import AuthQueryError
 from ..session.context import CONSOLE_DATABASE, SessionContext
 
@@ -60,11 +61,21 @@ async def _read_into(client: Conn, reader: FrameReader, buf: bytearray) -> None:
 
 class HasClient(Protocol):
     client: Conn
+    ticket: Ticket | None  # counts the session against the connection limits (server/admission.py)
+
+
+def _refused(ctx: SessionContext, refusal: Refusal | None) -> None:
+    """Over a connection limit: FATAL 53300, as PostgreSQL and PgBouncer answer."""
+    if refusal is not None:
+        ctx.cluster.metrics.error("connection_limit")
+        raise Fatal(PG_TOO_MANY, refusal.pg_message)
 
 
 async def login(ctx: SessionContext, holder: HasClient, logger: FilteringBoundLogger) -> Login:
     """Run the startup phase; raises Fatal, ProtocolError or a network error. A TLS upgrade
-    replaces ``holder.client`` at once, so an error after it goes over TLS too."""
+    replaces ``holder.client`` at once, so an error after it goes over TLS too. The session's
+    ``holder.ticket`` is admitted after the StartupMessage and for its user after authentication
+    (over a limit: Fatal 53300)."""
     client = holder.client
     reader = FrameReader(max_length=ctx.max_startup_bytes)
     buf = bytearray(STARTUP_BUFFER)
@@ -107,12 +118,17 @@ async def login(ctx: SessionContext, holder: HasClient, logger: FilteringBoundLo
             npv = m.NegotiateProtocolVersion(0, tuple(packet.protocol_options))
             await client.send_all(npv.encode())
         if packet.database == CONSOLE_DATABASE and ctx.console is not None:
-            return Login(client, packet, console=(reader, buf))
+            return Login(client, packet, console=(reader, buf))  # never counted: an operator gets in
+        ticket = holder.ticket
+        if ticket is not None:
+            _refused(ctx, ticket.admit(ctx.endpoint))
         replication = packet.parameters.get("replication", "false").lower() not in ("false", "off", "no", "0")
         if replication and not ctx.endpoint.allow_replication:
             raise Fatal("08P01", f"endpoint {ctx.endpoint.name} does not allow replication connections "
                                  "(allow_replication)")
         user, auth = await _authenticate(ctx, client, packet, reader, buf, logger)
+        if ticket is not None:
+            _refused(ctx, ticket.admit_user(user))  # like PostgreSQL's role limit: after authentication
         return Login(client, packet, leftover=reader.take_buffered(), user=user, auth=auth)
 
 

@@ -28,6 +28,7 @@ from ...sessioncore.actions import (
     WaitGate,
 )
 from ...sessioncore.pg import PgSessionCore
+from ..admission import Ticket
 from ..pool import Pooled
 from ..session.backends import BackendSet
 from ..session.context import SessionContext
@@ -44,7 +45,7 @@ _NOT_FORWARDED = frozenset({"user"})
 
 
 class PgSession(PgPooling):
-    __slots__ = ("peer", "metrics", "scope", "is_console")
+    __slots__ = ("peer", "metrics", "scope", "is_console", "ticket")
 
     core: PgSessionCore
 
@@ -71,6 +72,7 @@ class PgSession(PgPooling):
         self._login: ScramKeys | None = None  # SCRAM keys of the client's own login (passthrough)
         self._core: PgSessionCore | None = None
         self._pooled: Pooled[BackendConnection] | None = None  # transaction mode: the borrowed connection
+        self.ticket: Ticket | None = None  # counts it against the connection limits (login admits)
 
     # --- what the proxy asks of a session -----------------------------------------------------
 
@@ -102,11 +104,12 @@ class PgSession(PgPooling):
 
     # --- the janitor's view (server/janitor.py Timed) ------------------------------------------
 
-    def activity(self) -> tuple[int, bool, bool]:
-        """(requests begun so far, a request in flight, inside a transaction)."""
+    def activity(self) -> tuple[int, bool, bool] | None:
+        """(requests begun so far, a request in flight, inside a transaction); None during login
+        and for the admin console (no timeouts apply)."""
         core = self._core
         if core is None or self.is_console:
-            return 0, False, False
+            return None
         return core.requests, core.busy, core.status in ("T", "E")
 
     def cancel_running(self) -> None:
@@ -187,6 +190,8 @@ class PgSession(PgPooling):
 
     async def _close(self) -> None:
         with trio.CancelScope(shield=True):
+            if self.ticket is not None:
+                self.ticket.release()
             if self._core is not None:
                 self._core.end()
             if self.cancel_key is not None:

@@ -22,7 +22,8 @@ class SessionEnv:
     Rules of this file: no I/O; every method is cheap (the relay calls ``request_started`` and
     ``request_ended`` once per request)."""
 
-    __slots__ = ("cluster", "endpoint", "metrics", "database", "_roles", "busy", "_gate", "_started", "_route")
+    __slots__ = ("cluster", "endpoint", "metrics", "database", "_roles", "busy", "_gate", "_started", "_route",
+                 "pin")
 
     def __init__(self, cluster: ClusterRuntime, endpoint: EndpointConfig, metrics: EndpointMetrics,
                  database: str = "") -> None:
@@ -39,6 +40,7 @@ class SessionEnv:
         self._gate = cluster.drills.gate
         self._started = 0  # perf_counter_ns() when the request in flight began
         self._route = "writer"
+        self.pin: str | None = None  # why the session is pinned now (SHOW SESSIONS), counted in pinned_sessions
 
     def rule(self, role: str) -> EndpointConfig:
         """The routing rule of a role: the endpoint's own, or a readwrite endpoint's writer/reader half."""
@@ -84,10 +86,28 @@ class SessionEnv:
         self._gate.end(self)
 
     def pinned(self, reason: str) -> None:
-        self.metrics.session_pinned()
+        """The session became tied to its server by state that cannot move (``reason``: its
+        label, e.g. "LISTEN"): counted in ``pinned_sessions{reason}`` until ``unpinned`` or
+        ``closed``. A second call with another reason moves the count to it."""
+        if self.pin == reason:
+            return
+        if self.pin is not None:
+            self.metrics.session_unpinned(self.pin)
+        self.pin = reason
+        self.metrics.session_pinned(reason)
 
     def unpinned(self, reason: str) -> None:
-        self.metrics.session_unpinned()
+        """The state that pinned the session is gone (UNLISTEN *, DISCARD TEMP, the lock
+        released, COM_RESET_CONNECTION): the session may move again. The count that goes is the
+        one ``pinned`` made, whatever ``reason`` says (it is for the caller's log)."""
+        if self.pin is not None:
+            self.metrics.session_unpinned(self.pin)
+            self.pin = None
+
+    def closed(self) -> None:
+        """The session ended: a pin it still holds stops counting (the proxy calls this)."""
+        self.unpinned("session closed")
+
 
     def error(self, kind: str) -> None:
         self.cluster.metrics.error(kind)

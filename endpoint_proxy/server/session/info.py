@@ -1,4 +1,4 @@
-"""One client session as the admin plane lists it (SHOW SESSIONS, /topology)."""
+"""One client session as the admin plane lists it (SHOW SESSIONS)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ class SessionInfo:
     instance: str | None  # the instance of its current backend, None while it has none
     state: str  # see ``session_state``
     client: str | None = None  # "host:port" of the client, when known
+    pinned: str | None = None  # why the session is tied to its server (e.g. "LISTEN"), None when it is not
 
 
 def session_state(*, logged_in: bool, busy: bool, transaction: str) -> str:
