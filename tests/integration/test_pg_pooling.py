@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
+import tomli_w
 
 from endpoint_proxy.localcluster.postgresql import PostgresCluster
-from tests.fixtures.proxy import ProxyProcess, free_port, pg_proxy_config
+from tests.fixtures.proxy import ProxyProcess, free_port, pg_proxy_config, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -213,3 +216,40 @@ def test_readwrite_borrows_from_writer_and_replica_pools(pool_proxy: ProxyProces
             await conn.close()
 
     asyncio.run(main())
+
+
+def test_a_reload_resizes_the_pools_without_dropping_clients(pg_cluster: PostgresCluster, pool_proxy: ProxyProcess,
+                                                              tmp_path: Path) -> None:
+    doc = pg_proxy_config(pg_cluster, pool_size=6, borrow_timeout_ms=10000)
+    doc["clusters"][0]["endpoints"] = [
+        {"name": "tx", "listen": f"127.0.0.1:{free_port()}", "kind": "writer", "pool_mode": "transaction"}]
+    before = server_connections(pg_cluster)  # the module's other proxy keeps some open
+
+    async def hold_all(clients: list[asyncpg.Connection]) -> None:
+        for c in clients:
+            await c.execute("begin")
+            await c.execute("select 1")
+
+    async def main(proxy: ProxyProcess) -> None:
+        clients = [await connect(proxy, pg_cluster) for _ in range(6)]
+        try:
+            await hold_all(clients)  # six server connections lent
+            assert await asyncio.to_thread(server_connections, pg_cluster) - before == 6
+            smaller = {**doc, "clusters": [{**doc["clusters"][0], "pool_size": 2}]}
+            proxy.config_path.write_bytes(tomli_w.dumps(smaller).encode())
+            assert proxy.proc is not None
+            proxy.proc.send_signal(signal.SIGHUP)
+            await asyncio.to_thread(wait_until, lambda: '"config_reloaded"' in proxy.log(), 20, "the reload")
+            for c in clients:  # every client keeps its session and its transaction
+                await c.execute("commit")
+            await asyncio.to_thread(wait_until, lambda: server_connections(pg_cluster) - before <= 2, 20,
+                                    "connections over the new size to close as they come back")
+            results = await asyncio.gather(*(c.fetchval("select $1::int", i) for i, c in enumerate(clients)))
+            assert results == list(range(6))
+            assert server_connections(pg_cluster) - before <= 2
+        finally:
+            for c in clients:
+                await c.close()
+
+    with ProxyProcess(doc, tmp_path) as proxy:
+        asyncio.run(main(proxy))
