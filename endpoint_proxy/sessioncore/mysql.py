@@ -443,9 +443,11 @@ class MySessionCore:
         tracker = ResponseTracker(code, self.caps)
         self._cmd_in_tx = self.in_transaction
         if tracker.done:  # no response: COM_STMT_CLOSE, COM_STMT_SEND_LONG_DATA
-            if forwardable:
+            if forwardable and not self.pooled:
                 return True
             self._actions.append(ToServer(encode_packet(command.seq, payload)))
+            if self.pooled and self._release_due():
+                self._release()  # (the statement closed had the last cursor or long data)
             return False
         self._cmd = command
         self._tracker = tracker
