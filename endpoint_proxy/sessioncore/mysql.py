@@ -161,6 +161,8 @@ class Statement:
     sql: str
     role: str
     schema: str | None = None  # the default database it was prepared in
+    params: int = 0
+    types: bytes | None = None  # its parameters' types, as the client last sent them with COM_STMT_EXECUTE
 
 
 @dataclass(slots=True)
@@ -432,6 +434,9 @@ class MySessionCore:
                 self._close_statement(client_id)
             elif self.pooled:
                 self._statement_used(code, client_id)
+                if code == c.COM_STMT_EXECUTE:
+                    payload = self._with_types(payload, self.statements[client_id])
+                    forwardable = forwardable and payload is command.payload
             if backend_id != client_id or (payload[1:5] != client_id.to_bytes(4, "little")):
                 payload = c.replace_statement_id(payload, backend_id)
                 forwardable = False
@@ -712,7 +717,8 @@ class MySessionCore:
             role = WRITER
             if self.readwrite and self._classify(sql, learn=False).route is Route.READ:
                 role = READER
-            statement = self.statements[client_id] = Statement(sql, role, self.state.schema)
+            statement = self.statements[client_id] = Statement(sql, role, self.state.schema,
+                                                               tracker.prepare_ok.num_params)
             self.state.on_stmt_prepare(client_id, sql)
             self._last_statement = client_id
             if self.pooled:
@@ -1045,6 +1051,24 @@ class MySessionCore:
         elif code in (c.COM_STMT_EXECUTE, c.COM_STMT_RESET):
             self._long_data.discard(client_id)
             self._cursors.discard(client_id)  # (an execution that opens one again says so in its answer)
+
+    @staticmethod
+    def _with_types(payload: bytes, statement: Statement) -> bytes:
+        """COM_STMT_EXECUTE: a client sends its parameters' types once, and the server keeps them with
+        the statement. Pooled server statements are shared, and met for the first time on other
+        connections: each execution carries the types (the client's last) so the values read right."""
+        params = statement.params
+        if not params:
+            return payload
+        flag = 10 + (params + 7) // 8  # after the command, id, flags, iteration count and NULL bitmap
+        if len(payload) <= flag:
+            return payload
+        if payload[flag] == 1:
+            statement.types = payload[flag + 1: flag + 1 + 2 * params]
+            return payload
+        if payload[flag] != 0 or statement.types is None:
+            return payload
+        return payload[:flag] + b"\x01" + statement.types + payload[flag + 1:]
 
     def _forget_statement(self, payload: bytes) -> bool:
         """COM_STMT_CLOSE: the session forgets its id; the server statement stays for whoever has the same
