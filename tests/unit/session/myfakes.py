@@ -334,6 +334,17 @@ class StatefulServer(FakeMyServer):
             self.commands.append(payload)
             self.multi = payload[1] == 0
             return encode_packet(seq + 1, p.OkPacket(status=self.status, header=0xFE).encode(CAPS))
+        if code == c.COM_STMT_PREPARE:  # with a parameter definition per "?"
+            self.commands.append(payload)
+            sql = payload[1:].decode()
+            sid = self._next
+            self._next += 1
+            self.statements[sid] = sql
+            self.queries.append(sql)
+            params = sql.count("?")
+            head = b"\x00" + sid.to_bytes(4, "little") + (0).to_bytes(2, "little") + params.to_bytes(2, "little")
+            return encode_packet(seq + 1, head + b"\0\0\0") + b"".join(
+                encode_packet(seq + 2 + i, column_def("?")) for i in range(params))
         if code == c.COM_STMT_SEND_LONG_DATA:
             self.commands.append(payload)
             sid = int.from_bytes(payload[1:5], "little")

@@ -256,7 +256,15 @@ def test_reset_connection_with_nothing_borrowed_takes_no_connection() -> None:
 
 
 def statement_id(d: PooledDriver) -> int:
-    return int.from_bytes(packets(bytes(d.to_client))[-1][1][1:5], "little")
+    """The id in the answer to a COM_STMT_PREPARE (the client's output cleared before it)."""
+    return int.from_bytes(packets(bytes(d.to_client))[0][1][1:5], "little")
+
+
+def execute_one(statement_id: int, value: int, *, typed: bool) -> bytes:
+    """COM_STMT_EXECUTE of a statement of one parameter, with its type (LONGLONG) or relying on the last."""
+    head = bytes((c.COM_STMT_EXECUTE,)) + statement_id.to_bytes(4, "little") + b"\0" + (1).to_bytes(4, "little")
+    bound = b"\x01\x08\x00" if typed else b"\x00"
+    return encode_packet(0, head + b"\0" + bound + value.to_bytes(8, "little"))
 
 
 def test_statement_ids_stay_the_sessions_across_connections() -> None:
@@ -300,6 +308,24 @@ def test_sessions_share_the_server_statement_of_the_same_text() -> None:
                             "COM_STMT_EXECUTE", "COM_STMT_EXECUTE"]
     assert len(server.statements) == 1 and not a.plans and not b.plans
     assert not errnos(bytes(a.to_client) + bytes(b.to_client))
+
+
+def test_every_execution_carries_its_parameter_types() -> None:
+    # A client sends the types once; a pooled server statement may be another connection's, or shared with
+    # a session whose types differ: the proxy adds the session's last types to each execution.
+    the_pool = pool(size=2)
+    a, b = session(the_pool), session(the_pool)
+    a.to_client.clear()
+    one_at_a_time(a, [prepare("select ?")])
+    sid = statement_id(a)
+    one_at_a_time(a, [execute_one(sid, 7, typed=True), execute_one(sid, 8, typed=False)])
+    one_at_a_time(b, [query("begin")])
+    one_at_a_time(a, [execute_one(sid, 9, typed=False)], cut=3)  # on a connection that never saw the types
+    first, second = the_pool.opened
+    executions = [cmd for server in (first, second) for cmd in server.commands if cmd[0] == c.COM_STMT_EXECUTE]
+    assert [cmd[5:] for cmd in executions] == [b"\0" + (1).to_bytes(4, "little") + b"\0\x01\x08\x00"
+                                               + value.to_bytes(8, "little") for value in (7, 8, 9)]
+    assert not errnos(bytes(a.to_client))
 
 
 def test_a_statement_prepared_in_another_database_is_prepared_there() -> None:
