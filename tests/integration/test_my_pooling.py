@@ -45,7 +45,9 @@ def pool_proxy(my_cluster: MariaDBCluster, tmp_path_factory: pytest.TempPathFact
                   endpoints=[{"name": "tx", "listen": f"127.0.0.1:{free_port()}", "kind": "writer",
                               "pool_mode": "transaction"},
                              {"name": "tx_rw", "listen": f"127.0.0.1:{free_port()}", "kind": "readwrite",
-                              "pool_mode": "transaction"}])
+                              "pool_mode": "transaction"},
+                             {"name": "tx_rw_session", "listen": f"127.0.0.1:{free_port()}", "kind": "readwrite",
+                              "pool_mode": "transaction", "consistency": "session", "session_wait_ms": 200}])
     tight = dict(base, name="tight", pool_size=1, borrow_timeout_ms=300,
                  users=[{"name": TIGHT_USER, "password": TIGHT_PASSWORD}],
                  endpoints=[{"name": "tight", "listen": f"127.0.0.1:{free_port()}", "kind": "writer",
@@ -362,3 +364,21 @@ def test_readwrite_in_transaction_mode_carries_the_state_to_the_replica(pool_pro
         one(conn, "INSERT INTO marker VALUES (1)")  # the writer, in pool_other
     finally:
         conn.close()
+
+
+def test_session_consistency_in_transaction_mode_reads_its_writes(pool_proxy: ProxyProcess,
+                                                                 my_cluster: MariaDBCluster) -> None:
+    replicas = {my_cluster.instance(i.name).port for i in my_cluster.instances if i.name != my_cluster.primary_name}
+    conn = connect(pool_proxy, "tx_rw_session")
+    ports = []
+    try:
+        for i in range(40):
+            with conn.cursor() as cur:
+                cur.execute("REPLACE INTO pool_items VALUES (1, %s)", (i,))
+                cur.execute("SELECT v, @@port FROM pool_items WHERE id = 1")
+                v, port = cur.fetchone()
+                assert v == i
+                ports.append(int(port))
+    finally:
+        conn.close()
+    assert set(ports) & replicas  # (read on a replica once it had replayed the write)

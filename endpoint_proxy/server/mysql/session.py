@@ -482,8 +482,12 @@ class MySession(SessionShell):
     async def _borrow_attach(self, action: Attach) -> None:
         core = self.core
         try:
-            pooled, plan, complete = await self._borrow(action.role, self.ctx.cluster.config.failover_timeout_ms / 1000,
-                                                        action.exclude)
+            held = await self._held_reader(action.role)
+            if held is not None:
+                pooled, plan, complete = held
+            else:
+                pooled, plan, complete = await self._borrow(
+                    action.role, self.ctx.cluster.config.failover_timeout_ms / 1000, action.exclude)
         except PoolTimeout:
             core.attach_failed(AttachError("pool_timeout", str(ER_CON_COUNT), self._pool_timeout_message()))
             return
@@ -501,6 +505,18 @@ class MySession(SessionShell):
             self.log.info("session_reattached", instance=backend.instance, thread=backend.thread_id,
                           reason=action.reason)
         core.borrowed(self._facts(backend), pooled.mark, status=backend.status, plan=plan, complete=complete)
+
+    async def _held_reader(self, role: str) -> tuple[Pooled[MyBackendConnection], Plan | None, bool] | None:
+        """The replica connection session consistency waited on (still lent), made the session's for
+        the read it waited for; None when there is none (or it cannot serve)."""
+        pooled = self.lent
+        if pooled is None or self.backends.active is not None:
+            return None
+        if role != READER:
+            self._give_back(reusable=True)
+            return None
+        fitted = await self._fit(pooled, True)
+        return (pooled, *fitted) if fitted is not None else None
 
     def _fault(self, backend: MyBackendConnection) -> None:
         """A fault started on a backend's instance (BackendSet.on_fault): apply it now."""
@@ -529,7 +545,7 @@ class MySession(SessionShell):
             for role in list(self.backends.parked):
                 await self.backends.close(self.backends.take_parked(role), _QUIT)
         elif isinstance(action, CatchUp):
-            self.core.caught_up(await self._caught_up())
+            self.core.caught_up(await (self._caught_up_pooled() if self.pooled else self._caught_up()))
         elif isinstance(action, WaitGate):
             await self.ctx.cluster.drills.gate.wait_open()
             self.core.gate_opened()
@@ -814,6 +830,29 @@ class MySession(SessionShell):
             _, raw = await self._exchange(reader, bytes((c.COM_QUERY,)) + query.encode())
             return _first_text_value(raw) == "0"
         except (NoRoute, MyBackendError, MySQLProtocolError, *NETWORK_ERRORS):
+            return False
+
+
+    async def _caught_up_pooled(self) -> bool:
+        """Session consistency in transaction mode: the writer's position from a connection of its pool,
+        then the wait on a replica connection that stays lent for the read (``_held_reader``)."""
+        try:
+            await self._borrow(WRITER, self.ctx.cluster.config.failover_timeout_ms / 1000, fit=False)
+            assert self.lent is not None
+            _, raw = await self._exchange(self.lent.conn, bytes((c.COM_QUERY,)) + b"SELECT @@gtid_binlog_pos")
+            self._give_back(reusable=True)  # (a read of a global: nothing of the session's on it)
+            position = _first_text_value(raw)
+            await self._borrow(READER, 0.0, fit=False)
+            assert self.lent is not None
+            reader = self.lent.conn
+            if not reader.in_recovery:
+                return True
+            wait_s = self.ctx.endpoint.session_wait_ms / 1000
+            query = f"SELECT MASTER_GTID_WAIT('{position}', {wait_s:.3f})"
+            _, raw = await self._exchange(reader, bytes((c.COM_QUERY,)) + query.encode())
+            return _first_text_value(raw) == "0"
+        except (NoRoute, PoolTimeout, MyBackendError, MySQLProtocolError, *NETWORK_ERRORS):
+            await self._discard()
             return False
 
 
