@@ -382,3 +382,46 @@ def test_session_consistency_in_transaction_mode_reads_its_writes(pool_proxy: Pr
     finally:
         conn.close()
     assert set(ports) & replicas  # (read on a replica once it had replayed the write)
+
+
+def test_change_user_starts_over_with_the_new_users_pool(pool_proxy: ProxyProcess) -> None:
+    """COM_CHANGE_USER (pymysql has none): the session goes on as the other user, its state gone."""
+    import socket
+
+    from endpoint_proxy.protocol.mysql import commands as c
+    from endpoint_proxy.protocol.mysql import constants as k
+    from endpoint_proxy.protocol.mysql.auth import BackendAuthenticator
+    from endpoint_proxy.protocol.mysql.framing import encode_packet
+    from endpoint_proxy.protocol.mysql.handshake import HandshakeResponse41, decode_handshake_v10
+    from tests.integration.test_my_endpoints import _packet
+
+    caps = (k.CLIENT_PROTOCOL_41 | k.CLIENT_SECURE_CONNECTION | k.CLIENT_PLUGIN_AUTH | k.CLIENT_CONNECT_WITH_DB
+            | k.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA | k.CLIENT_TRANSACTIONS | k.CLIENT_DEPRECATE_EOF)
+    with socket.create_connection(("127.0.0.1", pool_proxy.port("tx")), timeout=10) as s:
+        _, greeting = _packet(s)
+        hello = decode_handshake_v10(greeting)
+        assert hello.connection_id >= 1_000_000_000  # the proxy's own thread id
+        auth = BackendAuthenticator(USER, PASSWORD, capabilities=caps)
+        plugin, response = auth.start(hello.auth_plugin_name, hello.auth_plugin_data)
+        s.sendall(encode_packet(1, HandshakeResponse41(caps, USER, response, "app", plugin,
+                                                       character_set=45).encode()))
+        assert _packet(s)[1][0] == 0x00
+
+        def value(sql: str) -> bytes | None:
+            s.sendall(encode_packet(0, bytes((c.COM_QUERY,)) + sql.encode()))
+            answer = [_packet(s)[1] for _ in range(3)]  # column count, definition, row
+            assert _packet(s)[1][0] == 0xFE  # the closing OK
+            row = answer[2]
+            return None if row[:1] == b"\xfb" else row[1:1 + row[0]]
+
+        s.sendall(encode_packet(0, bytes((c.COM_QUERY,)) + b"SET @before = 1"))
+        assert _packet(s)[1][0] == 0x00
+        assert value("SELECT @before") == b"1"
+        switch = BackendAuthenticator(BENCH_USER, BENCH_PASSWORD, capabilities=caps)
+        plugin, response = switch.start("mysql_native_password", hello.auth_plugin_data)
+        s.sendall(encode_packet(0, c.ComChangeUser(BENCH_USER, response, "pool_bench", 45, plugin).encode(caps)))
+        body = _packet(s)[1]
+        assert body[0] == 0x00, body
+        assert (value("SELECT CURRENT_USER()") or b"").startswith(BENCH_USER.encode() + b"@")
+        assert value("SELECT DATABASE()") == b"pool_bench"
+        assert value("SELECT @before") is None  # the session started over
