@@ -727,9 +727,12 @@ class MySessionCore:
                 self.marks[self.role].statements[client_id] = backend_id
             if client_id != backend_id:
                 out = out[:5] + client_id.to_bytes(4, "little") + out[9:]
-        self._actions.append(ToClient(out))
         if tracker.done:
             self._done(tracker)
+            if self.pooled and self._release_due():
+                self._release()  # (before the answer, as in server_data)
+        self._actions.append(ToClient(out))
+        if tracker.done:
             self._pump()
         return ATTEND
 

@@ -135,12 +135,24 @@ def test_pipelined_commands_are_served_in_order_on_one_borrow() -> None:
 
 
 def test_the_answer_is_sent_after_the_connection_goes_back() -> None:
-    the_pool = pool(size=1)
-    d = session(the_pool)
-    d.core.client_data(query("select 1"))
-    d.run()  # borrowed, sent; the answer came
-    # the connection is back in the pool before the client has its answer: a slow reader keeps nothing
-    assert the_pool.lent == 0 and d.to_client
+    # so that a client slow to read its answer keeps no connection from the others
+    from endpoint_proxy.sessioncore.actions import Attach, ToClient, ToServer
+    from endpoint_proxy.sessioncore.mysql import Release
+
+    for command in (query("select 1"), prepare("select ?")):
+        the_pool = pool(size=1)
+        d = session(the_pool)
+        d.core.client_data(command)
+        attach = d.core.next_action()
+        assert isinstance(attach, Attach)
+        d._borrow(attach)
+        to_server = d.core.next_action()
+        assert isinstance(to_server, ToServer)
+        assert d.core.server_data(the_pool.opened[0].feed(to_server.data)) != 0
+        actions = []
+        while (action := d.core.next_action()) is not None:
+            actions.append(type(action))
+        assert actions == [Release, ToClient]
 
 
 def test_autocommit_off_holds_the_connection() -> None:
