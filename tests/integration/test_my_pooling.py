@@ -60,6 +60,7 @@ def pool_proxy(my_cluster: MariaDBCluster, tmp_path_factory: pytest.TempPathFact
 
 def connect(proxy: ProxyProcess, endpoint: str = "tx", **kw: Any) -> pymysql.Connection:
     user, password = (TIGHT_USER, TIGHT_PASSWORD) if endpoint == "tight" else (USER, PASSWORD)
+    user, password = kw.pop("user", user), kw.pop("password", password)
     kw.setdefault("database", "app")
     return pymysql.connect(host="127.0.0.1", port=proxy.port(endpoint), user=user, password=password,
                            connect_timeout=10, read_timeout=60, autocommit=True, **kw)
@@ -347,6 +348,24 @@ def test_kill_query_of_the_proxy_thread_id_reaches_the_borrowed_connection(pool_
     finally:
         sleeper.close()
         killer.close()
+
+
+def test_only_its_user_may_kill_an_idle_pooled_session(pool_proxy: ProxyProcess) -> None:
+    victim = connect(pool_proxy)
+    stranger = connect(pool_proxy, user=BENCH_USER, password=BENCH_PASSWORD, database="pool_bench")
+    owner = connect(pool_proxy)
+    try:
+        with pytest.raises(pymysql.err.OperationalError) as info:
+            one(stranger, f"KILL {victim.thread_id()}")
+        assert info.value.args[0] == 1095
+        assert one(victim, "SELECT 1") == 1
+        one(owner, f"KILL CONNECTION {victim.thread_id()}")
+        with pytest.raises(pymysql.err.OperationalError):
+            one(victim, "SELECT 1")
+    finally:
+        for conn in (victim, stranger, owner):
+            if conn.open:
+                conn.close()
 
 
 def test_readwrite_in_transaction_mode_carries_the_state_to_the_replica(pool_proxy: ProxyProcess,

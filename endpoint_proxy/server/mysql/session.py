@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -62,6 +63,7 @@ log = structlog.get_logger("endpoint_proxy.mysql")
 
 _QUIT = encode_packet(0, bytes((c.COM_QUIT,)))
 ER_NO_ROUTE = 1105
+ER_KILL_DENIED = 1095
 
 
 class NoRoute(Exception):
@@ -671,7 +673,13 @@ class MySession(SessionShell):
         session = cluster.mysql_sessions.get(target)
         where = session.current_thread() if isinstance(session, MySession) else None
         if session is not None and where is None:
-            # That session has no server connection right now: nothing runs to be killed.
+            # That session has no server connection right now: nothing runs to be killed. (No server
+            # decides who may end it, so only its own user may, as without the CONNECTION ADMIN right.)
+            if isinstance(session, MySession) and session.user is not None and self.user is not None \
+                    and session.user.name != self.user.name:
+                await self._send_client(encode_packet(action.seq, err_packet(
+                    ER_KILL_DENIED, "HY000", f"You are not owner of thread {target}")))
+                return
             if action.what == "CONNECTION" and isinstance(session, MySession):
                 session.core.closing = True
                 session.wake_close()
@@ -689,22 +697,32 @@ class MySession(SessionShell):
             else:
                 instance = self.ctx.cluster.route(self.env.rule(self.core.role)).instance if self.pooled else None
         sql = f"KILL {action.what} {int(thread)}"
-        answer = await self._run_as_user(instance, sql, action.seq)
+        still = None
+        if isinstance(session, MySession) and session.pooled:
+            # A pooled session may give its connection back, and another borrow it, while the KILL
+            # connection opens: it is checked again right before the KILL goes.
+            def still() -> bool:
+                return session.current_thread() == where
+        answer = await self._run_as_user(instance, sql, action.seq, still=still)
         await self._send_client(answer)
 
     def wake_close(self) -> None:
         self.closed = True
         self.wake()
 
-    async def _run_as_user(self, instance: str | None, sql: str, seq: int) -> bytes:
+    async def _run_as_user(self, instance: str | None, sql: str, seq: int, *,
+                           still: Callable[[], bool] | None = None) -> bytes:
         """Run a statement as this session's user on ``instance`` and return the answer for the
-        client (OK or the server's ERR) at sequence ``seq``."""
+        client (OK or the server's ERR) at sequence ``seq``. ``still``: asked right before it goes;
+        False answers OK without running it (what it was for has gone)."""
         assert self.user is not None and self.login is not None
         if instance is None:
             return encode_packet(seq, err_packet(ER_NO_ROUTE, "HY000", "no instance is available"))
         active = self.backends.active
         try:
             if active is not None and active.instance == instance:
+                if still is not None and not still():
+                    return encode_packet(seq, OkPacket(status=active.status).encode(self.login.capabilities))
                 tracker, raw = await self._exchange(active, bytes((c.COM_QUERY,)) + sql.encode())
                 if tracker.error is not None:
                     return encode_packet(seq, err_packet(tracker.error.errno, tracker.error.sqlstate,
@@ -717,7 +735,8 @@ class MySession(SessionShell):
                     credential=cluster.my_backend_credential(self.user.name, self.login.stage1),
                     security=cluster.backend_security)
             try:
-                await probe.query(sql)
+                if still is None or still():
+                    await probe.query(sql)
             finally:
                 with trio.CancelScope(shield=True):
                     await probe.aclose()
