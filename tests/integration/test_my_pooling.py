@@ -444,3 +444,35 @@ def test_change_user_starts_over_with_the_new_users_pool(pool_proxy: ProxyProces
         assert (value("SELECT CURRENT_USER()") or b"").startswith(BENCH_USER.encode() + b"@")
         assert value("SELECT DATABASE()") == b"pool_bench"
         assert value("SELECT @before") is None  # the session started over
+
+
+def test_no_statement_of_the_proxys_when_sessions_carry_the_same_state(pool_proxy: ProxyProcess) -> None:
+    """Two clients take turns on one server connection (pool_size 1): its own Questions counter shows
+    exactly their statements while their states agree, and the proxy's few once they differ."""
+    a, b = connect(pool_proxy, "tight"), connect(pool_proxy, "tight")
+
+    def questions() -> int:
+        with a.cursor() as cur:
+            cur.execute("SHOW SESSION STATUS LIKE 'Questions'")  # (of the connection it runs on: the one)
+            return int(cur.fetchone()[1])
+
+    try:
+        for conn in (a, b):
+            one(conn, "SET sql_mode = 'STRICT_ALL_TABLES'")
+            one(conn, "SET @tenant = 7")
+        before = questions()
+        for _ in range(5):
+            one(b, "SELECT 1")
+            one(a, "SELECT 1")
+        same = questions() - before
+        one(b, "SET @tenant = 8")  # now they differ: each turn brings @tenant over
+        before = questions()
+        for _ in range(5):
+            one(b, "SELECT 1")
+            one(a, "SELECT 1")
+        different = questions() - before
+    finally:
+        a.close()
+        b.close()
+    assert same == 11  # ten SELECTs and the SHOW
+    assert different == 21  # and a SET @tenant before each turn
