@@ -438,6 +438,9 @@ class MySession(SessionShell):
         if mark.variant != self._variant() or backend.conn.peer_closed():
             await self._discard()
             return None
+        instance = self.ctx.cluster.topology.instances.get(backend.instance)
+        if instance is not None:
+            backend.in_recovery = bool(instance.in_recovery)  # (its role when it was opened may be past)
         faults.with_toxics(self.ctx.cluster, backend)
         if not fit:
             return None, True
