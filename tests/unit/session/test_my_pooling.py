@@ -531,6 +531,22 @@ def test_readwrite_borrows_from_the_writer_and_reader_pools_with_the_state() -> 
     assert writer.lent == reader.lent == 0
 
 
+def test_readwrite_pipelines_switch_pools_at_command_boundaries() -> None:
+    flow = query("set @t = 1") + query("select @t") + query("insert into t values (1)") + query("select @t")
+    expected = None
+    for cut in splits(flow):
+        writer, reader = FakePool("w", 1), FakePool("r", 1, in_recovery=True)
+        d = PooledDriver({"writer": writer, "reader": reader}, readwrite=True)
+        d.send(flow, cut)
+        assert writer.opened[0].queries == ["set @t = 1", "insert into t values (1)"], cut
+        # the variable went along to the replica (once: the second read finds it there)
+        assert reader.opened[0].queries == ["set @t = 1", "select @t", "select @t"], cut
+        assert writer.lent == reader.lent == 0
+        if expected is None:
+            expected = bytes(d.to_client)
+        assert bytes(d.to_client) == expected
+
+
 def test_xa_transactions_hold_the_connection_until_they_end() -> None:
     the_pool = pool(size=1)
     d = session(the_pool)
