@@ -67,6 +67,8 @@ class _Pending:
     multi_statements: bool | None = None
     stateful_prepared: dict[str, bool] = field(default_factory=dict)  # name -> its EXECUTE sets state
     statements: int = 1
+    holds: list[str] = field(default_factory=list)  # what holds the connection besides the pins' kinds
+    releases: list[str] = field(default_factory=list)  # holds it lets go of (UNLOCK TABLES, RELEASE_ALL_LOCKS())
 
     def changes(self) -> bool:
         return bool(self.entries or self.forget or self.pins or self.schema is not None
@@ -89,6 +91,12 @@ class MySessionState:
     _pending: _Pending | None = field(default=None, repr=False)
     _stateful_prepared: dict[str, bool] = field(default_factory=dict, repr=False)
     _stateful_statements: set[int] = field(default_factory=set, repr=False)
+    # What holds the session to its server connection, by kind: each pin's key, and "backup_lock" for the
+    # backup locks UNLOCK TABLES does not end. Transaction-mode pooling (`release_pin`) lets go of the pin when
+    # the last hold goes; "lock_tables" (LOCK TABLES, FLUSH TABLES ... WITH READ LOCK) goes with UNLOCK TABLES,
+    # "named_lock" with RELEASE_ALL_LOCKS(); nothing here ends the others (temporary tables, HANDLER, values
+    # only that server has...).
+    holds: set[str] = field(default_factory=set)
 
     @classmethod
     def start(cls, *, sql_mode: str | None = None, status: int | None = None, charset: str | None = None,
@@ -172,12 +180,22 @@ class MySessionState:
         self._stateful_prepared.clear()
         self._stateful_statements.clear()
         self.pinned_by = self.pinned_detail = None
+        self.holds.clear()
         self.multi_statements = None
         self.schema = schema
         self.dialect = MyDialect.from_sql_mode(sql_mode, charset)
         self.version += 1
 
     # --- what the session reads
+
+    def release_pin(self) -> bool:
+        """Transaction-mode pooling: end the pin if nothing holds the session to its server connection any
+        more (what pinned it was let go of); True when it did. Session mode never calls it (a pin is for
+        the session's life there)."""
+        if self.pinned_by is None or self.holds:
+            return False
+        self.pinned_by = self.pinned_detail = None
+        return True
 
     def replay_after(self, seq: int) -> list[ReplayEntry]:
         """The entries a backend that has applied everything up to `seq` (0: a fresh one) still needs, in order."""
@@ -195,11 +213,14 @@ class MySessionState:
             self._apply(pending)
 
     def _pin(self, key: str, detail: str | None = None) -> None:
+        self.holds.add(key)
         if self.pinned_by is None:
             self.pinned_by = label_of("mysql", key)
             self.pinned_detail = detail
 
     def _apply(self, pending: _Pending) -> None:
+        self.holds.difference_update(pending.releases)
+        self.holds.update(pending.holds)
         for key, detail in pending.pins:
             self._pin(key, detail)
         for key in pending.forget:
@@ -252,6 +273,7 @@ class MySessionState:
         if verb == "execute":
             self._execute(statement, pending)
             return
+        _note_holds(statement, verb, pending)
         if state is None or state in ("user_variable_read", "unlock_tables"):
             return
         if state in MY_PINNING_STATES:
@@ -360,6 +382,19 @@ def _sets_up_state(sql: str, dialect: MyDialect) -> bool:
     if analysis.uncertain or (analysis.problem is not None and not analysis.statements):
         return True
     return any(s not in ("user_variable_read", "unlock_tables") for s in analysis.states)
+
+
+def _note_holds(statement: StatementInfo, verb: str, pending: _Pending) -> None:
+    """What a statement takes or lets go of that holds a session to its server connection (see `holds`)."""
+    toks = statement.tokens
+    state = statement.session_state
+    second = toks[1][1] if len(toks) > 1 and toks[1][0] == "w" else ""
+    if state == "lock_tables" and (verb == "backup" or (verb == "lock" and second == "instance")):
+        pending.holds.append("backup_lock")  # BACKUP STAGE/LOCK, LOCK INSTANCE FOR BACKUP: not UNLOCK TABLES'
+    elif state == "unlock_tables" and verb == "unlock" and second in ("table", "tables"):
+        pending.releases.append("lock_tables")
+    if ("w", "release_all_locks") in toks:
+        pending.releases.append("named_lock")
 
 
 def _use_name(statement: StatementInfo) -> str | None:

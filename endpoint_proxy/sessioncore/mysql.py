@@ -11,6 +11,14 @@ Rules of this file:
   termination (KILL, wait_timeout) reaches the client as it would directly.
 - Statement ids the client sees are the session's own, stable across backends; where a
   backend's id is free it is used as is, so the common case needs no rewriting.
+- Transaction mode (``pooled``): the session holds a server connection only while it must —
+  from a command that needs one (``Attach``, reason "borrow") until the final answer that
+  leaves it outside a transaction, unpinned, with no cursor, long data, XA transaction or
+  queued command (``Release``). What the connection carries is its ``PooledMark``
+  (my_pool_plan.py): the shell brings it to the session's state by ``pool_plan`` and reports
+  with ``borrowed``. Prepared statements live per connection, by text: the client's ids map to
+  whatever the connection at hand has (prepared there first if it lacks it), the client's
+  COM_STMT_CLOSE only forgets the id, and each connection keeps at most ``max_prepared``.
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ from .actions import (
     WaitGate,
 )
 from .loss import STATEMENT_LOST, TX_LOST, LossFacts, LossOutcome, on_loss
+from .my_pool_plan import PARSE_KEYS, Plan, PooledMark, StatementKey, applied
+from .my_pool_plan import plan as _pool_plan
 
 Buffer = bytes | bytearray | memoryview
 
@@ -55,6 +65,7 @@ ER_TRANSACTION_LOST = 1927  # ER_CONNECTION_KILLED, sent with SQLSTATE 08007 (se
 ER_NO_ROUTE = 1105
 ER_UNKNOWN_STMT_HANDLER = 1243
 ER_NOT_ALLOWED_COMMAND = 1148
+ER_CON_COUNT = 1040  # "Too many connections": no pooled server connection free in time (SQLSTATE 08004)
 HOLD_LIMIT = 1 << 20  # commands held behind one in flight, at most (then the client is not read)
 UNSOLICITED_LIMIT = 1 << 16  # what a server may say unasked before it closes
 
@@ -65,6 +76,8 @@ _STMT_COMMANDS = frozenset((c.COM_STMT_EXECUTE, c.COM_STMT_SEND_LONG_DATA, c.COM
                             c.COM_STMT_FETCH, c.COM_STMT_BULK_EXECUTE))
 _GATE = "gate"  # what _attaching holds while the session waits at the writer gate
 _READ_COMMANDS = frozenset((c.COM_PING, c.COM_INIT_DB, c.COM_STMT_RESET, c.COM_STATISTICS, c.COM_FIELD_LIST))
+_XA = re.compile(r"\A\s*XA\s+(START|BEGIN|COMMIT|ROLLBACK)\b", re.I)
+BORROW = "borrow"  # the Attach reason of transaction mode: a connection of the pool, for one transaction
 
 
 class MyEnv(Protocol):
@@ -83,6 +96,8 @@ class MyEnv(Protocol):
 
     def pinned(self, reason: str) -> None: ...
 
+    def unpinned(self, reason: str) -> None: ...
+
     def error(self, kind: str) -> None: ...
 
     @property
@@ -99,10 +114,12 @@ class MyEnv(Protocol):
 @dataclass(slots=True)
 class Prepare:
     """Prepare statement ``client_id`` (its ``sql``) on the active backend before the command
-    that uses it; report with ``prepared``."""
+    that uses it; report with ``prepared``. ``schema``: the default database the client
+    prepared it in, when the session has moved to another since (prepare it there)."""
 
     client_id: int
     sql: str
+    schema: str | None = None
 
 
 @dataclass(slots=True)
@@ -127,13 +144,25 @@ class DropParked:
     """COM_RESET_CONNECTION / COM_CHANGE_USER: backends parked with the old state must go."""
 
 
-MyAction = Action | Prepare | Kill | ChangeUser | DropParked
+@dataclass(slots=True)
+class Release:
+    """Transaction mode: nothing ties the session to its server connection now: give it back to its
+    pool (its mark is up to date). ``reusable`` False: close it instead, it may carry state that
+    must not reach another client."""
+
+    reusable: bool = True
+
+
+MyAction = Action | Prepare | Kill | ChangeUser | DropParked | Release
 
 
 @dataclass
 class Statement:
     sql: str
     role: str
+    schema: str | None = None  # the default database it was prepared in
+    params: int = 0
+    types: bytes | None = None  # its parameters' types, as the client last sent them with COM_STMT_EXECUTE
 
 
 @dataclass(slots=True)
@@ -155,9 +184,12 @@ class _Command:
 
 
 class MySessionCore:
-    def __init__(self, env: MyEnv, facts: BackendFacts, *, capabilities: int, status: int,
+    def __init__(self, env: MyEnv, facts: BackendFacts | None, *, capabilities: int, status: int,
                  readwrite: bool = False, session_consistency: bool = False, max_payload: int = 1 << 30,
-                 allow_local_infile: bool = False, schema: str | None = None, charset: int | None = None) -> None:
+                 allow_local_infile: bool = False, schema: str | None = None, charset: int | None = None,
+                 pooled: bool = False, max_prepared: int = 200) -> None:
+        """``facts``: the backend the session starts on (None in transaction mode, ``pooled``: it starts
+        with none and borrows one per command)."""
         self.env = env
         self.caps = capabilities
         self.readwrite = readwrite
@@ -169,11 +201,22 @@ class MySessionCore:
         self._creader = PacketReader(max_payload)
         self._actions: list[MyAction] = []
         self.role = WRITER if readwrite else MAIN
-        self.attached = True
-        self.instance: str | None = facts.instance
-        self.in_recovery = facts.in_recovery
+        self.attached = facts is not None
+        self.instance: str | None = facts.instance if facts is not None else None
+        self.in_recovery = facts.in_recovery if facts is not None else False
         self.status = status  # server status flags of the last OK/EOF
-        self.marks: dict[str, BackendMark] = {self.role: BackendMark()}
+        self.marks: dict[str, BackendMark] = {} if pooled else {self.role: BackendMark()}
+        # Transaction mode (see the rules above).
+        self.pooled = pooled
+        self.max_prepared = max_prepared
+        self.conn: PooledMark | None = None  # what the borrowed connection carries (kept up to date)
+        self._base_schema = schema  # the default database the state's entries start from
+        self._cursors: set[int] = set()  # client statement ids with a cursor open on the borrowed connection
+        self._long_data: set[int] = set()  # ... with COM_STMT_SEND_LONG_DATA sent and not executed yet
+        self._xa = False  # an XA transaction is open (it may outlive SERVER_STATUS_IN_TRANS)
+        self._to_close: list[int] = []  # server statement ids to close before the connection's next command
+        self._xa_command: str | None = None  # an XA statement in flight
+        self._parse_key: tuple[tuple[int, int, int], tuple[str, ...]] = ((-1, -1, -1), ())
         self._checked_generation = env.generation
         self.statements: dict[int, Statement] = {}
         self._last_statement = 0
@@ -202,6 +245,7 @@ class MySessionCore:
         self.wrote = False
         self._pinned_reported = False
         self._gated = False  # writer work begun at the writer gate and not ended
+        self.requests = 0  # commands begun so far (the janitor's measure of activity)
 
     # --- what the shell reads ---------------------------------------------------------------
 
@@ -279,11 +323,14 @@ class MySessionCore:
         return ATTEND
 
     def _pump(self) -> None:
-        """Dispatch queued commands while nothing is in flight."""
+        """Dispatch queued commands while nothing is in flight (transaction mode: then let go of the
+        connection if nothing ties the session to it)."""
         while self._queue and self._cmd is None and not self._lost and self._attaching is None and not self.closing:
             command = self._queue.popleft()
             self._queued_bytes -= len(command.payload)
             self._dispatch(command, forwardable=False)
+        if self.pooled and self._release_due():
+            self._release()
 
     def _requeue(self, command: _Command) -> None:
         self._queue.appendleft(command)
@@ -295,6 +342,7 @@ class MySessionCore:
         payload = command.payload
         if not payload:
             raise MySQLProtocolError("Malformed communication packet: an empty command", errno=1835)
+        self.requests += 1
         code = payload[0]
         if code == c.COM_QUIT:
             self.closing = True
@@ -313,11 +361,20 @@ class MySessionCore:
         if code == c.COM_CHANGE_USER:
             self._actions.append(ChangeUser(payload))
             return False
+        if self.pooled and code == c.COM_STMT_CLOSE and self._forget_statement(payload):
+            return False
         if self.draining and self.idle:
             self._shutdown()
             return False
         if self.failed_tx:
             self._answer_failed_tx(command, sql)
+            return False
+        if self.pooled and code == c.COM_RESET_CONNECTION and not self.attached:
+            # Nothing of the session is on a server: it starts over here (its next borrow gets a
+            # connection brought to the empty state), and no connection is taken for it.
+            self._reset_state(self.state.schema)
+            self.status = k.SERVER_STATUS_AUTOCOMMIT
+            self.reply_ok(command.seq)
             return False
         role, self._decided = (self._decided, None) if self._decided else (self._role_for(code, payload, sql), None)
         if role is not None and role != self.role and not self.in_transaction:
@@ -327,11 +384,11 @@ class MySessionCore:
                 self._actions.append(CatchUp())
             else:
                 self._leave(park=True)
-                self._attach(role, "readwrite")
+                self._attach(role, BORROW if self.pooled else "readwrite")
             self._requeue(command)
             return False
         if not self.attached:
-            self._attach(self.role, "session has no backend")
+            self._attach(self.role, BORROW if self.pooled else "session has no backend")
             self._requeue(command)
             return False
         if not self.in_transaction:
@@ -359,10 +416,9 @@ class MySessionCore:
 
     def _send(self, command: _Command, code: int, sql: str | None, forwardable: bool) -> bool:
         payload = command.payload
-        mark = self.marks[self.role]
         if code in _STMT_COMMANDS:
             client_id = self._client_statement_id(payload)
-            backend_id = mark.statements.get(client_id)
+            backend_id = self._backend_statement(client_id)
             if backend_id is None:
                 statement = self.statements.get(client_id)
                 if statement is None:
@@ -373,20 +429,32 @@ class MySessionCore:
                     return False
                 self._requeue(command)
                 self._attaching = self.role  # nothing else moves until it is prepared
-                self._actions.append(Prepare(client_id, statement.sql))
+                moved = self.pooled and statement.schema is not None and statement.schema != self.state.schema
+                self._actions.append(Prepare(client_id, statement.sql, statement.schema if moved else None))
                 return False
             if code == c.COM_STMT_CLOSE:
                 self._close_statement(client_id)
+            elif self.pooled:
+                self._statement_used(code, client_id)
+                if code == c.COM_STMT_EXECUTE:
+                    payload = self._with_types(payload, self.statements[client_id])
+                    forwardable = forwardable and payload is command.payload
             if backend_id != client_id or (payload[1:5] != client_id.to_bytes(4, "little")):
                 payload = c.replace_statement_id(payload, backend_id)
                 forwardable = False
+        if self._to_close:
+            self._flush_closes()  # (before the command: they have no answer)
+        if self.pooled and code == c.COM_QUERY and sql is not None and sql[:8].lstrip()[:2].lower() == "xa":
+            self._xa_command = sql
         self._track(code, command.payload, sql)  # (the client's statement ids)
         tracker = ResponseTracker(code, self.caps)
         self._cmd_in_tx = self.in_transaction
         if tracker.done:  # no response: COM_STMT_CLOSE, COM_STMT_SEND_LONG_DATA
-            if forwardable:
+            if forwardable and not self.pooled:
                 return True
             self._actions.append(ToServer(encode_packet(command.seq, payload)))
+            if self.pooled and self._release_due():
+                self._release()  # (the statement closed had the last cursor or long data)
             return False
         self._cmd = command
         self._tracker = tracker
@@ -406,8 +474,30 @@ class MySessionCore:
         sid = int.from_bytes(payload[1:5], "little")
         return self._last_statement if sid == c.LAST_STATEMENT_ID else sid
 
+    def _backend_statement(self, client_id: int) -> int | None:
+        """The id the active backend knows the client's statement by (None: it has none)."""
+        if not self.pooled:
+            return self.marks[self.role].statements.get(client_id)
+        statement = self.statements.get(client_id)
+        conn = self.conn
+        if statement is None or conn is None:
+            return None
+        key = self._statement_key(statement)
+        backend_id = conn.prepared.get(key)
+        if backend_id is not None:
+            conn.prepared.move_to_end(key)
+        return backend_id
+
     def _close_statement(self, client_id: int) -> None:
-        self.statements.pop(client_id, None)
+        statement = self.statements.pop(client_id, None)
+        if self.pooled:
+            # A statement with this session's cursor or long data is closed on the server for real
+            # (the command goes there); the connection forgets it.
+            self._cursors.discard(client_id)
+            self._long_data.discard(client_id)
+            if statement is not None and self.conn is not None:
+                self.conn.prepared.pop(self._statement_key(statement), None)
+            return
         for role, mark in self.marks.items():
             backend_id = mark.statements.pop(client_id, None)
             if backend_id is not None and role != self.role:
@@ -419,7 +509,7 @@ class MySessionCore:
         """readwrite: the role a command goes to (None: where the session is)."""
         if not self.readwrite:
             return None
-        if self.in_transaction or self.state.pinned_by is not None:
+        if self.in_transaction or self.state.pinned_by is not None or (self.attached and self._holding):
             return WRITER if not self.attached else None
         if code == c.COM_QUERY and sql is not None:
             cl = self._classify(sql)
@@ -444,6 +534,10 @@ class MySessionCore:
         return cl
 
     def _leave(self, *, park: bool) -> None:
+        if self.pooled:
+            if self.attached:  # (a role switch in a pipeline, or the instance left the endpoint)
+                self._release(reusable=self.state.pinned_by is None and not self._holding)
+            return
         if self.attached:
             self._actions.append(Detach(park=park))
         self.attached = False
@@ -481,13 +575,27 @@ class MySessionCore:
 
     def _reset_state(self, schema: str | None) -> None:
         """COM_RESET_CONNECTION, COM_CHANGE_USER: the session starts over (and its parked backends are stale)."""
+        pinned = self.state.pinned_by
         self.state.reset(schema=schema, charset=self.state.dialect.charset)
+        if self.pooled:
+            self._base_schema = schema
+            self._cursors.clear()
+            self._long_data.clear()
+            self._xa = False
+            self._to_close.clear()
+            if self.conn is not None:
+                self.conn.prepared.clear()  # COM_RESET_CONNECTION on it: the server drops them
+            if pinned is not None:
+                self._pinned_reported = False
+                self.env.unpinned(pinned)
         self._prepared_routes.clear()
         self.statements.clear()
         self._last_statement = 0
         self.failed_tx = False
         for role in [r for r in self.marks if r != self.role]:
             del self.marks[role]
+        if self.pooled:
+            return
         self.marks[self.role] = BackendMark(seq=self.state.seq)
         self._actions.append(DropParked())
 
@@ -536,13 +644,18 @@ class MySessionCore:
             if tracker.done:
                 self._swallow = False
                 self._done(tracker)
+                if self.pooled and self._release_due():
+                    self._release()
             return ATTEND
         if not tracker.done:
             return FORWARD if used == len(data) else self._extra(data, used)
         self._done(tracker)
         if used < len(data):
             return self._extra(data, used)
-        if self._queue or self.draining:
+        release = self.pooled and self._release_due()
+        if self._queue or self.draining or release:
+            if release:
+                self._release()  # first: a client slow to read its answer does not keep the connection
             self._actions.append(ToClient(bytes(data)))
             self._pump()
             if self.draining and self.idle and not self.closing:
@@ -566,6 +679,8 @@ class MySessionCore:
         if mark is not None:
             mark.seq = state.seq  # what the command set up is on this backend now
             mark.multi_statements = state.multi_statements
+        if self.pooled:
+            self._pooled_done(tracker)
         self._check_pinned()
         self._cmd = None
         self._tracker = None
@@ -604,15 +719,22 @@ class MySessionCore:
             role = WRITER
             if self.readwrite and self._classify(sql, learn=False).route is Route.READ:
                 role = READER
-            self.statements[client_id] = Statement(sql, role)
+            statement = self.statements[client_id] = Statement(sql, role, self.state.schema,
+                                                               tracker.prepare_ok.num_params)
             self.state.on_stmt_prepare(client_id, sql)
             self._last_statement = client_id
-            self.marks[self.role].statements[client_id] = backend_id
+            if self.pooled:
+                self._remember(self._statement_key(statement), backend_id)
+            else:
+                self.marks[self.role].statements[client_id] = backend_id
             if client_id != backend_id:
                 out = out[:5] + client_id.to_bytes(4, "little") + out[9:]
-        self._actions.append(ToClient(out))
         if tracker.done:
             self._done(tracker)
+            if self.pooled and self._release_due():
+                self._release()  # (before the answer, as in server_data)
+        self._actions.append(ToClient(out))
+        if tracker.done:
             self._pump()
         return ATTEND
 
@@ -658,13 +780,14 @@ class MySessionCore:
             self.status = status
         self._checked_generation = self.env.generation
         self._sscan = PacketScanner()
-        state = self.state
-        mark = self.marks.get(role)
-        if mark is None:
-            mark = self.marks[role] = BackendMark()
-        mark.pending_close.clear()
-        mark.multi_statements = state.multi_statements
-        mark.seq = state.seq
+        if not self.pooled:
+            state = self.state
+            mark = self.marks.get(role)
+            if mark is None:
+                mark = self.marks[role] = BackendMark()
+            mark.pending_close.clear()
+            mark.multi_statements = state.multi_statements
+            mark.seq = state.seq
         if self.readwrite:
             self._decided = role  # the command that asked for this backend runs here
         if self._resend is not None:
@@ -676,7 +799,8 @@ class MySessionCore:
         """No backend: the command waiting for one fails; the session stays usable."""
         self._attaching = None
         self._decided = None
-        self.env.error("no_route" if error.kind == "no_route" else "backend_failed")
+        if error.kind != "pool_timeout":  # (a pool's borrow timeout is counted by the pool)
+            self.env.error("no_route" if error.kind == "no_route" else "backend_failed")
         command = self._resend
         self._resend = None
         if command is None and self._queue:
@@ -688,6 +812,8 @@ class MySessionCore:
                 raw = encode_packet((command.seq + 1) & 0xFF, error.raw)
             if raw is not None:
                 self._actions.append(ToClient(raw))
+            elif error.kind == "pool_timeout":
+                self._reply_error(command.seq, ER_CON_COUNT, "08004", error.message)
             else:
                 errno = int(error.code) if error.code.isdigit() else ER_NO_ROUTE
                 self._reply_error(command.seq, errno, "HY000" if errno == ER_NO_ROUTE else "08S01", error.message)
@@ -702,6 +828,10 @@ class MySessionCore:
             if command.payload[0] not in _NO_RESPONSE:
                 self._reply_error(command.seq, ER_UNKNOWN_STMT_HANDLER, "HY000",
                                   f"could not prepare statement {client_id} on {self.instance}")
+        elif self.pooled:
+            statement = self.statements.get(client_id)
+            if statement is not None:
+                self._remember(self._statement_key(statement), backend_id)
         else:
             self.marks[self.role].statements[client_id] = backend_id
         self._pump()
@@ -713,6 +843,12 @@ class MySessionCore:
         self.attached = False
         self.instance = None
         self.marks.pop(self.role, None)
+        if self.pooled:
+            self.conn = None  # (the shell forgot it in its pool)
+            self._cursors.clear()
+            self._long_data.clear()
+            self._to_close.clear()
+            self._xa = False
         cmd, tracker = self._cmd, self._tracker
         self._cmd = self._tracker = None
         self._patch = None
@@ -788,14 +924,201 @@ class MySessionCore:
         return False
 
     def end(self) -> None:
+        """The session is over: stop counting a command in flight, or the session as pinned."""
         self._end_request()
         self._ungate()
+        if self._pinned_reported and self.state.pinned_by is not None:
+            self._pinned_reported = False
+            self.env.unpinned(self.state.pinned_by)
+
+    def expire(self, errno: int, sqlstate: str, message: str) -> None:
+        """End the session now with an error (a timeout of the janitor's)."""
+        if self.closing:
+            return
+        self.closing = True
+        # Sequence 1: a client reads it as the answer to the command it sends next (as MySQL's own).
+        self._actions.append(ToClient(encode_packet(1, err_packet(errno, sqlstate, message))))
+        self._actions.append(Close())
 
     def gate_opened(self) -> None:
         """The writer gate is open again: the held command goes on (decided again: the writer
         may have changed meanwhile)."""
         self._attaching = None
         self._pump()
+
+    # --- transaction mode: borrowing and giving back -------------------------------------------
+
+    def pool_plan(self, mark: PooledMark, *, reset: bool = False) -> Plan | None:
+        """What to run on a borrowed connection (``mark``) before the session's command: nothing when it
+        carries what the session has. ``reset`` after a plan's command failed there. None: it cannot fit
+        (give it back unused)."""
+        return _pool_plan(mark, self.state.entries, self._base_schema, self._multi, reset=reset)
+
+    def borrowed(self, facts: BackendFacts, mark: PooledMark, *, status: int | None, plan: Plan | None,
+                 complete: bool = True) -> None:
+        """The Attach (reason "borrow") succeeded: ``mark``'s connection ran ``plan`` (``complete``: every
+        command of it succeeded; else what it carries is not known and the next borrower resets it)."""
+        reset = plan is not None and plan.reset
+        if complete:
+            applied(mark, self.state.entries, self._base_schema, self.state.schema, self._multi, reset=reset)
+            mark.unknown = False
+        else:
+            if reset:
+                mark.prepared.clear()
+            mark.unknown = True
+        self.conn = mark
+        self.attached_backend(facts, status=status)
+
+    def let_go(self) -> None:
+        """The shell closed the borrowed connection by itself (COM_CHANGE_USER)."""
+        self.attached = False
+        self.instance = None
+        self.conn = None
+        self._cursors.clear()
+        self._long_data.clear()
+        self._to_close.clear()
+        self._xa = False
+
+    def parting(self) -> bool:
+        """The session ends: True when its borrowed connection may go back to the pool (brought up to
+        date), False when it must be closed (a command in flight, a transaction or a pin on it)."""
+        if not self.pooled or self.conn is None or not self.attached:
+            return False
+        clean = (self._cmd is None and not self._upload and not self.in_transaction and not self._lost
+                 and self.state.pinned_by is None and not self._holding and not self._to_close)
+        if clean:
+            applied(self.conn, self.state.entries, self._base_schema, self.state.schema, self._multi)
+        return clean
+
+    @property
+    def _multi(self) -> bool:
+        """Multi-statements on for this session (COM_SET_OPTION's last word, else its login's)."""
+        multi = self.state.multi_statements
+        return multi if multi is not None else bool(self.caps & k.CLIENT_MULTI_STATEMENTS)
+
+    @property
+    def _holding(self) -> bool:
+        """Server state of this session's on the borrowed connection that outlives its commands."""
+        return bool(self._cursors or self._long_data or self._xa)
+
+    def _release_due(self) -> bool:
+        return (self.attached and self._cmd is None and not self._queue and self._attaching is None
+                and not self.closing and not self._lost and not self._upload and not self.in_transaction
+                and self.state.pinned_by is None and not self._holding)
+
+    def _release(self, *, reusable: bool = True) -> None:
+        conn = self.conn
+        if conn is not None and reusable:
+            applied(conn, self.state.entries, self._base_schema, self.state.schema, self._multi)
+        if self._to_close:
+            self._flush_closes()
+        self._actions.append(Release(reusable))
+        self.attached = False
+        self.instance = None
+        self.conn = None
+
+    def _flush_closes(self) -> None:
+        """COM_STMT_CLOSE (no answer) for the server statements the connection let go of."""
+        closes = b"".join(encode_packet(0, bytes((c.COM_STMT_CLOSE,)) + sid.to_bytes(4, "little"))
+                          for sid in self._to_close)
+        self._to_close.clear()
+        self._actions.append(ToServer(closes))
+
+    def _statement_key(self, statement: Statement) -> StatementKey:
+        return statement.sql, statement.schema, self._parse_context()
+
+    def _parse_context(self) -> tuple[str, ...]:
+        """The session's entries that change how a statement text parses (sql_mode, character set)."""
+        state = self.state
+        version = (state.version, state.seq, len(state.entries))
+        if self._parse_key[0] != version:
+            texts = tuple(e.sql for e in state.entries if any(key.lower() in PARSE_KEYS for key in e.sets))
+            self._parse_key = (version, texts)
+        return self._parse_key[1]
+
+    def _remember(self, key: StatementKey, backend_id: int) -> None:
+        """The borrowed connection has ``key`` prepared as ``backend_id`` now (the most recently used);
+        past ``max_prepared`` the least recently used one is closed there."""
+        conn = self.conn
+        if conn is None:
+            return
+        old = conn.prepared.pop(key, None)
+        if old is not None and old != backend_id:
+            self._to_close.append(old)  # the same text twice: the newer serves every session
+        conn.prepared[key] = backend_id
+        if len(conn.prepared) <= self.max_prepared:
+            return
+        held = {self._backend_statement_quiet(cid) for cid in self._cursors | self._long_data}
+        for victim, victim_id in list(conn.prepared.items()):
+            if len(conn.prepared) <= self.max_prepared:
+                break
+            if victim_id in held or victim == key:
+                continue
+            del conn.prepared[victim]
+            self._to_close.append(victim_id)
+
+    def _backend_statement_quiet(self, client_id: int) -> int | None:
+        statement = self.statements.get(client_id)
+        if statement is None or self.conn is None:
+            return None
+        return self.conn.prepared.get(self._statement_key(statement))
+
+    def _statement_used(self, code: int, client_id: int) -> None:
+        """A statement command goes to the borrowed connection: what of it stays on the server."""
+        if code == c.COM_STMT_SEND_LONG_DATA:
+            self._long_data.add(client_id)  # the server keeps it for the statement's next execution
+        elif code in (c.COM_STMT_EXECUTE, c.COM_STMT_RESET):
+            self._long_data.discard(client_id)
+            self._cursors.discard(client_id)  # (an execution that opens one again says so in its answer)
+
+    @staticmethod
+    def _with_types(payload: bytes, statement: Statement) -> bytes:
+        """COM_STMT_EXECUTE: a client sends its parameters' types once, and the server keeps them with
+        the statement. Pooled server statements are shared, and met for the first time on other
+        connections: each execution carries the types (the client's last) so the values read right."""
+        params = statement.params
+        if not params:
+            return payload
+        flag = 10 + (params + 7) // 8  # after the command, id, flags, iteration count and NULL bitmap
+        if len(payload) <= flag:
+            return payload
+        if payload[flag] == 1:
+            statement.types = payload[flag + 1: flag + 1 + 2 * params]
+            return payload
+        if payload[flag] != 0 or statement.types is None:
+            return payload
+        return payload[:flag] + b"\x01" + statement.types + payload[flag + 1:]
+
+    def _forget_statement(self, payload: bytes) -> bool:
+        """COM_STMT_CLOSE: the session forgets its id; the server statement stays for whoever has the same
+        text (the connection's LRU closes it). False when it must be closed on the server after all (it has
+        the session's cursor or long data)."""
+        client_id = self._client_statement_id(payload)
+        if self.attached and (client_id in self._cursors or client_id in self._long_data):
+            return False
+        self.statements.pop(client_id, None)
+        self.state.on_stmt_close(client_id)
+        return True
+
+    def _pooled_done(self, tracker: ResponseTracker) -> None:
+        """A command's final answer: cursors, XA transactions and pins that end."""
+        cmd = self._cmd
+        status = tracker.status or 0
+        if cmd is not None and tracker.error is None:
+            code = cmd.payload[0]
+            if code == c.COM_STMT_EXECUTE and status & k.SERVER_STATUS_CURSOR_EXISTS:
+                self._cursors.add(self._client_statement_id(cmd.payload))
+            elif code == c.COM_STMT_FETCH and status & k.SERVER_STATUS_LAST_ROW_SENT:
+                self._cursors.discard(self._client_statement_id(cmd.payload))  # (the server closed it)
+        xa, self._xa_command = self._xa_command, None
+        if xa is not None and tracker.error is None:
+            m = _XA.match(xa)
+            if m is not None:
+                self._xa = m.group(1).upper() in ("START", "BEGIN")
+        pinned = self.state.pinned_by
+        if pinned is not None and self.state.release_pin():
+            self._pinned_reported = False
+            self.env.unpinned(pinned)
 
     # --- answering by ourselves ---------------------------------------------------------------
 
