@@ -470,7 +470,7 @@ def test_a_borrow_timeout_answers_1040_and_the_session_goes_on() -> None:
         err = p.decode_err(answer[0][1])
         assert (err.errno, err.sqlstate) == (1040, "08004") and "borrow_timeout_ms" in err.message
         assert answer[0][0] == 1  # the sequence id of an answer
-    assert waiter.env.errors == ["pool_timeout"] * 3
+    assert waiter.env.errors == []  # (the pool counts its borrow timeouts itself: borrow_timeout)
     one_at_a_time(holder, [query("commit")])
     assert ask(waiter, "select @nothing") is None
 
