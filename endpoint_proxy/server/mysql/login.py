@@ -23,7 +23,7 @@ from ...protocol.mysql.auth import (
 from ...protocol.mysql.errors import MySQLAuthenticationError, MySQLProtocolError
 from ...protocol.mysql.framing import PacketReader, encode_packet
 from ...protocol.mysql.handshake import HandshakeResponse41, HandshakeV10, SSLRequest, decode_handshake_response
-from ...relay.net import Conn, RawConn, start_tls_server
+from ...relay.net import Conn, start_tls_server
 from ..session.context import SessionContext
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ async def login(ctx: SessionContext, holder: HasClient, logger: FilteringBoundLo
     if isinstance(response, SSLRequest):
         if not tls_ok:
             raise MySQLProtocolError("Bad handshake: TLS is not offered here", errno=1043, sqlstate="08S01")
-        assert isinstance(client, RawConn) and ctx.tls_context is not None
+        assert ctx.tls_context is not None
         # The client does not wait for an answer: what followed the SSLRequest is its TLS
         # ClientHello, and goes to the TLS layer.
         client = holder.client = await start_tls_server(client, ctx.tls_context, packets.reader.take_buffered())

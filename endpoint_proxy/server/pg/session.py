@@ -61,15 +61,19 @@ class Refused(Exception):
 class PgSession(SessionShell):
     core: PgSessionCore
 
-    def __init__(self, ctx: SessionContext, sock: socket.socket, session_id: int) -> None:
+    def __init__(self, ctx: SessionContext, sock: socket.socket | Conn, session_id: int) -> None:
         super().__init__(ctx.hub)
         self.ctx = ctx
-        self.client = RawConn(sock)
-        try:
-            host, port = sock.getpeername()[:2]
-            self.peer: str | None = str(Address(host, port))
-        except OSError:
-            self.peer = None
+        self.peer: str | None = None
+        if isinstance(sock, Conn):
+            self.client: Conn = sock  # a transport of a test's in-memory network
+        else:
+            self.client = RawConn(sock)
+            try:
+                host, port = sock.getpeername()[:2]
+                self.peer = str(Address(host, port))
+            except OSError:
+                pass
         self.session_id = session_id
         self.log = log.bind(conn=session_id, endpoint=ctx.endpoint.name)
         self.metrics = ctx.cluster.metrics.endpoint(ctx.endpoint.name)
@@ -240,7 +244,7 @@ class PgSession(SessionShell):
                 with trio.fail_after(ctx.connect_timeout_s):
                     backend = await open_backend(name, address, self.backend_params, user=user.name,
                                                  credential=cluster.pg_backend_credential(user.name, self._login),
-                                                 security=cluster.backend_security)
+                                                 security=cluster.backend_security, dial=ctx.dial)
             except BackendError as e:
                 if e.raw_error is not None:
                     raise Refused(e.sqlstate, str(e), e.raw_error) from None
