@@ -14,7 +14,7 @@ from endpoint_proxy.protocol.mysql import commands as c
 from endpoint_proxy.protocol.mysql import constants as k
 from endpoint_proxy.protocol.mysql import packets as p
 from endpoint_proxy.protocol.mysql.auth import scramble_native_password
-from endpoint_proxy.protocol.mysql.framing import PacketReader, encode_packet
+from endpoint_proxy.protocol.mysql.framing import PacketReader, encode_packet, write_lenenc_str
 from endpoint_proxy.protocol.mysql.handshake import HandshakeResponse41, SSLRequest, decode_handshake_v10
 from endpoint_proxy.protocol.mysql.response import ResponseTracker
 from endpoint_proxy.relay.net import Conn, StreamConn, unverified_client_context
@@ -42,7 +42,7 @@ def execute(statement_id: int, *params: bytes) -> bytes:
     out = bytes((c.COM_STMT_EXECUTE,)) + statement_id.to_bytes(4, "little") + b"\0" + (1).to_bytes(4, "little")
     if params:
         out += bytes((len(params) + 7) // 8) + b"\x01" + b"\xfd\x00" * len(params)
-        out += b"".join(bytes((len(v),)) + v for v in params)
+        out += b"".join(write_lenenc_str(v) for v in params)
     return out
 
 
