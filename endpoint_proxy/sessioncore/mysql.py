@@ -542,7 +542,9 @@ class MySessionCore:
             self._lose()
             return ATTEND
         if self._head is not None:
-            return self._first_packet(data, used, tracker)
+            held = self._first_packet(data, used, tracker)
+            if held is not None:
+                return held
         if used:
             self._forwarded = True
         if self._patch is not None:
@@ -568,11 +570,15 @@ class MySessionCore:
             return ATTEND
         return FORWARD
 
-    def _first_packet(self, data: Buffer, used: int, tracker: ResponseTracker) -> int:
+    def _first_packet(self, data: Buffer, used: int, tracker: ResponseTracker) -> int | None:
         """Without LOCAL INFILE, the first packet of a COM_QUERY answer is held until it is whole:
-        it may be a file request the session refuses, of which the client must see nothing."""
+        it may be a file request the session refuses, of which the client must see nothing.
+        None: it came whole in this read (the usual case), go on as usual."""
         head = self._head
         assert head is not None
+        if not head and (tracker.awaiting_client or tracker.done or _whole_packets(data[:used])):
+            self._head = None
+            return None
         head += data[:used]
         if not (tracker.awaiting_client or tracker.done or _whole_packets(head)):
             return ATTEND
