@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -45,9 +46,17 @@ class Conn:
     async def aclose(self) -> None:
         raise NotImplementedError
 
+    def to_stream(self) -> trio.abc.Stream:
+        """Hand the connection over to a trio stream (for a TLS upgrade); this object is spent."""
+        raise NotImplementedError
+
     @property
     def is_tls(self) -> bool:
         return False
+
+
+# Opens a connection to (host, port): ``connect_tcp``, or a test's in-memory network.
+Dialer = Callable[[str, int], Awaitable[Conn]]
 
 
 class RawConn(Conn):
@@ -224,13 +233,17 @@ def unverified_client_context() -> ssl.SSLContext:
     return ctx
 
 
-async def start_tls_client(conn: RawConn, ctx: ssl.SSLContext | None, server_hostname: str | None) -> StreamConn:
-    """TLS over an open connection. On failure the socket is closed here: the stream owned it."""
-    sock = conn.sock
-    stream = trio.SSLStream(conn.to_stream(), ctx or unverified_client_context(), server_hostname=server_hostname)
+async def start_tls_client(conn: Conn, ctx: ssl.SSLContext | None, server_hostname: str | None) -> StreamConn:
+    """TLS over an open connection. On failure the connection is closed here: the stream owned it."""
+    sock = conn.sock if isinstance(conn, RawConn) else None
+    inner = conn.to_stream()
+    stream = trio.SSLStream(inner, ctx or unverified_client_context(), server_hostname=server_hostname)
     try:
         await stream.do_handshake()
     except BaseException:
+        if sock is None:
+            await trio.aclose_forcefully(inner)
+            raise
         try:
             trio.lowlevel.notify_closing(sock)
         except (ValueError, OSError):
@@ -253,11 +266,11 @@ class _PrefixedStream(trio.abc.Stream):
     """A stream that first returns bytes already read off the socket: a MySQL client starts
     its TLS handshake right behind the SSLRequest, without waiting for an answer."""
 
-    def __init__(self, inner: trio.SocketStream, prefix: bytes) -> None:
+    def __init__(self, inner: trio.abc.Stream, prefix: bytes) -> None:
         self.inner = inner
         self.prefix = prefix
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self.prefix:
             n = len(self.prefix) if max_bytes is None else max_bytes
             data, self.prefix = self.prefix[:n], self.prefix[n:]
@@ -275,7 +288,7 @@ class _PrefixedStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
-async def start_tls_server(conn: RawConn, ctx: ssl.SSLContext, initial: bytes = b"") -> StreamConn:
+async def start_tls_server(conn: Conn, ctx: ssl.SSLContext, initial: bytes = b"") -> StreamConn:
     """TLS on an accepted connection; ``initial`` is handshake data the client already sent."""
     inner = conn.to_stream()
     stream = trio.SSLStream(_PrefixedStream(inner, initial) if initial else inner, ctx, server_side=True)

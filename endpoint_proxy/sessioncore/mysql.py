@@ -183,6 +183,17 @@ class _Command:
     raw: bytes  # as it came from the client (its packets)
 
 
+def _whole_packets(data: Buffer) -> int:
+    """How many bytes at the start of ``data`` are whole packets."""
+    pos, n = 0, len(data)
+    while pos + 4 <= n:
+        end = pos + 4 + int.from_bytes(data[pos: pos + 3], "little")
+        if end > n:
+            break
+        pos = end
+    return pos
+
+
 class MySessionCore:
     def __init__(self, env: MyEnv, facts: BackendFacts | None, *, capabilities: int, status: int,
                  readwrite: bool = False, session_consistency: bool = False, max_payload: int = 1 << 30,
@@ -230,6 +241,7 @@ class MySessionCore:
         self._forwarded = False  # some of the response reached the client
         self._cmd_in_tx = False
         self._patch: bytearray | None = None  # the start of a PREPARE response, until its id is rewritten
+        self._head: bytearray | None = None  # the start of a COM_QUERY response, until its first packet is whole
         self._prepare_sql: str | None = None
         self._upload = False  # LOAD DATA LOCAL INFILE: client packets go to the server as they are
         self._swallow = False  # drop the rest of this response (a LOCAL INFILE request we refused)
@@ -462,6 +474,8 @@ class MySessionCore:
         if code == c.COM_STMT_PREPARE:
             self._patch = bytearray()
             self._prepare_sql = decode_text(payload[1:])
+        elif code == c.COM_QUERY and not self.allow_local_infile:
+            self._head = bytearray()
         assert self.instance is not None
         self._busy_on = self.instance
         self.env.request_started(self.instance, self.in_recovery)
@@ -625,8 +639,7 @@ class MySessionCore:
         tracker = self._tracker
         if tracker is None:
             # The server speaks unasked: it is about to close (an error first, sometimes).
-            self._unsolicited += data[: UNSOLICITED_LIMIT - len(self._unsolicited)]
-            self._lose()
+            self._speaks_unasked(data)
             return ATTEND
         try:
             used = self._sscan.scan(data, tracker)
@@ -634,6 +647,10 @@ class MySessionCore:
             self._unsolicited.clear()
             self._lose()
             return ATTEND
+        if self._head is not None:
+            held = self._first_packet(data, used, tracker)
+            if held is not None:
+                return held
         if used:
             self._forwarded = True
         if self._patch is not None:
@@ -646,6 +663,7 @@ class MySessionCore:
                 self._done(tracker)
                 if self.pooled and self._release_due():
                     self._release()
+                self._pump()  # the client may have sent its next command meanwhile
             return ATTEND
         if not tracker.done:
             return FORWARD if used == len(data) else self._extra(data, used)
@@ -663,12 +681,47 @@ class MySessionCore:
             return ATTEND
         return FORWARD
 
+    def _first_packet(self, data: Buffer, used: int, tracker: ResponseTracker) -> int | None:
+        """Without LOCAL INFILE, the first packet of a COM_QUERY answer is held until it is whole:
+        it may be a file request the session refuses, of which the client must see nothing.
+        None: it came whole in this read (the usual case), go on as usual."""
+        head = self._head
+        assert head is not None
+        if not head and (tracker.awaiting_client or tracker.done or _whole_packets(data[:used])):
+            self._head = None
+            return None
+        head += data[:used]
+        if not (tracker.awaiting_client or tracker.done or _whole_packets(head)):
+            return ATTEND
+        self._head = None
+        if tracker.awaiting_client:
+            return self._local_infile(head, len(head), tracker)
+        self._forwarded = True
+        self._actions.append(ToClient(bytes(head)))
+        if tracker.done:
+            self._done(tracker)
+            if used < len(data):
+                self._speaks_unasked(data[used:])
+                return ATTEND
+            self._pump()
+            if self.draining and self.idle and not self.closing:
+                self._shutdown()
+        return ATTEND
+
     def _extra(self, data: Buffer, used: int) -> int:
         """Bytes beyond the end of a response: the server speaks unasked (about to close)."""
         self._actions.append(ToClient(bytes(data[:used])))
-        self._unsolicited += data[used: used + UNSOLICITED_LIMIT]
-        self._lose()
+        self._speaks_unasked(data[used:])
         return ATTEND
+
+    def _speaks_unasked(self, data: Buffer) -> None:
+        """Keep what the server says unasked (for the client, if the verdict passes it through)
+        and take the backend as lost once a whole packet of it is in: a packet can come in
+        pieces, and the client must get all of it or nothing."""
+        said = self._unsolicited
+        said += data[: UNSOLICITED_LIMIT - len(said)]
+        if _whole_packets(said) or len(said) >= UNSOLICITED_LIMIT:
+            self._lose()
 
     def _done(self, tracker: ResponseTracker) -> None:
         if tracker.status is not None:
@@ -703,8 +756,8 @@ class MySessionCore:
         patch = self._patch
         assert patch is not None
         patch += data
-        if len(patch) < 9 and not tracker.done:
-            return ATTEND  # the id is not here yet
+        if tracker.prepare_ok is None and not tracker.done:
+            return ATTEND  # the first packet, with the id, has not arrived whole yet
         self._patch = None
         out = bytes(patch)
         if tracker.prepare_ok is not None and patch[4] == 0:
@@ -740,13 +793,15 @@ class MySessionCore:
 
     def _local_infile(self, data: Buffer, used: int, tracker: ResponseTracker) -> int:
         """The server asks for a client file (LOAD DATA LOCAL INFILE)."""
+        # Asked once: the flag would otherwise stay up until the server's next packet is whole,
+        # and the first bytes of its answer to the upload would read as a second request.
+        tracker.awaiting_client = False
         if self.allow_local_infile:
             self._upload = True
             self._actions.append(ToClient(bytes(data)))
             return ATTEND
         # Not offered to the client, so a server that asks anyway gets no file, and the client
         # an error of ours instead of the server's request.
-        tracker.awaiting_client = False
         seq = (self._sscan.seq + 1) & 0xFF
         self._actions.append(ToServer(encode_packet(seq, b"")))
         self._swallow = True
@@ -851,7 +906,10 @@ class MySessionCore:
             self._xa = False
         cmd, tracker = self._cmd, self._tracker
         self._cmd = self._tracker = None
-        self._patch = None
+        # The server's stream broke inside a packet the client has the first bytes of (bytes a
+        # session holds back, it has not sent): nothing can follow them that the client could read.
+        broken = not self._sscan.at_boundary and self._head is None and self._patch is None
+        self._patch = self._head = None
         self._upload = self._swallow = False
         in_flight = 1 if cmd is not None else 0
         read_only = cmd is not None and self._is_read(cmd)
@@ -859,9 +917,12 @@ class MySessionCore:
                           in_transaction=self._cmd_in_tx if cmd is not None else self.in_transaction,
                           retryable=read_only and not self._forwarded)
         outcome = self.loss_outcome = on_loss(facts, same_role_up=same_role_up)
-        said, self._unsolicited = bytes(self._unsolicited), bytearray()
+        said, self._unsolicited = bytes(self._unsolicited[: _whole_packets(self._unsolicited)]), bytearray()
         self._end_request()
-        if outcome is LossOutcome.PASS_THROUGH:
+        if broken:
+            self.closing = True
+            self._actions.append(Close())
+        elif outcome is LossOutcome.PASS_THROUGH:
             self.closing = True
             if said:
                 self._actions.append(ToClient(said))

@@ -84,6 +84,7 @@ def dialect_of(params: dict[str, str]) -> PgDialect:
 
 
 _REQUEST_ENDS = frozenset((_Q, _S, _F, _X))
+_UNIT_OR_END = UNIT_ENDS | {_X}
 _SIMPLE_STARTS = frozenset((_Q, _S, _F, _X, _H))
 CLIENT_TYPES = b"QPCSFXHcf"  # what the client side must see (readwrite adds B)
 SERVER_TYPES = b"ZSEGW"
@@ -183,7 +184,7 @@ class PgSessionCore:
                  "_sscan", "_swallow", "_unit_left", "attached", "batch_open", "client_params", "closing", "decider",
                  "draining", "env", "in_recovery", "in_unit", "inflight", "instance", "loss_outcome", "marks",
                  "mode", "readwrite", "role", "session_consistency", "state", "status", "wrote", "smap", "_cpart",
-                 "_conn_params", "_desired", "_startup", "max_prepared", "_borrowed_at", "requests")
+                 "_conn_params", "_desired", "_startup", "max_prepared", "_borrowed_at", "requests", "_fatal_begun")
 
     def __init__(self, env: PgEnv, facts: BackendFacts, *, readwrite: bool = False,
                  session_consistency: bool = False, max_message_bytes: int = 0x3FFFFFFF,
@@ -243,6 +244,7 @@ class PgSessionCore:
         self.mode: Emulation | None = None  # answering by ourselves (no backend to answer)
         self._lost = False  # waiting for the monitor's verdict on the lost backend
         self._fatal: bytes | None = None  # the FATAL error the server sent before closing
+        self._fatal_begun = False  # _fatal is the rest of a message the client has the start of
         self.loss_outcome: LossOutcome | None = None  # the last loss's outcome (for the shell's log)
         self.draining = False
         self.closing = False
@@ -308,8 +310,10 @@ class PgSessionCore:
         base = len(held)
         held += data
         self._held_msgs.extend((t, p, e + base) for t, p, e in msgs)
-        if self._hold_reason == _UNIT and (len(held) >= HOLD_LIMIT or any(t in UNIT_ENDS for t, _, _ in msgs)):
-            self._release()  # the flush unit is whole now (or so large it is decided as it is)
+        if self._hold_reason == _UNIT and (len(held) >= HOLD_LIMIT or any(t in _UNIT_OR_END for t, _, _ in msgs)):
+            # The flush unit is whole now (or so large it is decided as it is), or a Terminate
+            # that came in pieces is: it needs no decision.
+            self._release()
         return ATTEND
 
     def client_eof(self) -> None:
@@ -329,9 +333,11 @@ class PgSessionCore:
             if not self.in_unit and not self._copy_in:
                 if pos >= n:
                     break
-                if data[pos] in _COPY_TYPES:
+                if data[pos] in _COPY_TYPES and self.mode is None:
                     # COPY data belongs to the COPY before it, even when it arrives ahead of the
-                    # server's CopyInResponse (asyncpg sends it without waiting).
+                    # server's CopyInResponse (asyncpg sends it without waiting). While the
+                    # session answers by itself, it skips COPY messages on its own, and a chunk
+                    # may begin inside a message begun in the last one: no type byte there.
                     self._copy_in = True
                     continue
                 before = len(self._actions)
@@ -753,11 +759,14 @@ class PgSessionCore:
                     self._report_pinned()
             elif type_ == _E and is_fatal(payload):
                 start = end - 5 - len(payload)
-                if start:
+                if start > 0:
                     self._actions.append(ToClient(bytes(data[:start])))
                 else:
                     self._awaiting_flush = flushed  # a FATAL is no answer to what the client waits for
-                self._fatal = bytes(data[start:end])
+                # Held back until the verdict; if it began in an earlier read, its first bytes
+                # went to the client already, and only its rest can follow them.
+                self._fatal = bytes(data[max(start, 0):end])
+                self._fatal_begun = start < 0
                 self._lose()
                 return ATTEND
         give_back = smap is not None and idle_now and self._releasable()
@@ -987,7 +996,16 @@ class PgSessionCore:
                           partial=self.in_unit or waiting)
         outcome = self.loss_outcome = on_loss(facts, same_role_up=same_role_up)
         fatal, self._fatal = self._fatal, None
-        if outcome is LossOutcome.PASS_THROUGH:
+        if not self._sscan.at_boundary or self._fatal_begun:
+            # The server's stream broke inside a message whose first bytes went to the client:
+            # nothing but its rest can follow them. Close, as the crash would.
+            self._request_ends()
+            self.closing = True
+            if fatal and self._fatal_begun:
+                self._actions.append(ToClient(fatal))
+            self._fatal_begun = False
+            self._actions.append(Close())
+        elif outcome is LossOutcome.PASS_THROUGH:
             self._request_ends()
             self.closing = True
             if fatal:

@@ -43,7 +43,7 @@ from ...protocol.mysql.framing import (
 from ...protocol.mysql.handshake import HandshakeResponse41, HandshakeV10, SSLRequest, decode_handshake_v10
 from ...protocol.mysql.packets import ERR_HEADER, decode_err, err_packet
 from ...protocol.mysql.response import ResponseTracker
-from ...relay.net import Conn, RawConn, connect_tcp, start_tls_client
+from ...relay.net import Conn, Dialer, connect_tcp, start_tls_client
 from ..backend_security import BackendSecurity
 
 _RECV: Final = 16384
@@ -176,18 +176,18 @@ async def open_my_backend(instance: str, address: Address, *, user: str, passwor
 class MyGreeting:
     """A server connection that has sent its greeting and waits for our login."""
 
-    conn: RawConn
+    conn: Conn
     address: Address
     seq: int
     hello: HandshakeV10
 
 
-async def greet_my_backend(address: Address, instance: str = "") -> MyGreeting:
-    """Connect and read the server's greeting (its thread id, version, capabilities). Raises
-    MyBackendError (``err_payload`` set when the server refused at once; else the message
-    names the instance) or OSError."""
+async def greet_my_backend(address: Address, instance: str = "", *, dial: Dialer = connect_tcp) -> MyGreeting:
+    """Connect (with ``dial``) and read the server's greeting (its thread id, version,
+    capabilities). Raises MyBackendError (``err_payload`` set when the server refused at once;
+    else the message names the instance) or OSError."""
     try:
-        return await _greet(address)
+        return await _greet(address, dial)
     except MyBackendError as e:
         if e.err_payload is not None:
             raise
@@ -195,8 +195,8 @@ async def greet_my_backend(address: Address, instance: str = "") -> MyGreeting:
         raise MyBackendError(f"{where}: {e.message}", errno=e.errno, sqlstate=e.sqlstate) from None
 
 
-async def _greet(address: Address) -> MyGreeting:
-    raw = await connect_tcp(address.host, address.port)
+async def _greet(address: Address, dial: Dialer) -> MyGreeting:
+    raw = await dial(address.host, address.port)
     try:
         reader = PacketReader(HANDSHAKE_MAX_PAYLOAD)
         buf = bytearray(_RECV)
@@ -310,7 +310,7 @@ async def _login(instance: str, greeting: MyGreeting, *, user: str, credential: 
         raise
 
 
-async def _start_tls(raw: RawConn, address: Address, sec: BackendSecurity) -> Conn:
+async def _start_tls(raw: Conn, address: Address, sec: BackendSecurity) -> Conn:
     try:
         return await start_tls_client(raw, sec.tls_context, address.host)
     except (trio.BrokenResourceError, ssl.SSLError, ssl.CertificateError) as e:

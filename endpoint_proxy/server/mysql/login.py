@@ -24,7 +24,7 @@ from ...protocol.mysql.errors import MySQLAuthenticationError, MySQLProtocolErro
 from ...protocol.mysql.framing import PacketReader, encode_packet
 from ...protocol.mysql.handshake import HandshakeResponse41, HandshakeV10, SSLRequest, decode_handshake_response
 from ...protocol.mysql.packets import err_packet
-from ...relay.net import Conn, RawConn, send_quietly, start_tls_server
+from ...relay.net import Conn, send_quietly, start_tls_server
 from ..admission import Refusal, Ticket
 from ..session.context import SessionContext
 
@@ -149,7 +149,7 @@ async def login(ctx: SessionContext, holder: HasClient, logger: FilteringBoundLo
     if isinstance(response, SSLRequest):
         if not tls_ok:
             raise MySQLProtocolError("Bad handshake: TLS is not offered here", errno=1043, sqlstate="08S01")
-        assert isinstance(client, RawConn) and ctx.tls_context is not None
+        assert ctx.tls_context is not None
         # The client does not wait for an answer: what followed the SSLRequest is its TLS
         # ClientHello, and goes to the TLS layer.
         client = holder.client = await start_tls_server(client, ctx.tls_context, packets.reader.take_buffered())

@@ -77,15 +77,19 @@ class MySession(SessionShell):
 
     core: MySessionCore
 
-    def __init__(self, ctx: SessionContext, sock: socket.socket, session_id: int) -> None:
+    def __init__(self, ctx: SessionContext, sock: socket.socket | Conn, session_id: int) -> None:
         super().__init__(ctx.hub)
         self.ctx = ctx
-        self.client = RawConn(sock)
-        try:
-            host, port = sock.getpeername()[:2]
-            self.peer: str | None = f"{host}:{port}"
-        except OSError:
-            self.peer = None
+        self.peer: str | None = None
+        if isinstance(sock, Conn):
+            self.client: Conn = sock  # a transport of a test's in-memory network
+        else:
+            self.client = RawConn(sock)
+            try:
+                host, port = sock.getpeername()[:2]
+                self.peer = f"{host}:{port}"
+            except OSError:
+                pass
         self.session_id = session_id
         self.connection_id = 1_000_000_000 + session_id  # until a server's thread id is known
         self.metrics = ctx.cluster.metrics.endpoint(ctx.endpoint.name)
@@ -247,7 +251,8 @@ class MySession(SessionShell):
             if faults.refused(cluster, self.env.rule(role), decision.instance):
                 return None
             with trio.fail_after(self.ctx.connect_timeout_s):
-                return await greet_my_backend(cluster.config.instance_named(decision.instance).address)
+                return await greet_my_backend(cluster.config.instance_named(decision.instance).address,
+                                              dial=self.ctx.dial)
         except (MyBackendError, OSError, trio.TooSlowError, trio.BrokenResourceError):
             return None
 
@@ -387,7 +392,8 @@ class MySession(SessionShell):
                     exclude = exclude | {name}  # a simulated dead replica: the next one, unreported
                     continue
                 with trio.fail_after(self.ctx.connect_timeout_s):
-                    greeting = await greet_my_backend(cluster.config.instance_named(name).address, name)
+                    greeting = await greet_my_backend(cluster.config.instance_named(name).address, name,
+                                                      dial=self.ctx.dial)
                     return await self._login_backend(name, greeting, schema)
             except MyBackendError as e:
                 if e.err_payload is not None:

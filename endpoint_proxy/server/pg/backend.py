@@ -15,7 +15,7 @@ from ...protocol.pg import messages as m
 from ...protocol.pg.auth import BackendAuthenticator, PgCredential, UntrustedServerError
 from ...protocol.pg.framing import FrameReader, frame
 from ...protocol.pg.startup import encode_ssl_request, encode_startup_message
-from ...relay.net import Conn, RawConn, connect_tcp, start_tls_client
+from ...relay.net import Conn, Dialer, connect_tcp, start_tls_client
 from ..backend_security import BackendSecurity
 
 _RECV = 65536
@@ -68,8 +68,8 @@ async def _read_message(conn: Conn, reader: FrameReader, buf: bytearray | memory
 async def open_backend(instance: str, address: Address, parameters: dict[str, str], *,
                        user: str, password: str | None = None, credential: PgCredential | None = None,
                        tls_mode: str = "off", tls_context: ssl.SSLContext | None = None,
-                       security: BackendSecurity | None = None) -> BackendConnection:
-    """Connect, negotiate TLS, authenticate, and read up to the first ReadyForQuery.
+                       security: BackendSecurity | None = None, dial: Dialer = connect_tcp) -> BackendConnection:
+    """Connect (with ``dial``), negotiate TLS, authenticate, and read up to the first ReadyForQuery.
 
     ``credential`` (or a plain ``password``) is what the proxy may log in with;
     ``security`` (default: ``tls_mode``/``tls_context`` without verification, and only
@@ -84,7 +84,7 @@ async def open_backend(instance: str, address: Address, parameters: dict[str, st
     sec = security if security is not None else BackendSecurity(tls_mode=tls_mode, tls_context=tls_context)
     cred = credential if credential is not None else PgCredential(password=password)
     where = f"instance {instance} ({address})"
-    raw = await connect_tcp(address.host, address.port)
+    raw = await dial(address.host, address.port)
     conn: Conn = raw
     try:
         if sec.tls_wanted:
@@ -115,7 +115,7 @@ async def open_backend(instance: str, address: Address, parameters: dict[str, st
         raise
 
 
-async def _negotiate_tls(raw: RawConn, address: Address, sec: BackendSecurity, where: str) -> Conn:
+async def _negotiate_tls(raw: Conn, address: Address, sec: BackendSecurity, where: str) -> Conn:
     await raw.send_all(encode_ssl_request())
     # Read the one-byte answer only: anything after it belongs to the TLS handshake (and
     # bytes a server slips in before it must not be taken as a reply after it).

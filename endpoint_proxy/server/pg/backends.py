@@ -98,7 +98,7 @@ class PgBackends(SessionShell):
                 with trio.fail_after(ctx.connect_timeout_s):
                     backend = await open_backend(name, address, self.backend_params, user=user.name,
                                                  credential=cluster.pg_backend_credential(user.name, self._login),
-                                                 security=cluster.backend_security)
+                                                 security=cluster.backend_security, dial=ctx.dial)
             except BackendError as e:
                 if e.raw_error is not None:
                     raise Refused(e.sqlstate, str(e), e.raw_error) from None

@@ -18,7 +18,7 @@ from ...protocol.pg import messages as m
 from ...protocol.pg.auth import ServerAuth
 from ...protocol.pg.framing import FrameReader
 from ...protocol.pg.startup import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, parse_startup_packet
-from ...relay.net import Conn, RawConn, start_tls_server
+from ...relay.net import Conn, start_tls_server
 from ..admission import PG_TOO_MANY, Refusal, Ticket
 from ..cluster import AuthQueryError
 from ..session.context import CONSOLE_DATABASE, SessionContext
@@ -96,7 +96,6 @@ async def login(ctx: SessionContext, holder: HasClient, logger: FilteringBoundLo
                 await client.send_all(b"N")
                 continue
             await client.send_all(b"S")
-            assert isinstance(client, RawConn)
             client = holder.client = await start_tls_server(client, ctx.tls_context)
             continue
         if isinstance(packet, GSSENCRequest):

@@ -87,7 +87,7 @@ class PgPooling(PgBackends):
         with trio.fail_after(ctx.connect_timeout_s):
             backend = await open_backend(name, address, {"database": self.env.database}, user=self.user.name,
                                          credential=cluster.pg_backend_credential(self.user.name, self._login),
-                                         security=cluster.backend_security)
+                                         security=cluster.backend_security, dial=ctx.dial)
         backend.address = address
         backend.startup_messages = b""
         faults.with_toxics(cluster, backend)

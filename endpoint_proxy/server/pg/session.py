@@ -49,15 +49,19 @@ class PgSession(PgPooling):
 
     core: PgSessionCore
 
-    def __init__(self, ctx: SessionContext, sock: socket.socket, session_id: int) -> None:
+    def __init__(self, ctx: SessionContext, sock: socket.socket | Conn, session_id: int) -> None:
         super().__init__(ctx.hub)
         self.ctx = ctx
-        self.client = RawConn(sock)
-        try:
-            host, port = sock.getpeername()[:2]
-            self.peer: str | None = str(Address(host, port))
-        except OSError:
-            self.peer = None
+        self.peer: str | None = None
+        if isinstance(sock, Conn):
+            self.client: Conn = sock  # a transport of a test's in-memory network
+        else:
+            self.client = RawConn(sock)
+            try:
+                host, port = sock.getpeername()[:2]
+                self.peer = str(Address(host, port))
+            except OSError:
+                pass
         self.session_id = session_id
         self.metrics = ctx.cluster.metrics.endpoint(ctx.endpoint.name)
         self.scope = trio.CancelScope()  # the proxy runs the session inside it
@@ -240,14 +244,6 @@ class PgSession(PgPooling):
         backend.startup_messages = b""
         await self.client.send_all(hello)
         self.log.debug("session_attached", instance=backend.instance, pid=backend.process_id)
-
-
-
-
-
-
-
-
 
 
 

@@ -12,7 +12,7 @@ from ...config import Address, EndpointConfig
 from ...protocol.pg.framing import FrameReader
 from ...protocol.pg.startup import CancelRequest, StartupMessage
 from ...relay.hub import Hub
-from ...relay.net import Conn
+from ...relay.net import Conn, Dialer, connect_tcp
 
 if TYPE_CHECKING:
     from ..cluster import ClusterRuntime
@@ -94,7 +94,8 @@ class SessionContext:
                  startup_timeout_s: float, max_startup_bytes: int, max_message_bytes: int,
                  connect_timeout_s: float,
                  cancel_handler: Callable[[CancelRequest, str | None], Awaitable[bool]] | None = None,
-                 console: ConsoleHandler | None = None, hub: Hub | None = None) -> None:
+                 console: ConsoleHandler | None = None, hub: Hub | None = None,
+                 dial: Dialer = connect_tcp) -> None:
         self.cluster = cluster
         self.endpoint = endpoint
         self.tls_context = tls_context
@@ -106,3 +107,4 @@ class SessionContext:
         self.cancel_handler = cancel_handler
         self.console = console
         self.hub = hub  # relays sessions in steady state (raw sockets both ways)
+        self.dial = dial  # opens session backends (tests: an in-memory network)
