@@ -59,13 +59,14 @@ WOKEN = HandBack(-1)
 
 
 class _Parked:
-    """One parked descriptor; ``fds`` are all the descriptors its task parked at once. The
-    first entry of a task carries the ``hub`` and serves as the wait's abort (a bound method:
-    no closure per wait)."""
+    """One parked descriptor; ``fds`` are all the descriptors its task has parked (one list,
+    shared by the task's entries: ``park_more`` and ``unpark_fd`` change it while the task
+    waits). The first entry of a task carries the ``hub`` and serves as the wait's abort (a
+    bound method: no closure per wait)."""
 
     __slots__ = ("task", "callback", "fds", "hub")
 
-    def __init__(self, task: trio.lowlevel.Task, callback: Callable[[], object], fds: tuple[int, ...]) -> None:
+    def __init__(self, task: trio.lowlevel.Task, callback: Callable[[], object], fds: list[int]) -> None:
         self.task = task
         self.callback = callback
         self.fds = fds
@@ -286,7 +287,7 @@ class Hub:
 
     def _forget(self, entry: _Parked) -> None:
         """Unpark every descriptor of the entry's task."""
-        for fd in entry.fds:
+        for fd in tuple(entry.fds):
             if self._parked.get(fd) is not None and self._parked[fd].task is entry.task:
                 del self._parked[fd]
                 try:
@@ -307,7 +308,7 @@ class Hub:
         if not self.running or not parks:
             await trio.lowlevel.checkpoint()
             return READ
-        fds = tuple(fd for fd, _ in parks)
+        fds = [fd for fd, _ in parks]
         for fd in fds:
             if fd in self._parked:
                 raise RuntimeError(f"descriptor {fd} is already parked in the relay hub")
@@ -324,6 +325,37 @@ class Hub:
         assert first is not None
         first.hub = self
         return await trio.lowlevel.wait_task_rescheduled(first.abort)
+
+    def is_parked(self, fd: int) -> bool:
+        return fd in self._parked
+
+    def unpark_fd(self, fd: int) -> None:
+        """Stop watching one descriptor of a parked task, from one of its callbacks (its server
+        connection went back to a pool); the task stays parked on its other descriptors."""
+        entry = self._parked.pop(fd, None)
+        if entry is None:
+            return
+        if fd in entry.fds:
+            entry.fds.remove(fd)
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            pass
+
+    def park_more(self, fd: int, callback: Callable[[], object], beside: int) -> bool:
+        """Watch ``fd`` too, with ``callback``, for the task parked on ``beside`` (from one of its
+        callbacks: it borrowed a server connection). False when no task is parked on ``beside``
+        or ``fd`` is parked already."""
+        other = self._parked.get(beside)
+        if other is None or fd in self._parked:
+            return False
+        try:
+            self._epoll.register(fd, select.EPOLLIN)
+        except FileExistsError:
+            self._epoll.modify(fd, select.EPOLLIN)
+        other.fds.append(fd)
+        self._parked[fd] = _Parked(other.task, callback, other.fds)
+        return True
 
     def wake_fd(self, fd: int) -> bool:
         """Wake the task parked on ``fd`` (with WOKEN); False when none is."""

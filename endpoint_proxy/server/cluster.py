@@ -486,6 +486,11 @@ class ClusterRuntime:
             fresh = self._probes_finished[name] >= wanted
         return verdict_of(self.topology, name, fresh=fresh)
 
+    def failure_pending(self, name: str) -> bool:
+        """Whether a session reported ``name`` failed and no probe since has answered (see
+        wait_for_route): not to be handed out yet."""
+        return self._failure_pending(name)
+
     def _failure_pending(self, name: str) -> bool:
         """A session reported ``name`` failing and no probe started after that has answered."""
         wanted = self._reported.get(name)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 import structlog
 import trio
@@ -92,6 +92,23 @@ class PoolStatus:
                 "longest_wait_ms": self.longest_wait_ms, "borrows": self.borrows}
 
 
+class QuickWaiter(Protocol):
+    """A borrower that waits without a task (a session parked in the relay hub): the pool calls
+    it from whatever gives a connection back. None of these may call back into the pool."""
+
+    def granted(self, pooled: Pooled[Any]) -> bool:
+        """A connection for it (counted as lent): True if it took it, False if it is gone."""
+        ...
+
+    def may_open(self) -> None:
+        """A place freed up: it borrows again the usual way (which may open a connection)."""
+        ...
+
+    def expired(self) -> None:
+        """It waited the borrow timeout: it is out of the line."""
+        ...
+
+
 @dataclass(eq=False)
 class _Waiter:
     since: float
@@ -99,6 +116,8 @@ class _Waiter:
     given: Pooled[Any] | None = None  # a connection handed over (counted as lent)
     allowed_to_open: bool = False  # a place granted (counted as opening)
     gone: bool = False  # gave up: skipped when served
+    quick: QuickWaiter | None = None  # waits without a task (see QuickWaiter)
+    deadline: float = 0.0  # quick waiters: when the borrow timeout ends
 
 
 class ServerPool(Generic[C]):
@@ -188,6 +207,15 @@ class ServerPool(Generic[C]):
         raise PoolTimeout(f"no server connection of pool {self.key} within {timeout_s * 1000:.0f} ms "
                           f"({self.limits.size} in use)")
 
+    def take_idle_now(self) -> Pooled[C] | None:
+        """An idle connection, lent, when nobody waits in line; else None (no waiting)."""
+        if self._waiting:
+            return None
+        pooled = self._take_idle(trio.current_time())
+        if pooled is not None:
+            self.borrows += 1
+        return pooled
+
     def _take_idle(self, now: float) -> Pooled[C] | None:
         while self.idle:
             pooled = self.idle.pop()
@@ -255,13 +283,55 @@ class ServerPool(Generic[C]):
 
     def _put(self, pooled: Pooled[C]) -> None:
         """A usable connection (not counted anywhere): to the first waiter, else idle."""
-        waiter = self._next_waiter()
-        if waiter is None:
-            self.idle.append(pooled)
+        while True:
+            waiter = self._next_waiter()
+            if waiter is None:
+                self.idle.append(pooled)
+                return
+            self.lent += 1
+            if waiter.quick is not None:
+                if waiter.quick.granted(pooled):
+                    self.borrows += 1
+                    return
+                self.lent -= 1  # that borrower is gone: the next one
+                continue
+            waiter.given = pooled
+            waiter.event.set()
             return
-        self.lent += 1
-        waiter.given = pooled
-        waiter.event.set()
+
+    # --- waiting without a task -----------------------------------------------------------------
+
+    def wait_quick(self, quick: QuickWaiter, timeout_s: float) -> _Waiter:
+        """Join the line as a quick waiter (see QuickWaiter); the handle cancels with ``cancel_quick``."""
+        now = trio.current_time()
+        waiter = _Waiter(now, quick=quick, deadline=now + timeout_s)
+        self._waiters.append(waiter)
+        self._waiting += 1
+        return waiter
+
+    def cancel_quick(self, waiter: _Waiter) -> None:
+        """A quick waiter leaves the line (its client left); nothing was given to it."""
+        if not waiter.gone and waiter in self._waiters:
+            waiter.gone = True
+            self._waiting -= 1
+
+    def next_quick_deadline(self) -> float | None:
+        for waiter in self._waiters:
+            if waiter.quick is not None and not waiter.gone:
+                return waiter.deadline
+        return None
+
+    def expire_quick(self, now: float) -> int:
+        """Quick waiters past their deadline leave the line and are told; returns how many."""
+        expired = [w for w in self._waiters if w.quick is not None and not w.gone and w.deadline <= now]
+        for waiter in expired:
+            waiter.gone = True
+            self._waiting -= 1
+            self.longest_wait_s = max(self.longest_wait_s, now - waiter.since)
+        for waiter in expired:
+            assert waiter.quick is not None
+            waiter.quick.expired()
+        return len(expired)
 
     def forget(self, pooled: Pooled[C]) -> None:
         """A borrowed connection is gone (lost, or kept by a session it is pinned to, then closed
@@ -270,11 +340,17 @@ class ServerPool(Generic[C]):
         self._serve_waiters()
 
     def _serve_waiters(self) -> None:
-        """Places freed up: the first waiters may open connections of their own."""
-        while self.total < self.limits.size:
+        """Places freed up: the first waiters may open connections of their own (a quick waiter
+        is told to borrow again the usual way, which opens one)."""
+        free = self.limits.size - self.total
+        while free > 0:
             waiter = self._next_waiter()
             if waiter is None:
                 return
+            free -= 1
+            if waiter.quick is not None:
+                waiter.quick.may_open()
+                continue
             self.opening += 1
             waiter.allowed_to_open = True
             waiter.event.set()

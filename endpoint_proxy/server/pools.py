@@ -31,6 +31,7 @@ nothing a session calls blocks but ``borrow``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -39,7 +40,7 @@ import trio
 
 from ..config import ClusterConfig
 from ..topology.state import TopologyEvent
-from .pool import Pooled, PoolKey, PoolLimits, PoolStatus, PoolTimeout, ServerPool
+from .pool import Pooled, PoolKey, PoolLimits, PoolStatus, PoolTimeout, QuickWaiter, ServerPool
 
 if TYPE_CHECKING:
     from .cluster import ClusterRuntime
@@ -70,6 +71,7 @@ class PoolRegistry:
         self.cluster = cluster
         self.pools: dict[PoolKey, ServerPool[Any]] = {}
         self._writer: str | None = None  # the writer as of the last note_topology
+        self._quick_changed = trio.Event()  # a quick waiter joined a line (_expire_quick)
 
     def limits(self) -> PoolLimits:
         """The cluster's pool limits now."""
@@ -117,6 +119,44 @@ class PoolRegistry:
             cluster.metrics.error("borrow_timeout")
             raise
         cluster.metrics.pool_borrowed(int((trio.current_time() - started) * 1e9))
+        return pooled
+
+    def wait_quick(self, instance: str, user: str, database: str, quick: QuickWaiter) -> Any | None:
+        """Join the line of a full pool without a task (see pool.QuickWaiter); None when the pool
+        does not exist or has room (the caller borrows the usual way, which opens a connection).
+        The handle goes to ``cancel_quick``."""
+        pool = self.pools.get(PoolKey(instance, user, database))
+        if pool is None or pool.total < pool.limits.size:
+            return None
+        waiter = pool.wait_quick(quick, self.cluster.config.borrow_timeout_ms / 1000)
+        self._quick_changed.set()
+        return (pool, waiter)
+
+    def cancel_quick(self, handle: Any) -> None:
+        pool, waiter = handle
+        pool.cancel_quick(waiter)
+
+    async def _expire_quick(self) -> None:
+        """Tell quick waiters whose borrow timeout passed (counted as ``borrow_timeout``)."""
+        while True:
+            deadlines = [d for d in (p.next_quick_deadline() for p in self.pools.values()) if d is not None]
+            with trio.move_on_at(min(deadlines) if deadlines else math.inf):
+                await self._quick_changed.wait()
+            self._quick_changed = trio.Event()
+            now = trio.current_time()
+            for pool in list(self.pools.values()):
+                for _ in range(pool.expire_quick(now)):
+                    self.cluster.metrics.error("borrow_timeout")
+
+    def take_idle(self, instance: str, user: str, database: str) -> Pooled[Any] | None:
+        """An idle connection of that pool right away (no waiting, nothing opened), or None: no
+        such pool, none idle, or clients waiting in line before this one."""
+        pool = self.pools.get(PoolKey(instance, user, database))
+        if pool is None:
+            return None
+        pooled = pool.take_idle_now()
+        if pooled is not None:
+            self.cluster.metrics.pool_borrowed(0)
         return pooled
 
     def _pool_of(self, pooled: Pooled[Any]) -> ServerPool[Any] | None:
@@ -223,7 +263,9 @@ class PoolRegistry:
             self._close_soon(pool)
 
     async def run(self) -> None:
-        """Upkeep every SWEEP_INTERVAL_S (see ``sweep``)."""
-        while True:
-            await trio.sleep(SWEEP_INTERVAL_S)
-            self.sweep(trio.current_time())
+        """Upkeep every SWEEP_INTERVAL_S (see ``sweep``), and the quick waiters' borrow timeouts."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._expire_quick)
+            while True:
+                await trio.sleep(SWEEP_INTERVAL_S)
+                self.sweep(trio.current_time())

@@ -262,7 +262,18 @@ class MySessionCore:
     # --- what the shell reads ---------------------------------------------------------------
 
     def next_action(self) -> MyAction | None:
-        return self._actions.pop(0) if self._actions else None
+        actions = self._actions
+        if not actions:
+            return None
+        action = actions.pop(0)
+        kind = type(action)
+        if actions and type(actions[0]) is kind and (kind is ToServer or kind is ToClient):
+            # Sends in a row to the same side go as one (one system call, one wake-up of the peer).
+            parts = [action.data]  # type: ignore[union-attr]
+            while actions and type(actions[0]) is kind:
+                parts.append(actions.pop(0).data)  # type: ignore[union-attr]
+            action = kind(b"".join(parts))
+        return action
 
     @property
     def busy(self) -> bool:

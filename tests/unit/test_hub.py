@@ -272,3 +272,45 @@ async def test_a_second_hub_in_the_same_run_waits_through_trio(pairs) -> None:  
             result = await second.wait(a.fileno(), _reader(a, [], b"!"))
         assert isinstance(result, HandBack) and result.data == b"!"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_callback_can_watch_another_descriptor_and_let_one_go(hub: Hub, pairs) -> None:  # type: ignore[no-untyped-def]
+    # A pooled session: parked on its client; a callback borrows a server connection (park_more),
+    # its answer is read by the new callback, which gives it back (unpark_fd); the task stays
+    # parked throughout, and wakes only when the client says so.
+    client, client_peer = pairs()
+    server, server_peer = pairs()
+    log: list[str] = []
+    result: list[object] = []
+
+    def on_server() -> object:
+        log.append("server " + server.recv(100).decode())
+        hub.unpark_fd(server.fileno())  # given back: no longer this task's
+        return None
+
+    def on_client() -> object:
+        data = client.recv(100)
+        if data == b"bye":
+            return READ
+        log.append("client " + data.decode())
+        assert hub.park_more(server.fileno(), on_server, client.fileno())
+        assert not hub.park_more(server.fileno(), on_server, client.fileno())  # parked already
+        return None
+
+    async def parked() -> None:
+        result.append(await hub.wait(client.fileno(), on_client))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(parked)
+        await trio.testing.wait_all_tasks_blocked()
+        client_peer.send(b"request")
+        await trio.sleep(0.05)
+        assert hub.is_parked(server.fileno()) and not result
+        server_peer.send(b"answer")
+        await trio.sleep(0.05)
+        assert not hub.is_parked(server.fileno()) and hub.is_parked(client.fileno()) and not result
+        server_peer.send(b"not ours any more")  # nobody watches the server descriptor now
+        client_peer.send(b"bye")
+        await trio.sleep(0.05)
+    assert log == ["client request", "server answer"] and result == [READ]
+    assert not hub.is_parked(client.fileno())

@@ -345,3 +345,87 @@ async def test_a_connection_handed_to_a_client_that_is_leaving_goes_to_the_next(
         leaver.cancel()  # the first client leaves; before its task has run again...
         p.give_back(a)  # ...the connection is handed to it, and it must pass it on
     assert got == [1] and p.lent == 1 and p.waiting == 0 and p.total == 1
+
+
+class Quick:
+    """A borrower that waits without a task (pool.QuickWaiter), as a hub-parked session does."""
+
+    def __init__(self, name: str, log: list[str], *, present: bool = True) -> None:
+        self.name = name
+        self.log = log
+        self.present = present
+        self.got: Pooled[int] | None = None
+
+    def granted(self, pooled: Pooled[int]) -> bool:  # type: ignore[override]
+        if not self.present:
+            return False
+        self.got = pooled
+        self.log.append(f"{self.name} got {pooled.conn}")
+        return True
+
+    def may_open(self) -> None:
+        self.log.append(f"{self.name} may open")
+
+    def expired(self) -> None:
+        self.log.append(f"{self.name} expired")
+
+
+async def test_quick_waiters_share_the_line_with_task_waiters_in_order(
+        autojump_clock: trio.testing.MockClock) -> None:
+    conns = Conns()
+    p = pool(conns, size=1)
+    held = await p.borrow(conns.open, 1)
+    log: list[str] = []
+    q1 = Quick("q1", log)
+    p.wait_quick(q1, 10)
+
+    async def task_waiter() -> None:
+        pooled = await p.borrow(conns.open, 10)
+        log.append(f"task got {pooled.conn}")
+        p.give_back(pooled)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(task_waiter)
+        await trio.sleep(0.1)
+        gone = Quick("gone", log, present=False)
+        p.wait_quick(gone, 10)
+        q2 = Quick("q2", log)
+        p.wait_quick(q2, 10)
+        assert p.waiting == 4  # q1, the task, the one that left, q2
+        p.give_back(held)  # to q1 at once (no task involved)
+        assert log == ["q1 got 1"] and p.lent == 1
+        assert q1.got is not None
+        p.give_back(q1.got)  # to the task, in its turn
+        await trio.sleep(0.1)
+    # the task gave it back: the session that left is skipped, q2 gets it
+    assert log == ["q1 got 1", "task got 1", "q2 got 1"] and p.lent == 1 and p.waiting == 0
+
+
+async def test_a_quick_waiter_expires_after_the_borrow_timeout_and_a_cancelled_one_is_skipped(
+        autojump_clock: trio.testing.MockClock) -> None:
+    conns = Conns()
+    p = pool(conns, size=1)
+    held = await p.borrow(conns.open, 1)
+    log: list[str] = []
+    early, late, leaving = Quick("early", log), Quick("late", log), Quick("leaving", log)
+    p.wait_quick(early, 1)
+    handle = p.wait_quick(leaving, 1)
+    await trio.sleep(0.5)
+    p.wait_quick(late, 1)
+    p.cancel_quick(handle)
+    assert p.next_quick_deadline() == pytest.approx(trio.current_time() + 0.5)
+    await trio.sleep(0.6)
+    assert p.expire_quick(trio.current_time()) == 1 and log == ["early expired"]
+    p.give_back(held)
+    assert log == ["early expired", "late got 1"] and p.waiting == 0
+
+
+async def test_a_freed_place_tells_a_quick_waiter_to_borrow_the_usual_way(
+        autojump_clock: trio.testing.MockClock) -> None:
+    conns = Conns()
+    p = pool(conns, size=1)
+    held = await p.borrow(conns.open, 1)
+    log: list[str] = []
+    p.wait_quick(Quick("q", log), 10)
+    p.forget(held)  # lost: a place is free, but no connection to hand over
+    assert log == ["q may open"] and p.waiting == 0 and p.total == 0

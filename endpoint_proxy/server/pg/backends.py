@@ -46,7 +46,7 @@ class PgBackends(SessionShell):
 
     # The session's attributes (PgSession.__init__ sets them).
     __slots__ = ("ctx", "session_id", "user", "backend_params", "backends", "env", "cancel_key", "draining",
-                 "_login", "_core", "_pooled")
+                 "_login", "_core", "_pooled", "_waiter", "_waiting_for")
 
     ctx: SessionContext
     core: PgSessionCore
@@ -60,6 +60,8 @@ class PgBackends(SessionShell):
     draining: bool
     _login: ScramKeys | None
     _pooled: Pooled[BackendConnection] | None
+    _waiter: Any  # transaction mode: this session's place in a full pool's line (PoolRegistry.wait_quick)
+    _waiting_for: Attach | None  # the Attach that place is for
 
     @staticmethod
     def _facts(backend: BackendConnection) -> BackendFacts:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import functools
 import secrets
 import ssl
+from typing import Any
 
 import trio
 
 from ...protocol.pg import messages as m
 from ...protocol.pg.framing import FrameReader
+from ...relay.net import RawConn
 from ...sessioncore.actions import WRITER, Attach, AttachError, BackendFacts, PrepareStatements, Release
 from ...sessioncore.pg import PgSessionCore, dialect_of, is_fatal
 from ...sessioncore.pg_pool import PooledMark, StartupError, startup_settings
@@ -165,10 +167,134 @@ class PgPooling(PgBackends):
                 reusable = False
         await self._let_go(reusable)
 
+    # --- quick steps, from inside a hub callback (SessionShell.quick) ---------------------------
+
+    def quick(self, action: object) -> bool:
+        if isinstance(action, Release):
+            return self._release_now(action)
+        if isinstance(action, Attach) and action.reason == "borrow":
+            return self._borrow_now(action)
+        return False
+
+    def _release_now(self, action: Release) -> bool:
+        """Give the connection back without waiting: nothing to send it first."""
+        pooled, hub, client = self._pooled, self.hub, self.client
+        if action.expected_ready or pooled is None or hub is None or not isinstance(client, RawConn):
+            return False
+        conn = pooled.conn.conn
+        if isinstance(conn, RawConn):
+            hub.unpark_fd(conn.sock.fileno())  # another session may borrow it in this very round
+        if self.cancel_key is not None:
+            self.ctx.cancels.retarget(*self.cancel_key, None)
+        self._pooled = None
+        self.backends.release_active()
+        self.ctx.cluster.pools.give_back(pooled)
+        return True
+
+    def _borrow_now(self, action: Attach) -> bool:
+        """Borrow an idle connection of the routed instance's pool without waiting, when one is
+        there and the session's state is what it has; otherwise the task borrows (``_attach_pooled``:
+        it takes over a connection taken here whose state needs setting up)."""
+        hub, client = self.hub, self.client
+        if hub is None or not isinstance(client, RawConn) or self._pooled is not None or self.user is None:
+            return False
+        cluster = self.ctx.cluster
+        rule = self.env.rule(action.role)
+        name = cluster.route(rule, action.exclude).instance
+        if name is None or cluster.failure_pending(name) or faults.refused(cluster, rule, name):
+            return False
+        pooled: Pooled[BackendConnection] | None = cluster.pools.take_idle(name, self.user.name, self.env.database)
+        if pooled is None:
+            # A full pool: wait in its line without waking the task (``granted`` runs when a
+            # connection comes back); a pool with room: the task opens one.
+            self._waiter = cluster.pools.wait_quick(name, self.user.name, self.env.database, self)
+            if self._waiter is None:
+                return False
+            self._waiting_for = action
+            return True
+        return self._take(pooled, action)
+
+    def _take(self, pooled: Pooled[BackendConnection], action: Attach) -> bool:
+        """Make a borrowed connection the session's; True when it is ready (attached, parked in
+        the hub), False when the task must set it up first."""
+        hub, client, core = self.hub, self.client, self.core
+        assert hub is not None and isinstance(client, RawConn)
+        cluster = self.ctx.cluster
+        backend = pooled.conn
+        conn = backend.conn
+        self._pooled = pooled
+        self.backends.activate(action.role, backend)
+        if not isinstance(conn, RawConn) or conn.peer_closed():
+            return False  # the task finds it closed and borrows another
+        backend.in_recovery = bool(cluster.topology.instances[backend.instance].in_recovery)
+        if pooled.mark is None:
+            pooled.mark = PooledMark()
+        if core.pooled_plan(pooled.mark).expected_ready:  # type: ignore[arg-type]
+            return False  # the task sets it up (and parks its descriptor)
+        if not hub.park_more(conn.sock.fileno(), self._on_server, client.sock.fileno()):
+            return False
+        if self.cancel_key is not None:
+            self.ctx.cancels.retarget(*self.cancel_key, self._cancel_target(backend))
+        core.attached_backend(self._facts(backend), mark=pooled.mark,  # type: ignore[arg-type]
+                              conn_params=backend.parameters)
+        return True
+
+    # --- waiting in a full pool's line without a task (pool.QuickWaiter) ------------------------
+
+    def granted(self, pooled: Pooled[Any]) -> bool:
+        """A connection comes back to the pool and is this session's: attach it and send the
+        held request at once (the caller is another session, or the pool's upkeep)."""
+        action, self._waiting_for, self._waiter = self._waiting_for, None, None
+        hub, client = self.hub, self.client
+        if action is None or self.closed or hub is None or not isinstance(client, RawConn):
+            return False
+        if not hub.is_parked(client.sock.fileno()):
+            self._stash = action  # the task is up (or asleep, woken now): it borrows itself
+            self.wake()
+            return False
+        if not self._take(pooled, action):
+            self._stash = action  # the task sets it up
+            self.wake()
+            return True
+        if self._attend() is not None:
+            self.wake()
+        return True
+
+    def may_open(self) -> None:
+        """A place freed up in the pool: the task borrows, and opens a connection."""
+        self._back_to_task()
+
+    def expired(self) -> None:
+        """The borrow timeout passed in line: the request gets 53300, the session goes on."""
+        action, self._waiting_for, self._waiter = self._waiting_for, None, None
+        if action is None or self.closed:
+            return
+        self.core.attach_failed(AttachError("busy", "53300", "no server connection of pool within "
+                                                             f"{self.ctx.cluster.config.borrow_timeout_ms} ms"))
+        self.wake()
+
+    def _back_to_task(self) -> None:
+        action, self._waiting_for, self._waiter = self._waiting_for, None, None
+        if action is not None and not self.closed:
+            self._stash = action
+            self.wake()
+
+    def leave_line(self) -> None:
+        """The session ends while in a pool's line: it leaves it."""
+        if self._waiter is not None:
+            self.ctx.cluster.pools.cancel_quick(self._waiter)
+            self._waiter = self._waiting_for = None
+
     async def _attach_pooled(self, action: Attach) -> None:
         core, role = self.core, action.role
         cluster = self.ctx.cluster
         timeout = cluster.config.failover_timeout_ms / 1000
+        if self._pooled is not None and self.backends.active is self._pooled.conn:
+            if self._pooled.conn.conn.peer_closed():
+                await self._let_go(False)  # taken while idle, and found closed: another one
+            else:
+                await self._set_up(self._pooled, role)  # taken in a hub callback; its state needs setting up
+                return
         try:
             pooled = await self._borrow(role, timeout, action.exclude, held=True)
         except NoRoute as e:
@@ -180,9 +306,14 @@ class PgPooling(PgBackends):
         except PoolTimeout as e:
             core.attach_failed(AttachError("busy", "53300", str(e)))
             return
-        backend = pooled.conn
         self._pooled = pooled
-        self.backends.activate(role, backend)
+        self.backends.activate(role, pooled.conn)
+        await self._set_up(pooled, role)
+
+    async def _set_up(self, pooled: Pooled[BackendConnection], role: str) -> None:
+        """Bring a borrowed connection (the active backend now) to the session's state, then attach."""
+        core = self.core
+        backend = pooled.conn
         plan = core.pooled_plan(pooled.mark)  # type: ignore[arg-type]
         if plan.expected_ready:
             try:

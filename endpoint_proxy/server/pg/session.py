@@ -76,6 +76,8 @@ class PgSession(PgPooling):
         self._login: ScramKeys | None = None  # SCRAM keys of the client's own login (passthrough)
         self._core: PgSessionCore | None = None
         self._pooled: Pooled[BackendConnection] | None = None  # transaction mode: the borrowed connection
+        self._waiter = None
+        self._waiting_for = None
         self.ticket: Ticket | None = None  # counts it against the connection limits (login admits)
 
     # --- what the proxy asks of a session -----------------------------------------------------
@@ -200,6 +202,7 @@ class PgSession(PgPooling):
                 self._core.end()
             if self.cancel_key is not None:
                 self.ctx.cancels.withdraw(*self.cancel_key)
+            self.leave_line()
             if self._pooled is not None:
                 # Back to the pool only if nothing of this session is left on it.
                 core = self._core

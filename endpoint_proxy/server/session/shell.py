@@ -54,8 +54,8 @@ class Core(Protocol):
 class SessionShell:
     """Subclasses set ``client`` and ``core``, implement ``backend_conn`` and ``handle``."""
 
-    __slots__ = ("client", "core", "hub", "closed", "_pending", "_wake", "_nursery", "_inbox", "_inbox_send",
-                 "_client_reader", "_server_reader", "_client_wanted", "__weakref__")
+    __slots__ = ("client", "core", "hub", "closed", "_pending", "_stash", "_wake", "_nursery", "_inbox",
+                 "_inbox_send", "_client_reader", "_server_reader", "_client_wanted", "__weakref__")
 
     client: Conn
     core: Core
@@ -64,6 +64,7 @@ class SessionShell:
         self.hub = hub
         self.closed = False
         self._pending: tuple[int, bytes] | None = None  # a direct send the hub callback could not finish
+        self._stash: object | None = None  # an action a hub callback took and left to the task
         self._wake: trio.CancelScope | None = None  # cancels the wait for input (drain, shutdown)
         # Reader tasks (see the module docstring).
         self._nursery: trio.Nursery | None = None
@@ -81,6 +82,11 @@ class SessionShell:
     async def handle(self, action: object) -> None:
         """Run an action other than a send or Close."""
         raise NotImplementedError
+
+    def quick(self, action: object) -> bool:
+        """Run an action right away from inside a hub callback if it needs no waiting (a server
+        connection given back to its pool, an idle one borrowed); False leaves it to ``handle``."""
+        return False
 
     def wake(self) -> None:
         """Make the session's task look at its core now (it has new actions)."""
@@ -147,7 +153,9 @@ class SessionShell:
             await self._send(pending[0], pending[1])
         core = self.core
         while not self.closed:
-            action = core.next_action()
+            action, self._stash = self._stash, None
+            if action is None:
+                action = core.next_action()
             if action is None:
                 return
             if isinstance(action, ToClient):
@@ -194,7 +202,7 @@ class SessionShell:
             return _WOKE
         view = hub.view[:n]
         if self.core.client_data(view) != FORWARD:
-            return _WOKE
+            return self._attend()
         conn = self.backend_conn()
         assert isinstance(conn, RawConn)
         return self._send_now(conn, _SERVER, view)
@@ -215,9 +223,35 @@ class SessionShell:
             return _WOKE
         view = hub.view[:n]
         if self.core.server_data(view) != FORWARD:
-            return _WOKE
+            return self._attend()
         assert isinstance(self.client, RawConn)
         return self._send_now(self.client, _CLIENT, view)
+
+    def _attend(self) -> object:
+        """The core asked for attention inside a hub callback: do at once what needs no waiting
+        (sends that the sockets take whole, ``quick`` actions), in order; wake the task for the
+        rest (the first action it cannot do here is stashed for it)."""
+        core = self.core
+        client = self.client
+        while not self.closed:
+            action = core.next_action()
+            if action is None:
+                return None
+            if isinstance(action, ToClient):
+                assert isinstance(client, RawConn)
+                if self._send_now(client, _CLIENT, memoryview(action.data)) is not None:
+                    return _WOKE
+            elif isinstance(action, ToServer):
+                conn = self.backend_conn()
+                if not isinstance(conn, RawConn):
+                    self._stash = action
+                    return _WOKE
+                if self._send_now(conn, _SERVER, memoryview(action.data)) is not None:
+                    return _WOKE
+            elif not self.quick(action):
+                self._stash = action
+                return _WOKE
+        return _WOKE
 
     def _send_now(self, conn: RawConn, side: int, view: memoryview) -> object:
         """Forward from inside a hub callback; what the socket does not take now is copied and
