@@ -280,7 +280,16 @@ class Hub:
 
     def _wake(self, fd: int, entry: _Parked, result: outcome.Outcome[object]) -> None:
         if self._parked.get(fd) is not entry:
-            return  # the callback's own work cancelled the task (a drain), which forgot it
+            # The callback let its own descriptor go (unpark_fd: its connection went back to a
+            # pool): the task is woken through another of its descriptors. None left: its own
+            # work cancelled the task (a drain), which forgot it.
+            for other in entry.fds:
+                live = self._parked.get(other)
+                if live is not None and live.task is entry.task:
+                    entry = live
+                    break
+            else:
+                return
         self._forget(entry)
         self.handbacks += 1
         trio.lowlevel.reschedule(entry.task, result)

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.integration
 
 async def _connect(proxy: ProxyProcess, cluster: PostgresCluster, endpoint: str = "rw") -> asyncpg.Connection:
     return await asyncpg.connect(host="127.0.0.1", port=proxy.port(endpoint), user=cluster.app_user,
-                                 password=cluster.app_password, database=cluster.database, ssl=False, timeout=10)
+                                 password=cluster.app_password, database=cluster.database, ssl=False, timeout=10,
+                                 command_timeout=30)
 
 
 def _ports(cluster: PostgresCluster) -> tuple[int, set[int]]:
@@ -150,11 +151,16 @@ def delayed_cluster() -> Iterator[PostgresCluster]:
         yield c
 
 
-def test_session_consistency_never_reads_stale(delayed_cluster: PostgresCluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pool_mode", ["session", "transaction"])
+def test_session_consistency_never_reads_stale(delayed_cluster: PostgresCluster, tmp_path: Path,
+                                               pool_mode: str) -> None:
     cluster = delayed_cluster
-    cluster.sql(cluster.primary_name, "create table counter (n int)", user=cluster.app_user)
-    cluster.sql(cluster.primary_name, "insert into counter values (0)", user=cluster.app_user)
+    cluster.sql(cluster.primary_name, "create table if not exists counter (n int)", user=cluster.app_user)
+    cluster.sql(cluster.primary_name, "delete from counter; insert into counter values (0)", user=cluster.app_user)
     doc = pg_proxy_config(cluster)
+    for ep in doc["clusters"][0]["endpoints"]:
+        if ep["name"] in ("rw", "rw_session"):
+            ep["pool_mode"] = pool_mode
     with ProxyProcess(doc, tmp_path) as proxy:
 
         async def main() -> dict[str, Any]:

@@ -314,3 +314,31 @@ async def test_a_callback_can_watch_another_descriptor_and_let_one_go(hub: Hub, 
         await trio.sleep(0.05)
     assert log == ["client request", "server answer"] and result == [READ]
     assert not hub.is_parked(client.fileno())
+
+
+async def test_a_callback_that_lets_its_descriptor_go_can_still_wake_the_task(hub: Hub, pairs) -> None:  # type: ignore[no-untyped-def]
+    # A pooled session's server answers the end of a transaction: the callback gives the
+    # connection back (unpark_fd of its own descriptor) and the next request needs the task
+    # (a routing decision that waits): the task wakes, parked on its client no more.
+    client, client_peer = pairs()
+    server, server_peer = pairs()
+    result: list[object] = []
+    wake = HandBack(7)
+
+    def on_server() -> object:
+        server.recv(100)
+        hub.unpark_fd(server.fileno())
+        return wake
+
+    async def parked() -> None:
+        result.append(await hub.wait_any(((client.fileno(), lambda: None), (server.fileno(), on_server))))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(parked)
+        await trio.testing.wait_all_tasks_blocked()
+        server_peer.send(b"ReadyForQuery")
+        with trio.fail_after(5):
+            while not result:
+                await trio.sleep(0.005)
+    assert result == [wake]
+    assert not hub.is_parked(client.fileno()) and not hub.is_parked(server.fileno())

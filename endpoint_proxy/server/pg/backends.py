@@ -260,6 +260,7 @@ class PgBackends(SessionShell):
     def log(self) -> Any:
         """This session's logger (bound when used: most sessions never log)."""
         return log.bind(conn=self.session_id, endpoint=self.ctx.endpoint.name)
+
     async def _forget(self, pooled: Pooled[BackendConnection]) -> None:
         """A borrowed connection that must not go back: it leaves its pool and closes."""
         self.ctx.cluster.pools.forget(pooled)

@@ -13,7 +13,7 @@ import trio
 from ...protocol.pg import messages as m
 from ...protocol.pg.framing import FrameReader
 from ...relay.net import RawConn
-from ...sessioncore.actions import WRITER, Attach, AttachError, BackendFacts, PrepareStatements, Release
+from ...sessioncore.actions import READER, WRITER, Attach, AttachError, BackendFacts, PrepareStatements, Release
 from ...sessioncore.pg import PgSessionCore, dialect_of, is_fatal
 from ...sessioncore.pg_pool import PooledMark, StartupError, startup_settings
 from ..pool import Pooled, PoolTimeout
@@ -167,6 +167,54 @@ class PgPooling(PgBackends):
                 reusable = False
         await self._let_go(reusable)
 
+    async def _caught_up(self) -> bool:
+        """Session consistency in transaction mode: the writer's WAL position now (at least what
+        this session committed), from a pooled writer connection; then a pooled replica
+        connection's replay position, waiting up to session_wait_ms. False reads on the writer."""
+        if self._core is None or self._core.smap is None:
+            return await super()._caught_up()
+        try:
+            writer = await self._borrow(WRITER, 0.0)
+        except (NoRoute, Refused, PoolTimeout):
+            return True  # no writer now (failover): nothing of ours to wait for
+        lsn = await self._pooled_lsn(writer, "select pg_current_wal_insert_lsn() - '0/0'")
+        if lsn is None:
+            return False
+        try:
+            reader = await self._borrow(READER, 0.0)
+        except (NoRoute, Refused, PoolTimeout):
+            return False
+        if not reader.conn.in_recovery:
+            self.ctx.cluster.pools.give_back(reader)
+            return True  # the "reader" is the writer itself (fallback)
+        deadline = trio.current_time() + self.ctx.endpoint.session_wait_ms / 1000
+        while True:
+            replayed = await self._pooled_lsn(reader, "select pg_last_wal_replay_lsn() - '0/0'", keep=True)
+            if replayed is None:
+                return False
+            if replayed >= lsn:
+                # This replica has it: the read runs here (the Attach that follows takes it over).
+                self._pooled = reader
+                self.backends.activate(READER, reader.conn)
+                return True
+            if trio.current_time() >= deadline:
+                self.ctx.cluster.pools.give_back(reader)
+                return False
+            await trio.sleep(0.002)
+
+    async def _pooled_lsn(self, pooled: Pooled[BackendConnection], sql: str, *, keep: bool = False) -> int | None:
+        """A WAL position asked of a borrowed connection (given back unless ``keep``); None when
+        it failed (the connection is then closed)."""
+        rows: list[tuple[str | None, ...]] = []
+        try:
+            await self._exchange(pooled.conn, m.Query(sql).encode(), 1, rows)
+        except (*NETWORK_ERRORS, BackendError):
+            await self._forget(pooled)
+            return None
+        if not keep:
+            self.ctx.cluster.pools.give_back(pooled)
+        return int(float(rows[0][0])) if rows and rows[0][0] else 0
+
     # --- quick steps, from inside a hub callback (SessionShell.quick) ---------------------------
 
     def quick(self, action: object) -> bool:
@@ -181,6 +229,8 @@ class PgPooling(PgBackends):
         pooled, hub, client = self._pooled, self.hub, self.client
         if action.expected_ready or pooled is None or hub is None or not isinstance(client, RawConn):
             return False
+        if not hub.is_parked(client.sock.fileno()):
+            return False  # parked on the server alone: letting it go here would leave nothing to wake the task by
         conn = pooled.conn.conn
         if isinstance(conn, RawConn):
             hub.unpark_fd(conn.sock.fileno())  # another session may borrow it in this very round

@@ -248,10 +248,6 @@ class PgSession(PgPooling):
         await self.client.send_all(hello)
         self.log.debug("session_attached", instance=backend.instance, pid=backend.process_id)
 
-
-
-
-
     async def handle(self, action: object) -> None:
         if isinstance(action, Release):
             await self._release(action)
@@ -274,16 +270,3 @@ class PgSession(PgPooling):
         elif isinstance(action, WaitGate):
             await self.ctx.cluster.drills.gate.wait_open()
             self.core.gate_opened()
-
-
-
-
-
-
-
-
-
-
-
-
-
