@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
     machine = machine_info()
     python = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
-    session_needs = args.clients + 60
+    session_needs = 0 if args.only_transaction else args.clients + 60
     extra_conf = {"max_connections": str(max(200, session_needs)), "shared_buffers": "128MB"}
     tmp = Path(tempfile.mkdtemp(prefix="idle-memory-"))
     tmp.chmod(0o711)  # PgBouncer runs as postgres and must reach its directory
@@ -158,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
                     targets.append(("endpoint_proxy", "transaction", svc, endpoints[1].port))
             if "pgbouncer" in args.targets:
                 for mode in ("session", "transaction") if args.transaction else ("session",):
+                    if mode == "session" and args.only_transaction:
+                        continue
                     (tmp / f"pgb-{mode}").mkdir()
                     svc = _common.start_pgbouncer(tmp / f"pgb-{mode}", {APP_DB: (LOOPBACK, primary.port)},
                                                   pool_mode=mode, pool_size=args.pool_size if mode == "transaction"
@@ -168,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
             results = []
             try:
                 for name, mode, svc, port in targets:
-                    if mode == "session" and args.clients + 60 > int(extra_conf["max_connections"]):
+                    if mode == "session" and (args.only_transaction
+                                              or args.clients + 60 > int(extra_conf["max_connections"])):
                         continue
                     log(f"{name} ({mode}): {args.clients} idle clients")
                     r = measure(svc, port, args.clients, args.batch, python)
@@ -183,6 +186,9 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     header = ["target", "pool mode", "idle clients", "RSS before (MiB)", "RSS after (MiB)", "delta (MiB)",
               "per client (kB)"]
+    if not rows:
+        print("idle_memory: no target measured (--targets proxy,pgbouncer)", file=sys.stderr)
+        return 1
     table = markdown_table(header, rows, text_columns=2)
     print(table)
     if args.write_results:
@@ -203,10 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=100, help="clients connecting at once")
     parser.add_argument("--targets", type=lambda s: s.split(","), default=["proxy", "pgbouncer"])
     parser.add_argument("--transaction", action="store_true", help="also transaction-mode pools")
+    parser.add_argument("--only-transaction", action="store_true",
+                        help="transaction-mode pools alone (no session mode: no server connection per client)")
     parser.add_argument("--pool-size", type=int, default=20)
     parser.add_argument("--write-results", action="store_true")
     parser.add_argument("--results-file", type=Path, default=DEFAULT_RESULTS)
     args = parser.parse_args(argv)
+    args.transaction = args.transaction or args.only_transaction
     with terminate_as_interrupt():
         try:
             return run(args)

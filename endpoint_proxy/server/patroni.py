@@ -22,9 +22,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import httpx
 import structlog
 import trio
 
@@ -41,6 +40,9 @@ from ..topology.patroni import (
 )
 from .promotion import PromotionError
 
+if TYPE_CHECKING:
+    import httpx  # imported when a Patroni cluster is watched: most proxies never need it
+
 log = structlog.get_logger("endpoint_proxy.patroni")
 
 # A request to the store or to a REST API (the watch stream itself has no read timeout).
@@ -50,7 +52,11 @@ ETCD_RETRY_S: Final = 2.0
 # A switchover through Patroni's REST API may take this long (it waits for the new leader).
 SWITCHOVER_HTTP_TIMEOUT_S: Final = 60.0
 
-_HTTP_ERRORS: Final = (httpx.HTTPError, OSError, PatroniDataError, ValueError, trio.TooSlowError)
+
+def _http_errors(*more: type[BaseException]) -> tuple[type[BaseException], ...]:
+    import httpx
+
+    return (httpx.HTTPError, OSError, PatroniDataError, ValueError, trio.TooSlowError, *more)
 
 
 class StoreLost(Exception):
@@ -58,6 +64,8 @@ class StoreLost(Exception):
 
 
 def _text(e: BaseException) -> str:
+    import httpx
+
     if isinstance(e, trio.TooSlowError | httpx.TimeoutException):
         return "timed out"
     return str(e) or type(e).__name__
@@ -137,6 +145,8 @@ class PatroniAuthority:
         self.error = error
 
     async def run(self) -> None:
+        import httpx
+
         async with httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_TIMEOUT_S)) as client:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_staleness)
@@ -144,7 +154,7 @@ class PatroniAuthority:
                     for url in self.config.etcd:
                         try:
                             await self._follow_etcd(client, url)
-                        except (StoreLost, *_HTTP_ERRORS) as e:
+                        except _http_errors(StoreLost) as e:
                             self._failed(url, e)
                         except Exception as e:  # noqa: BLE001 - a bug of ours must not end the authority
                             log.exception("authority_error", cluster=self.cluster, error=_text(e))
@@ -188,7 +198,7 @@ class PatroniAuthority:
             async def guarded(step: Callable[[], Awaitable[None]]) -> None:
                 try:
                     await step()
-                except (StoreLost, *_HTTP_ERRORS) as e:
+                except _http_errors(StoreLost) as e:
                     failures.append(e)
                 nursery.cancel_scope.cancel()
 
@@ -212,6 +222,8 @@ class PatroniAuthority:
         prefix = self.view.prefix
         body = {"create_request": {"key": b64(prefix), "range_end": prefix_end(prefix),
                                    "start_revision": str(start_revision)}}
+        import httpx
+
         timeout = httpx.Timeout(REQUEST_TIMEOUT_S, read=None)
         async with client.stream("POST", f"{url}/v3/watch", json=body, timeout=timeout) as response:
             if response.status_code != 200:
@@ -237,7 +249,7 @@ class PatroniAuthority:
                     if response.status_code != 200:
                         raise StoreLost(f"HTTP {response.status_code}")
                     leader, members = parse_rest_cluster(response.json())
-                except (StoreLost, *_HTTP_ERRORS) as e:
+                except _http_errors(StoreLost) as e:
                     self._failed(url, e)
                     continue
                 before = (self.view.leader, self.view.revision)
@@ -279,12 +291,14 @@ class PatroniPromotion:
         body = {"leader": self.old, "candidate": self.new}
         errors = []
         timeout = max(1.0, deadline - trio.current_time())
+        import httpx
+
         async with httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_TIMEOUT_S, read=timeout)) as client:
             for url in self.api_urls:
                 try:
                     with trio.fail_after(timeout + 1):
                         response = await client.post(f"{url}/switchover", json=body)
-                except (*_HTTP_ERRORS,) as e:
+                except _http_errors() as e:
                     errors.append(f"{url}: {_text(e)}")
                     continue
                 text = response.text.strip()

@@ -16,6 +16,27 @@ if TYPE_CHECKING:
     from ..metrics import EndpointMetrics
 
 
+# An endpoint's routing rules per role, made once per endpoint (an idle session costs no copy of
+# them): keyed by the endpoint's identity, as a reload makes new endpoint objects.
+_ROLES: dict[int, tuple[EndpointConfig, dict[str, EndpointConfig]]] = {}
+
+
+def roles_of(endpoint: EndpointConfig) -> dict[str, EndpointConfig]:
+    """MAIN is the endpoint's own rule; WRITER and READER a readwrite endpoint's halves."""
+    known = _ROLES.get(id(endpoint))
+    if known is not None and known[0] is endpoint:
+        return known[1]
+    if len(_ROLES) > 256:
+        _ROLES.clear()  # endpoints of earlier configs (reloads): made again when asked for
+    roles = {
+        MAIN: endpoint,
+        WRITER: dataclasses.replace(endpoint, kind="writer"),
+        READER: dataclasses.replace(endpoint, kind="reader"),
+    }
+    _ROLES[id(endpoint)] = (endpoint, roles)
+    return roles
+
+
 class SessionEnv:
     """One session's view of its cluster, as the cores' ``PgEnv``/``MyEnv`` protocols ask.
 
@@ -31,11 +52,7 @@ class SessionEnv:
         self.endpoint = endpoint
         self.metrics = metrics
         self.database = database
-        self._roles = {
-            MAIN: endpoint,
-            WRITER: dataclasses.replace(endpoint, kind="writer"),
-            READER: dataclasses.replace(endpoint, kind="reader"),
-        }
+        self._roles = roles_of(endpoint)
         self.busy = False  # a request of this session is running (SHOW SESSIONS)
         self._gate = cluster.drills.gate
         self._started = 0  # perf_counter_ns() when the request in flight began
@@ -107,7 +124,6 @@ class SessionEnv:
     def closed(self) -> None:
         """The session ended: a pin it still holds stops counting (the proxy calls this)."""
         self.unpinned("session closed")
-
 
     def error(self, kind: str) -> None:
         self.cluster.metrics.error(kind)
