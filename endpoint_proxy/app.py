@@ -13,7 +13,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
@@ -31,13 +31,14 @@ from .server.admission import Admission
 from .server.cluster import ClusterRuntime, StagedCredentials
 from .server.janitor import Janitor
 from .server.metrics import EndpointMetrics, ProxyMetrics
-from .server.mysql.login import refuse as refuse_mysql
-from .server.mysql.session import MySession
 from .server.pg.backend import send_cancel
 from .server.pg.session import PgSession
 from .server.session.context import CancelRegistry, SessionContext
 from .server.session.info import SessionInfo
 from .server.state_file import StateFile
+
+if TYPE_CHECKING:
+    from .server.mysql.session import MySession
 
 log = structlog.get_logger("endpoint_proxy.server")
 
@@ -348,6 +349,10 @@ class Proxy:
         session: PgSession | MySession
         try:
             if cluster.config.protocol == "mysql":
+                # Imported with the first MySQL client: a PostgreSQL-only proxy never loads them.
+                from .server.mysql.login import refuse as refuse_mysql
+                from .server.mysql.session import MySession
+
                 # MySQL answers a connection over the limit in place of its greeting: before the
                 # session would contact a server for one. PostgreSQL's login admits the ticket
                 # after the StartupMessage (cancel requests and the console are not counted).
@@ -360,7 +365,7 @@ class Proxy:
             else:
                 session = PgSession(listener.ctx, conn, next(self._ids))
             session.ticket = ticket
-            self._session_nursery.start_soon(self._session, session, counts)
+            self._session_nursery.start_soon(self._session, session, counts, name="session")  # one name string for all
         except RuntimeError:  # the proxy is stopping: its session nursery takes no more
             ticket.release()
             conn.close()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import select
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import outcome
@@ -206,6 +206,11 @@ class _LoopHook:
 RECV_SIZE = 64 * 1024
 
 
+async def _read_now() -> object:
+    await trio.lowlevel.checkpoint()
+    return READ
+
+
 class Hub:
     def __init__(self, *, hooked: bool = True) -> None:
         self.buffer = bytearray(RECV_SIZE)
@@ -310,13 +315,15 @@ class Hub:
         ``fd`` while parked, nor close it (cancel the task first)."""
         return await self.wait_any(((fd, callback),))
 
-    async def wait_any(self, parks: Sequence[tuple[int, Callable[[], object]]]) -> object:
+    def wait_any(self, parks: Sequence[tuple[int, Callable[[], object]]]) -> Awaitable[object]:
         """Park the calling task on several descriptors at once, each with its callback; the
         first callback to return something other than None wakes the task with that value, and
-        every descriptor is unparked. Returns READ at once when the hub is not running."""
+        every descriptor is unparked. Returns READ at once when the hub is not running.
+
+        Not a coroutine function: it parks when called and returns the wait itself, to be
+        awaited at once (an idle session's stack is one frame shorter)."""
         if not self.running or not parks:
-            await trio.lowlevel.checkpoint()
-            return READ
+            return _read_now()
         fds = [fd for fd, _ in parks]
         for fd in fds:
             if fd in self._parked:
@@ -333,7 +340,7 @@ class Hub:
             first = first or entry
         assert first is not None
         first.hub = self
-        return await trio.lowlevel.wait_task_rescheduled(first.abort)
+        return trio.lowlevel.wait_task_rescheduled(first.abort)
 
     def is_parked(self, fd: int) -> bool:
         return fd in self._parked

@@ -10,11 +10,10 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 import trio
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..config import (
     STORED_MD5,
@@ -56,6 +55,17 @@ from .pg.backend import BackendError, ProbeConnection
 from .pools import PoolRegistry
 from .promotion import Promotion, make_promotion
 from .state_file import StateFile
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+
+def _new_rsa_key() -> rsa.RSAPrivateKey:
+    """The key caching_sha2_password clients encrypt passwords with (cryptography imported only
+    when one is needed: most proxies never do)."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 log = structlog.get_logger("endpoint_proxy.cluster")
 
@@ -273,7 +283,7 @@ class ClusterRuntime:
         if config.protocol == "mysql" and self._rsa_key is None and (
                 config.client_auth == "caching_sha2_password"
                 or any(u.auth == "caching_sha2_password" for u in config.users)):
-            staged.rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            staged.rsa_key = _new_rsa_key()
         return staged
 
     def install_credentials(self, staged: StagedCredentials) -> None:
@@ -310,7 +320,7 @@ class ClusterRuntime:
 
     def rsa_key(self) -> rsa.RSAPrivateKey:
         if self._rsa_key is None:
-            self._rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            self._rsa_key = _new_rsa_key()
         return self._rsa_key
 
     def monitor_credentials(self) -> tuple[str, str | None]:

@@ -60,6 +60,7 @@ from .pg_pool import (
     StatementMap,
     desired_settings,
     diff_statements,
+    shared,
 )
 from .pg_route import STAY, UNIT_ENDS, PgReadWriteDecider
 
@@ -758,7 +759,10 @@ class PgSessionCore:
             elif type_ == _S:
                 name, _, rest = payload.partition(b"\0")
                 key, value = name.decode("utf-8", "replace"), rest.rstrip(b"\0").decode("utf-8", "replace")
-                self.client_params[key] = value
+                if self.smap is not None:
+                    self.client_params = {**self.client_params, key: value}  # pooled: a shared dict until now
+                else:
+                    self.client_params[key] = value
                 self.state.on_parameter(key, value)  # standard_conforming_strings, client_encoding: how SQL lexes
                 if self._conn_params is not None:
                     self._conn_params[key] = value
@@ -961,7 +965,10 @@ class PgSessionCore:
         changed = b"".join(m.ParameterStatus(k, v).encode() for k, v in facts.parameters
                            if self.client_params.get(k) != v)
         if changed:
-            self.client_params.update(facts.parameters)
+            if self.smap is not None:
+                self.client_params = shared({**self.client_params, **dict(facts.parameters)})
+            else:
+                self.client_params.update(facts.parameters)
             self._actions.append(ToClient(changed))
         if self._resend is not None:
             request, self._resend = self._resend, None

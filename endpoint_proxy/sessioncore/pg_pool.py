@@ -52,10 +52,28 @@ def _set_config(name: str, value: str) -> str:
     return f"SELECT pg_catalog.set_config({_literal(name)}, {_literal(value)}, false)"
 
 
+# Settings dicts are never changed once made: clients that log in with the same parameters
+# share one (an idle pooled session costs no copy of them).
+_SHARED: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+
+
+def shared(settings: dict[str, str]) -> dict[str, str]:
+    """The one copy of these settings (the caller's if it is the first); not to be changed."""
+    key = tuple(settings.items())
+    known = _SHARED.get(key)
+    if known is not None:
+        return known
+    if len(_SHARED) >= 1024:
+        _SHARED.clear()
+    _SHARED[key] = settings
+    return settings
+
+
 def startup_settings(params: Mapping[str, str]) -> dict[str, str]:
     """A client's startup parameters as settings (GUC name -> the statement that sets it).
     ``options`` may carry ``-c name=value`` / ``--name=value`` items (spaces escaped with a
-    backslash, as libpq does); any other option is refused with StartupError."""
+    backslash, as libpq does); any other option is refused with StartupError. The result is
+    shared between sessions: not to be changed."""
     out: dict[str, str] = {}
     for name, value in params.items():
         if name in _NOT_SETTINGS or name.startswith("_pq_."):
@@ -65,7 +83,7 @@ def startup_settings(params: Mapping[str, str]) -> dict[str, str]:
     if options:
         for name, value in _parse_options(options):
             out[name.lower()] = _set_config(name.lower(), value)
-    return out
+    return shared(out)
 
 
 def _split_options(options: str) -> list[str]:
@@ -113,9 +131,13 @@ def desired_settings(startup: Mapping[str, str], state: SessionState) -> dict[st
     """The settings a session wants on its server: its startup settings, then its SET, RESET and
     set_config statements. Keys are GUC names; a statement whose target is not one setting
     (SET ROLE, SET SESSION AUTHORIZATION, SET SESSION CHARACTERISTICS) is keyed by its own text
-    and kept in order. RESET name returns to the startup value, or to the server default."""
+    and kept in order. RESET name returns to the startup value, or to the server default.
+    The result is not to be changed (with nothing set, it is ``startup`` itself)."""
+    statements = state.settings()
+    if not statements:
+        return dict(startup) if not isinstance(startup, dict) else startup
     out = dict(startup)
-    for target, sql in state.settings():
+    for target, sql in statements:
         if target is None:
             out.pop(sql, None)
             out[sql] = sql
@@ -126,7 +148,7 @@ def desired_settings(startup: Mapping[str, str], state: SessionState) -> dict[st
         else:
             out.pop(target, None)
             out[target] = sql
-    return out
+    return shared(out)
 
 
 def _is_reset(sql: str) -> bool:

@@ -29,11 +29,7 @@ import hmac
 import secrets
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Final, Protocol
-
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ..errors import LocalProtocolError
 from .errors import (
@@ -51,6 +47,9 @@ from .handshake import (
     decode_auth_switch_request,
 )
 from .packets import ERR_HEADER, OK_HEADER, OkPacket, decode_err, decode_ok
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
 MYSQL_NATIVE_PASSWORD: Final = "mysql_native_password"
 CACHING_SHA2_PASSWORD: Final = "caching_sha2_password"
@@ -75,7 +74,15 @@ DEFAULT_BACKEND_PLUGINS: Final = (MYSQL_NATIVE_PASSWORD, CACHING_SHA2_PASSWORD)
 
 # Nonce bytes as servers make them: printable ASCII, no NUL (a C string ends there) and no '$'.
 _NONCE_ALPHABET: Final = bytes(c for c in range(0x21, 0x7F) if c != 0x24)
-_OAEP: Final = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
+
+
+def _oaep() -> Any:
+    """RSA-OAEP with SHA-1, as MySQL's clients and servers use it. cryptography is imported here,
+    when a password is RSA-encrypted: most proxies never do, and it is megabytes of memory."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    return padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
 
 
 def make_nonce() -> bytes:
@@ -170,6 +177,8 @@ def _xor_nonce(data: bytes, nonce: bytes) -> bytes:
 
 def public_key_pem(private_key: rsa.RSAPrivateKey) -> bytes:
     """The PEM (SubjectPublicKeyInfo) a server sends a client that asks for its public key."""
+    from cryptography.hazmat.primitives import serialization
+
     return private_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -177,6 +186,10 @@ def public_key_pem(private_key: rsa.RSAPrivateKey) -> bytes:
 
 def rsa_encrypt_password(password: str | bytes, nonce: bytes, public_pem: bytes) -> bytes:
     """caching_sha2_password's full authentication without TLS: RSA-OAEP(password + NUL XOR nonce)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     try:
         key = serialization.load_pem_public_key(public_pem)
     except (ValueError, TypeError, UnsupportedAlgorithm):
@@ -185,7 +198,7 @@ def rsa_encrypt_password(password: str | bytes, nonce: bytes, public_pem: bytes)
         raise MySQLProtocolError("Malformed communication packet: the server's public key is not an RSA key")
     plain = _xor_nonce(_secret(password) + b"\0", _nonce20(nonce))
     try:
-        return key.encrypt(plain, _OAEP)
+        return key.encrypt(plain, _oaep())
     except ValueError:
         raise MySQLAuthenticationError("the password is too long for the server's RSA key") from None
 
@@ -193,7 +206,7 @@ def rsa_encrypt_password(password: str | bytes, nonce: bytes, public_pem: bytes)
 def rsa_decrypt_password(ciphertext: bytes, nonce: bytes, private_key: rsa.RSAPrivateKey) -> bytes | None:
     """The password a client RSA-encrypted (without its NUL), or None when it does not decrypt."""
     try:
-        plain = private_key.decrypt(ciphertext, _OAEP)
+        plain = private_key.decrypt(ciphertext, _oaep())
     except ValueError:
         return None
     password = _xor_nonce(plain, _nonce20(nonce))

@@ -124,7 +124,7 @@ class MessageScanner:
         self._wanted = table
         self.max_length = max_length
         self._skip = 0  # body bytes of an unwanted message still to pass
-        self._hdr = bytearray()  # a header split across chunks
+        self._hdr = b""  # a header split across chunks (bytes: an idle scanner holds no buffer)
         self._collect: bytearray | None = None  # a wanted payload being gathered
         self._need = 0
         self._ctype = 0
@@ -181,7 +181,7 @@ class MessageScanner:
                     continue
                 type_ = self._hdr[0]
                 length = int.from_bytes(self._hdr[1:5], "big")
-                self._hdr.clear()
+                self._hdr = b""
             else:
                 type_ = data[pos]
                 length = int.from_bytes(data[pos + 1 : pos + 5], "big")

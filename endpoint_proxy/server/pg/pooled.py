@@ -15,7 +15,7 @@ from ...protocol.pg.framing import FrameReader
 from ...relay.net import RawConn
 from ...sessioncore.actions import READER, WRITER, Attach, AttachError, BackendFacts, PrepareStatements, Release
 from ...sessioncore.pg import PgSessionCore, dialect_of, is_fatal
-from ...sessioncore.pg_pool import PooledMark, StartupError, startup_settings
+from ...sessioncore.pg_pool import PooledMark, StartupError, shared, startup_settings
 from ..pool import Pooled, PoolTimeout
 from ..session import faults
 from ..session.shell import NETWORK_ERRORS
@@ -63,7 +63,7 @@ class PgPooling(PgBackends):
         except (*NETWORK_ERRORS, BackendError) as e:
             await self._let_go(False)
             raise Fatal("08006", f"could not set up the server connection: {e}") from None
-        core.client_params.update(backend.parameters)
+        core.client_params = shared(dict(backend.parameters))  # one copy for the sessions that see the same
         core.state.dialect = dialect_of(core.client_params)
         core._attaching = role
         core.attached_backend(self._facts(backend), mark=pooled.mark,  # type: ignore[arg-type]

@@ -44,6 +44,9 @@ from .pooled import PgPooling
 _NOT_FORWARDED = frozenset({"user"})
 
 
+_NO_PARAMS: dict[str, str] = {}  # never changed: replaced at login
+
+
 class PgSession(PgPooling):
     __slots__ = ("peer", "metrics", "scope", "is_console", "ticket")
 
@@ -68,7 +71,7 @@ class PgSession(PgPooling):
         self.draining = False
         self.is_console = False
         self.user: UserConfig | None = None
-        self.backend_params: dict[str, str] = {}
+        self.backend_params: dict[str, str] = _NO_PARAMS  # session mode: what its server logins send
         self.backends: BackendSet[BackendConnection] = BackendSet(ctx.cluster)
         self.env = SessionEnv(ctx.cluster, ctx.endpoint, self.metrics)
         self.backends.on_fault = self._fault
@@ -102,7 +105,7 @@ class PgSession(PgPooling):
         backend = self.backends.active
         return SessionInfo(
             cluster=self.ctx.cluster.config.name, endpoint=self.ctx.endpoint.name, id=self.session_id,
-            user=self.user.name if self.user is not None else None, database=self.backend_params.get("database"),
+            user=self.user.name if self.user is not None else None, database=self.env.database or None,
             instance=backend.instance if backend is not None else None,
             state=session_state(logged_in=core is not None, busy=core is not None and core.busy,
                                 transaction=core.status if core is not None else "I"),
@@ -218,13 +221,15 @@ class PgSession(PgPooling):
         cluster = ctx.cluster
         params = {k: v for k, v in parameters.items() if k not in _NOT_FORWARDED and not k.startswith("_pq_.")}
         params.setdefault("database", user_name)
-        self.backend_params = params
         self.env.database = params["database"]
         readwrite = ctx.endpoint.kind == "readwrite"
         role = WRITER if readwrite else MAIN
         if ctx.endpoint.pool_mode == "transaction":
+            # Pooled: connections are opened for the pool (user and database); the client's
+            # other parameters are settings (pg_pool.startup_settings), kept once for all alike.
             await self._login_pooled(role, parameters)
             return
+        self.backend_params = params
         try:
             backend = await self._open(role, cluster.config.failover_timeout_ms / 1000)
         except NoRoute as e:

@@ -122,7 +122,9 @@ class SessionShell:
                         await trio.sleep_forever()  # nothing to read until the session is woken
                     self._wake = None
                     continue
-                if await hub.wait_any(parks) is READ and not hub.running:
+                waiting = hub.wait_any(parks)
+                del parks  # the hub keeps what it needs: this frame stays small while idle
+                if await waiting is READ and not hub.running:
                     break
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
