@@ -374,8 +374,7 @@ class Proxy:
         counts.client_connected()
         self.sessions.add(session)
         try:
-            with session.scope:
-                await session.run()
+            await session.run()  # (no cancel scope of its own: memory of every idle session)
         except Exception:
             # A bug in one session must never take the listener (and every other session) down.
             log.exception("session_crashed", endpoint=session.ctx.endpoint.name)

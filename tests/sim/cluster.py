@@ -244,8 +244,7 @@ class Sim:
 
     async def _run(self, session: PgSession | MySession) -> None:
         try:
-            with session.scope:
-                await session.run()
+            await session.run()
         finally:
             self._ended()
 

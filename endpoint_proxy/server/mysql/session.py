@@ -72,7 +72,7 @@ class NoRoute(Exception):
 
 
 class MySession(SessionShell):
-    __slots__ = ("ctx", "peer", "session_id", "connection_id", "metrics", "scope", "draining", "user", "login",
+    __slots__ = ("ctx", "peer", "session_id", "connection_id", "metrics", "draining", "user", "login",
                  "backends", "env", "_core", "pooled", "lent", "pool_database", "ticket")
 
     core: MySessionCore
@@ -93,7 +93,6 @@ class MySession(SessionShell):
         self.session_id = session_id
         self.connection_id = 1_000_000_000 + session_id  # until a server's thread id is known
         self.metrics = ctx.cluster.metrics.endpoint(ctx.endpoint.name)
-        self.scope = trio.CancelScope()  # the proxy runs the session inside it
         self.draining = False
         self.user: UserConfig | None = None
         self.login: MyLogin | None = None

@@ -67,7 +67,7 @@ class PgSession(PgPooling):
                 pass
         self.session_id = session_id
         self.metrics = ctx.cluster.metrics.endpoint(ctx.endpoint.name)
-        self.scope = trio.CancelScope()  # the proxy runs the session inside it
+        self.scope: trio.CancelScope | None = None  # the console's, while it serves (drain cancels it)
         self.draining = False
         self.is_console = False
         self.user: UserConfig | None = None
@@ -93,7 +93,8 @@ class PgSession(PgPooling):
         """Graceful shutdown: close now if idle, else as soon as the session becomes idle."""
         self.draining = True
         if self.is_console:
-            self.scope.cancel()
+            if self.scope is not None:
+                self.scope.cancel()
         elif self._core is not None and self._core.drain():
             self.wake()
 
@@ -158,7 +159,10 @@ class PgSession(PgPooling):
                 # Outside the startup deadline: the console applies it to its login only.
                 self.is_console = True
                 reader, buf = result.console
-                await self.ctx.console(self.client, result.startup, reader, buf, self.ctx.startup_timeout_s)
+                with trio.CancelScope() as self.scope:
+                    if self.draining:
+                        return
+                    await self.ctx.console(self.client, result.startup, reader, buf, self.ctx.startup_timeout_s)
                 return
             if result.startup is None:
                 return
