@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import structlog
 import trio
@@ -45,7 +45,20 @@ from .gate import WriterGate
 from .promotion import CatchUpTimeout, Promotion, PromotionError, make_promotion
 
 if TYPE_CHECKING:
-    from .cluster import ClusterRuntime
+    from ..topology.state import ClusterTopology
+    from .metrics import ClusterMetrics
+
+
+class DrillHost(Protocol):
+    """What the drills use of their cluster (server/cluster.py's ClusterRuntime)."""
+
+    config: ClusterConfig
+    metrics: ClusterMetrics
+    topology: ClusterTopology
+
+    def faults_changed(self, instance: str | None) -> None: ...
+
+    def request_probe(self, name: str | None = None) -> None: ...
 
 log = structlog.get_logger("endpoint_proxy.drills")
 
@@ -76,7 +89,7 @@ class SimulatedFailure(ConnectionRefusedError):
 
 
 class ClusterDrills:
-    def __init__(self, runtime: ClusterRuntime, *, seed: int | None = None) -> None:
+    def __init__(self, runtime: DrillHost, *, seed: int | None = None) -> None:
         self.runtime = runtime
         self.gate = WriterGate(holding=runtime.metrics.holding)
         self.faults = FaultSet(cluster=runtime.config.name, ids=_FAULT_IDS)

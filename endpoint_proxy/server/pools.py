@@ -32,8 +32,9 @@ nothing a session calls blocks but ``borrow``.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import structlog
 import trio
@@ -43,7 +44,20 @@ from ..topology.state import TopologyEvent
 from .pool import Pooled, PoolKey, PoolLimits, PoolStatus, PoolTimeout, QuickWaiter, ServerPool
 
 if TYPE_CHECKING:
-    from .cluster import ClusterRuntime
+    from ..topology.state import ClusterTopology
+    from .metrics import ClusterMetrics
+
+
+class PoolHost(Protocol):
+    """What the registry uses of its cluster (server/cluster.py's ClusterRuntime)."""
+
+    config: ClusterConfig
+    connections: Counter[str]  # server connections per instance, pooled ones included
+    metrics: ClusterMetrics
+    topology: ClusterTopology
+
+    @property
+    def nursery(self) -> trio.Nursery | None: ...
 
 __all__ = ["PoolRegistry", "PoolStatus", "PoolTimeout", "Pooled", "instances_to_drain"]
 
@@ -67,7 +81,7 @@ def instances_to_drain(events: Iterable[TopologyEvent], writer_before: str | Non
 
 
 class PoolRegistry:
-    def __init__(self, cluster: ClusterRuntime) -> None:
+    def __init__(self, cluster: PoolHost) -> None:
         self.cluster = cluster
         self.pools: dict[PoolKey, ServerPool[Any]] = {}
         self._writer: str | None = None  # the writer as of the last note_topology
