@@ -174,6 +174,9 @@ class BackendMark:
     pending_close: list[int] = field(default_factory=list)  # backend ids the client closed elsewhere
     multi_statements: bool | None = None  # its COM_SET_OPTION (None: the handshake's)
     seq: int = 0
+    # Client statement ids whose parameter types this backend has (an execution carried them); a
+    # statement prepared here again by the proxy has none until one does (made when first needed).
+    typed: set[int] | None = None
 
 
 @dataclass
@@ -462,6 +465,9 @@ class MySessionCore:
                 if code == c.COM_STMT_EXECUTE:
                     payload = self._with_types(payload, self.statements[client_id])
                     forwardable = forwardable and payload is command.payload
+            elif code == c.COM_STMT_EXECUTE:
+                payload = self._typed_here(payload, client_id)
+                forwardable = forwardable and payload is command.payload
             if backend_id != client_id or (payload[1:5] != client_id.to_bytes(4, "little")):
                 payload = c.replace_statement_id(payload, backend_id)
                 forwardable = False
@@ -1143,8 +1149,28 @@ class MySessionCore:
             self._long_data.discard(client_id)
             self._cursors.discard(client_id)  # (an execution that opens one again says so in its answer)
 
+    def _typed_here(self, payload: bytes, client_id: int) -> bytes:
+        """Session mode, COM_STMT_EXECUTE: a client sends its parameters' types with a statement's
+        first execution only. On a backend where the proxy prepared the statement again (after a
+        failover or a switchover), the first execution gets the client's last types added, as
+        that server has none (it would answer 1210)."""
+        statement = self.statements.get(client_id)
+        if statement is None or not statement.params:
+            return payload
+        mark = self.marks[self.role]
+        typed = mark.typed
+        if typed is not None and client_id in typed:
+            return self._with_types(payload, statement, add=False)  # (keeps the client's newest types)
+        payload = self._with_types(payload, statement)
+        flag = 10 + (statement.params + 7) // 8
+        if len(payload) > flag and payload[flag] == 1:
+            if typed is None:
+                typed = mark.typed = set()
+            typed.add(client_id)
+        return payload
+
     @staticmethod
-    def _with_types(payload: bytes, statement: Statement) -> bytes:
+    def _with_types(payload: bytes, statement: Statement, *, add: bool = True) -> bytes:
         """COM_STMT_EXECUTE: a client sends its parameters' types once, and the server keeps them with
         the statement. Pooled server statements are shared, and met for the first time on other
         connections: each execution carries the types (the client's last) so the values read right."""
@@ -1157,7 +1183,7 @@ class MySessionCore:
         if payload[flag] == 1:
             statement.types = payload[flag + 1: flag + 1 + 2 * params]
             return payload
-        if payload[flag] != 0 or statement.types is None:
+        if payload[flag] != 0 or statement.types is None or not add:
             return payload
         return payload[:flag] + b"\x01" + statement.types + payload[flag + 1:]
 

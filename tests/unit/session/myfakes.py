@@ -213,8 +213,8 @@ class MyDriver:
                 self.core.attach_failed(AttachError("no_route", "1105", "no instance"))
                 return
             self.opened += 1
-            server = FakeMyServer(name, in_recovery=self.servers[name].in_recovery,
-                                  first_statement=1 + 10 * self.opened)
+            template = self.servers[name]  # a new connection to that server, of the template's kind
+            server = type(template)(name, in_recovery=template.in_recovery, first_statement=1 + 10 * self.opened)
             self.servers[f"{name}#{self.opened}"] = server
         for command in self.core.replay_plan(action.role, fresh):
             server.feed(encode_packet(0, command))

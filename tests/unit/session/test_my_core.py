@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from endpoint_proxy.protocol.mysql import commands as c
 from endpoint_proxy.protocol.mysql import packets as p
 from endpoint_proxy.protocol.mysql.framing import encode_packet
 from endpoint_proxy.sessioncore.loss import LossOutcome
@@ -17,6 +18,7 @@ from .myfakes import (
     QUIT,
     FakeMyServer,
     MyDriver,
+    StatefulServer,
     close_statement,
     errnos,
     execute,
@@ -92,6 +94,34 @@ def test_prepared_statements_keep_their_ids_across_backends() -> None:
     d.send(close_statement(client_id))
     assert not errnos(bytes(d.to_client))
     assert "EXECUTE insert into t values (?)" in d.servers["w"].queries
+
+
+def test_a_statement_prepared_again_elsewhere_gets_its_parameter_types() -> None:
+    # A client sends a statement's parameter types with its first execution only. When the proxy
+    # prepares the statement again on another backend (here: a read inside a transaction, on the
+    # writer; a failover or a switchover alike), that server has no types: the first execution
+    # there carries the client's last ones (MariaDB answers 1210 otherwise); later ones need not.
+    servers = {"w": StatefulServer("w"), "r": StatefulServer("r", in_recovery=True)}
+    d = MyDriver(servers, lambda role, exclude: "r" if role == "reader" else "w", readwrite=True)
+    d.send(prepare("select ?"))
+    sid = int.from_bytes(packets(bytes(d.to_client))[0][1][1:5], "little")
+
+    def run(value: int, *, typed: bool) -> bytes:
+        head = bytes((c.COM_STMT_EXECUTE,)) + sid.to_bytes(4, "little") + b"\0" + (1).to_bytes(4, "little")
+        return encode_packet(0, head + b"\0" + (b"\x01\x08\x00" if typed else b"\x00") + value.to_bytes(8, "little"))
+
+    d.send(run(7, typed=True))  # on the replica, where it was prepared
+    d.send(run(8, typed=False))
+    d.send(query("begin"))
+    d.send(run(9, typed=False))  # on the writer, prepared there by the proxy
+    d.send(run(10, typed=False))
+    d.send(query("commit"))
+    executions = {role: [cmd[11:] for name, server in d.servers.items() if name.split("#")[0] == role
+                         for cmd in server.commands if cmd[0] == c.COM_STMT_EXECUTE] for role in ("r", "w")}
+    typed, untyped = b"\x01\x08\x00", b"\x00"
+    assert executions["r"] == [typed + (7).to_bytes(8, "little"), untyped + (8).to_bytes(8, "little")]
+    assert executions["w"] == [typed + (9).to_bytes(8, "little"), untyped + (10).to_bytes(8, "little")]
+    assert not errnos(bytes(d.to_client))
 
 
 def test_a_kill_statement_goes_to_the_shell() -> None:
