@@ -63,6 +63,8 @@ def test_a_removed_user_is_refused_on_every_worker(pg_cluster: PostgresCluster, 
         without: dict[str, Any] = copy.deepcopy(doc)
         without["clusters"][0]["users"] = [u for u in c["users"] if u["name"] != "md5user"]
         proxy.config_path.write_bytes(tomli_w.dumps(without).encode())
+        admin_port = int(doc["admin"]["listen"].rsplit(":", 1)[1])
+        proxy.wait_for_port(admin_port, "the admin server")
         request = urllib.request.Request(f"http://{doc['admin']['listen']}/reload", method="POST", data=b"",
                                          headers={"Authorization": f"Bearer {TOKEN}"})
         with urllib.request.urlopen(request, timeout=30) as answer:
