@@ -304,14 +304,14 @@ async def test_a_callback_can_watch_another_descriptor_and_let_one_go(hub: Hub, 
         nursery.start_soon(parked)
         await trio.testing.wait_all_tasks_blocked()
         client_peer.send(b"request")
-        await trio.sleep(0.05)
-        assert hub.is_parked(server.fileno()) and not result
+        await _until(lambda: hub.is_parked(server.fileno()))
+        assert not result
         server_peer.send(b"answer")
-        await trio.sleep(0.05)
-        assert not hub.is_parked(server.fileno()) and hub.is_parked(client.fileno()) and not result
+        await _until(lambda: not hub.is_parked(server.fileno()))
+        assert hub.is_parked(client.fileno()) and not result
         server_peer.send(b"not ours any more")  # nobody watches the server descriptor now
         client_peer.send(b"bye")
-        await trio.sleep(0.05)
+        await _until(lambda: bool(result))
     assert log == ["client request", "server answer"] and result == [READ]
     assert not hub.is_parked(client.fileno())
 
@@ -337,8 +337,13 @@ async def test_a_callback_that_lets_its_descriptor_go_can_still_wake_the_task(hu
         nursery.start_soon(parked)
         await trio.testing.wait_all_tasks_blocked()
         server_peer.send(b"ReadyForQuery")
-        with trio.fail_after(5):
-            while not result:
-                await trio.sleep(0.005)
+        await _until(lambda: bool(result))
     assert result == [wake]
     assert not hub.is_parked(client.fileno()) and not hub.is_parked(server.fileno())
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Wait, bounded, until the hub's callbacks have made ``condition`` true."""
+    with trio.fail_after(timeout_s):
+        while not condition():
+            await trio.sleep(0.001)

@@ -386,7 +386,7 @@ async def test_quick_waiters_share_the_line_with_task_waiters_in_order(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(task_waiter)
-        await trio.sleep(0.1)
+        await trio.testing.wait_all_tasks_blocked()
         gone = Quick("gone", log, present=False)
         p.wait_quick(gone, 10)
         q2 = Quick("q2", log)
@@ -396,7 +396,7 @@ async def test_quick_waiters_share_the_line_with_task_waiters_in_order(
         assert log == ["q1 got 1"] and p.lent == 1
         assert q1.got is not None
         p.give_back(q1.got)  # to the task, in its turn
-        await trio.sleep(0.1)
+        await trio.testing.wait_all_tasks_blocked()
     # the task gave it back: the session that left is skipped, q2 gets it
     assert log == ["q1 got 1", "task got 1", "q2 got 1"] and p.lent == 1 and p.waiting == 0
 
