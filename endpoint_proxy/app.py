@@ -30,7 +30,7 @@ from .server.acceptwatch import AcceptWatch, accept_backlog
 from .server.admission import Admission
 from .server.cluster import ClusterRuntime, StagedCredentials
 from .server.janitor import Janitor
-from .server.metrics import EndpointMetrics, ProxyMetrics
+from .server.metrics import ProxyMetrics
 from .server.pg.backend import send_cancel
 from .server.pg.session import PgSession
 from .server.session.context import CancelRegistry, SessionContext
@@ -317,12 +317,11 @@ class Proxy:
             cancel_handler=self.handle_cancel,
             console=self.serve_console,
             hub=self.hub,
+            session_ended=self._session_ended,
         )
 
     async def _accept_loop(self, listener: _Listener) -> None:
         sock = listener.sock
-        cluster = listener.cluster
-        counts = cluster.metrics.endpoint(listener.endpoint.name)
         with listener.scope:
             while True:
                 try:
@@ -336,9 +335,9 @@ class Proxy:
                     await trio.sleep(0.1)
                     continue
                 listener.watch.accepted += 1
-                self._start_session(listener, conn, counts)
+                self._start_session(listener, conn)
 
-    def _start_session(self, listener: _Listener, conn: socket.socket, counts: EndpointMetrics) -> None:
+    def _start_session(self, listener: _Listener, conn: socket.socket) -> None:
         cluster = listener.cluster
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -365,28 +364,29 @@ class Proxy:
             else:
                 session = PgSession(listener.ctx, conn, next(self._ids))
             session.ticket = ticket
-            self._session_nursery.start_soon(self._session, session, counts, name="session")  # one name string for all
+            # The session's own run is the task (no frame of ours under it, no cancel scope of its
+            # own: memory of every idle session); it ends with _session_ended.
+            self._session_nursery.start_soon(session.run, name="session")  # one name string for all
         except RuntimeError:  # the proxy is stopping: its session nursery takes no more
             ticket.release()
             conn.close()
-
-    async def _session(self, session: PgSession | MySession, counts: EndpointMetrics) -> None:
-        counts.client_connected()
+            return
+        session.metrics.client_connected()
         self.sessions.add(session)
-        try:
-            await session.run()  # (no cancel scope of its own: memory of every idle session)
-        except Exception:
-            # A bug in one session must never take the listener (and every other session) down.
-            log.exception("session_crashed", endpoint=session.ctx.endpoint.name)
+
+    def _session_ended(self, session: PgSession | MySession, error: Exception | None) -> None:
+        """A session's task ends (SessionContext.session_ended); ``error``: a bug in it, which
+        must never take the listener (and every other session) down."""
+        if error is not None:
+            log.error("session_crashed", endpoint=session.ctx.endpoint.name, exc_info=error)
             session.ctx.cluster.metrics.error("session_crashed")
-        finally:
-            session.env.closed()  # a pin it still held stops counting
-            if session.ticket is not None:
-                session.ticket.release()  # the session's own _close did already, unless it crashed first
-            self.sessions.discard(session)
-            self._sessions_changed.set()
-            self._sessions_changed = trio.Event()
-            counts.client_disconnected()
+        session.env.closed()  # a pin it still held stops counting
+        if session.ticket is not None:
+            session.ticket.release()  # the session's own _close did already, unless it crashed first
+        self.sessions.discard(session)
+        self._sessions_changed.set()
+        self._sessions_changed = trio.Event()
+        session.metrics.client_disconnected()
 
     # --- live reload --------------------------------------------------------------------------
 
@@ -600,9 +600,8 @@ class Proxy:
         """Close a moved endpoint's old listener; connections already in its accept queue are
         served (by the endpoint's new rule), not reset."""
         old.stop_accepting()
-        counts = successor.cluster.metrics.endpoint(successor.endpoint.name)
         for conn in old.take_waiting():
-            self._start_session(successor, conn, counts)
+            self._start_session(successor, conn)
         old.sock.close()
 
     # --- worker processes: one reload for all ---------------------------------------------------

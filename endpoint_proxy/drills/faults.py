@@ -471,6 +471,8 @@ class FaultSet:
         return min((f.expires_at for f in self._faults.values()), default=None)
 
     def _of(self, kind: FaultKind, now: float) -> list[Fault]:
+        if not self._faults:
+            return []  # the usual case, asked on every borrow
         return [f for f in self._faults.values() if f.kind is kind and f.active(now)]
 
     def instance_failed(self, instance: str, now: float) -> Fault | None:

@@ -206,6 +206,47 @@ class _LoopHook:
 RECV_SIZE = 64 * 1024
 
 
+_Trap: Any
+try:  # the trap trio's wait_task_rescheduled yields to its run loop (see _Park)
+    from trio._core._traps import WaitTaskRescheduled as _Trap
+except ImportError:  # pragma: no cover - a trio without it: the public function instead
+    _Trap = None
+
+
+class _Park:
+    """The wait of a parked task: what ``trio.lowlevel.wait_task_rescheduled`` does (yield its
+    trap to trio's run loop, then unwrap the outcome the task is rescheduled with), as one small
+    object instead of two coroutine frames and their objects, which every idle session would
+    keep for as long as it stays idle."""
+
+    __slots__ = ("_trap",)
+
+    def __init__(self, trap: Any) -> None:
+        self._trap = trap
+
+    def __await__(self) -> _Park:
+        return self
+
+    def __iter__(self) -> _Park:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def send(self, value: Any) -> Any:
+        trap = self._trap
+        if trap is not None:
+            self._trap = None
+            return trap  # to trio's run loop: the task sleeps until rescheduled
+        raise StopIteration(value.unwrap())  # the outcome it was rescheduled with (Cancelled raises)
+
+    def throw(self, error: Any, value: Any = None, tb: Any = None) -> Any:
+        raise error if value is None else value
+
+    def close(self) -> None:
+        self._trap = None
+
+
 async def _read_now() -> object:
     await trio.lowlevel.checkpoint()
     return READ
@@ -220,6 +261,11 @@ class Hub:
         self.in_dispatch = False  # served from inside trio's I/O dispatch now
         self._epoll = select.epoll()
         self._parked: dict[int, _Parked] = {}
+        # Descriptors left registered in the epoll with nobody parked on them (unpark_fd with
+        # ``keep``: a pooled connection between two borrowers), with their sockets: parking one
+        # again costs no system call while its socket is the one still open under that number.
+        # An event on one unregisters it (a server closing an idle connection; a task reading it).
+        self._kept: dict[int, Any] = {}
         self.running = False
         # Plain integers for the metrics (read at scrape time): callbacks run, and how many
         # of them handed the work back to their session's task.
@@ -274,6 +320,8 @@ class Hub:
         for fd, _mask in events:
             entry = parked.get(fd)
             if entry is None:
+                if self._kept.pop(fd, None) is not None:
+                    self._unregister(fd)  # kept registered, and now active: nobody's to serve here
                 continue  # handed back or cancelled earlier in this batch
             try:
                 result = entry.callback()
@@ -304,10 +352,23 @@ class Hub:
         for fd in tuple(entry.fds):
             if self._parked.get(fd) is not None and self._parked[fd].task is entry.task:
                 del self._parked[fd]
-                try:
-                    self._epoll.unregister(fd)
-                except OSError:
-                    pass
+                self._unregister(fd)
+
+    def _unregister(self, fd: int) -> None:
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            pass
+
+    def _register(self, fd: int, sock: Any = None) -> None:
+        """Watch ``fd`` (readable); no system call when it was kept registered for ``sock``."""
+        kept = self._kept.pop(fd, None)
+        if kept is not None and kept is sock and kept.fileno() == fd:
+            return  # the same socket, still open: its registration is still there
+        try:
+            self._epoll.register(fd, select.EPOLLIN)
+        except FileExistsError:  # still registered though nobody is parked on it: take it over
+            self._epoll.modify(fd, select.EPOLLIN)
 
     async def wait(self, fd: int, callback: Callable[[], object]) -> object:
         """Park the calling task until ``callback`` (run by the hub each time ``fd`` is
@@ -331,44 +392,42 @@ class Hub:
         task = trio.lowlevel.current_task()
         first: _Parked | None = None
         for fd, callback in parks:
-            try:
-                self._epoll.register(fd, select.EPOLLIN)
-            except FileExistsError:  # still registered though nobody is parked on it: take it over
-                self._epoll.modify(fd, select.EPOLLIN)
+            self._register(fd)
             entry = _Parked(task, callback, fds)
             self._parked[fd] = entry
             first = first or entry
         assert first is not None
         first.hub = self
-        return trio.lowlevel.wait_task_rescheduled(first.abort)
+        if _Trap is None:
+            return trio.lowlevel.wait_task_rescheduled(first.abort)
+        return _Park(_Trap(first.abort))
 
     def is_parked(self, fd: int) -> bool:
         return fd in self._parked
 
-    def unpark_fd(self, fd: int) -> None:
+    def unpark_fd(self, fd: int, keep: Any = None) -> None:
         """Stop watching one descriptor of a parked task, from one of its callbacks (its server
-        connection went back to a pool); the task stays parked on its other descriptors."""
+        connection went back to a pool); the task stays parked on its other descriptors.
+        ``keep``: the descriptor's socket, left registered for the next ``park_more`` with it
+        (two system calls fewer per borrow); an event on it meanwhile unregisters it."""
         entry = self._parked.pop(fd, None)
         if entry is None:
             return
         if fd in entry.fds:
             entry.fds.remove(fd)
-        try:
-            self._epoll.unregister(fd)
-        except OSError:
-            pass
+        if keep is not None and keep.fileno() == fd:
+            self._kept[fd] = keep
+        else:
+            self._unregister(fd)
 
-    def park_more(self, fd: int, callback: Callable[[], object], beside: int) -> bool:
+    def park_more(self, fd: int, callback: Callable[[], object], beside: int, sock: Any = None) -> bool:
         """Watch ``fd`` too, with ``callback``, for the task parked on ``beside`` (from one of its
-        callbacks: it borrowed a server connection). False when no task is parked on ``beside``
-        or ``fd`` is parked already."""
+        callbacks: it borrowed a server connection; ``sock``: its socket, see ``unpark_fd``).
+        False when no task is parked on ``beside`` or ``fd`` is parked already."""
         other = self._parked.get(beside)
         if other is None or fd in self._parked:
             return False
-        try:
-            self._epoll.register(fd, select.EPOLLIN)
-        except FileExistsError:
-            self._epoll.modify(fd, select.EPOLLIN)
+        self._register(fd, sock)
         other.fds.append(fd)
         self._parked[fd] = _Parked(other.task, callback, other.fds)
         return True
@@ -387,6 +446,7 @@ class Hub:
         entry = self._parked.get(fd)
         if entry is not None:
             raise RuntimeError(f"descriptor {fd} is closed while a task is parked on it")
+        self._kept.pop(fd, None)
         try:
             self._epoll.unregister(fd)
         except (OSError, ValueError):

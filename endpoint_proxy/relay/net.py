@@ -17,6 +17,7 @@ import trio
 # A raw connection yields to the scheduler at least this often even when data keeps coming,
 # so a flood on one session cannot starve the others.
 _YIELD_EVERY = 64
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 class Conn:
@@ -98,7 +99,7 @@ class RawConn(Conn):
         or reset it, or said anything unasked? A server about to close sends its reason first
         (PostgreSQL's FATAL, MySQL's ERR): bytes waiting here mean the connection is done."""
         try:
-            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            self.sock.recv(1, _PEEK)
         except BlockingIOError:
             return False
         except OSError:

@@ -69,6 +69,10 @@ def _new_rsa_key() -> rsa.RSAPrivateKey:
 
 log = structlog.get_logger("endpoint_proxy.cluster")
 
+# Endpoint kinds whose route is the writer (routing.endpoints.route reads no load for them).
+_WRITER_KINDS = frozenset(("writer", "readwrite"))
+_NO_LOAD: dict[str, float] = {}
+
 # auth_query answers kept at most (least recently used go first), and how long one may run.
 AUTH_CACHE_ENTRIES = 10_000
 AUTH_QUERY_TIMEOUT_S = 5.0
@@ -434,7 +438,8 @@ class ClusterRuntime:
         """Where a connection of ``endpoint`` goes now; ``exclude``: instances the caller could
         not reach, passed over without marking anything (see routing.endpoints.route)."""
         self._rotation += 1
-        return route(endpoint, self.topology, self.load(),
+        load = _NO_LOAD if endpoint.kind in _WRITER_KINDS else self.load()  # (the writer's route needs none)
+        return route(endpoint, self.topology, load,
                      fallback_to_writer=self.config.reader_fallback_to_writer,
                      weights=self.weights, rotation=self._rotation, exclude=exclude)
 

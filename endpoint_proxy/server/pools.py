@@ -86,6 +86,7 @@ class PoolRegistry:
         self.pools: dict[PoolKey, ServerPool[Any]] = {}
         self._writer: str | None = None  # the writer as of the last note_topology
         self._quick_changed = trio.Event()  # a quick waiter joined a line (_expire_quick)
+        self._quick_next = math.inf  # the deadline _expire_quick sleeps until
 
     def limits(self) -> PoolLimits:
         """The cluster's pool limits now."""
@@ -143,7 +144,9 @@ class PoolRegistry:
         if pool is None or pool.total < pool.limits.size:
             return None
         waiter = pool.wait_quick(quick, self.cluster.config.borrow_timeout_ms / 1000)
-        self._quick_changed.set()
+        if waiter.deadline < self._quick_next:
+            self._quick_next = waiter.deadline
+            self._quick_changed.set()  # sooner than the expiry task sleeps (usually it is later: no wake-up)
         return (pool, waiter)
 
     def cancel_quick(self, handle: Any) -> None:
@@ -154,7 +157,8 @@ class PoolRegistry:
         """Tell quick waiters whose borrow timeout passed (counted as ``borrow_timeout``)."""
         while True:
             deadlines = [d for d in (p.next_quick_deadline() for p in self.pools.values()) if d is not None]
-            with trio.move_on_at(min(deadlines) if deadlines else math.inf):
+            self._quick_next = min(deadlines, default=math.inf)
+            with trio.move_on_at(self._quick_next):
                 await self._quick_changed.wait()
             self._quick_changed = trio.Event()
             now = trio.current_time()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..protocol.pg import messages as m
+from ..protocol.pg.framing import MessageScanner, check_length
 from ..routing.dialect import PgDialect
 from ..routing.pg_classify import FunctionPolicy
 from ..routing.session_state import SessionState
@@ -163,6 +164,13 @@ class ReplayPlan:
     expected_ready: int
 
 
+_NOTHING_TO_REPLAY = ReplayPlan(b"", 0)
+_NO_MARKS: dict[str, BackendMark] = {}
+# A pooled connection's record of SQL prepared statements when it has none (shared: records are
+# replaced, never changed in place).
+_NO_SQL: dict[str, str] = {}
+
+
 def frame(type_: int, payload: bytes) -> bytes:
     return bytes((type_,)) + (len(payload) + 4).to_bytes(4, "big") + payload
 
@@ -185,14 +193,13 @@ class PgSessionCore:
                  "_sscan", "_swallow", "_unit_left", "attached", "batch_open", "client_params", "closing", "decider",
                  "draining", "env", "in_recovery", "in_unit", "inflight", "instance", "loss_outcome", "marks",
                  "mode", "readwrite", "role", "session_consistency", "state", "status", "wrote", "smap", "_cpart",
-                 "_conn_params", "_desired", "_startup", "max_prepared", "_borrowed_at", "requests", "_fatal_begun")
+                 "_conn_params", "_desired", "_desired_version", "_desired_changes", "_startup", "max_prepared",
+                 "_borrowed_version", "_borrowed_changes", "_borrowed_dropped", "requests", "_fatal_begun")
 
     def __init__(self, env: PgEnv, facts: BackendFacts, *, readwrite: bool = False,
                  session_consistency: bool = False, max_message_bytes: int = 0x3FFFFFFF,
                  state: SessionState | None = None, client_params: dict[str, str] | None = None,
                  pooled: bool = False, startup: dict[str, str] | None = None, max_prepared: int = 200) -> None:
-        from ..protocol.pg.framing import MessageScanner
-
         self.env = env
         self.readwrite = readwrite
         self.session_consistency = session_consistency
@@ -201,10 +208,14 @@ class PgSessionCore:
         self.smap: StatementMap | None = StatementMap() if pooled else None
         self._cpart: bytearray | None = None  # pooled: the start of a client message still arriving
         self._conn_params: dict[str, str] | None = None  # pooled: the borrowed connection's ParameterStatus
-        self._desired: tuple[int, int, dict[str, str]] | None = None  # (version, changes, settings)
+        # _settings()'s last answer, and the state's (version, changes) it is for. (Plain fields, not
+        # tuples, here and below: every idle session would keep its own tuple.)
+        self._desired: dict[str, str] | None = None
+        self._desired_version = self._desired_changes = 0
         self._startup = startup or {}
         self.max_prepared = max_prepared
-        self._borrowed_at = (0, 0, 0)  # the state's (version, changes, statements_dropped) at the borrow
+        # The state's version, changes and statements_dropped when the connection was borrowed.
+        self._borrowed_version = self._borrowed_changes = self._borrowed_dropped = 0
         wanted = CLIENT_TYPES + (b"B" if readwrite or pooled else b"") + (b"DE" if pooled else b"")
         self._cscan = MessageScanner(wanted, max_length=max_message_bytes)
         self._sscan = MessageScanner(SERVER_TYPES + (LEDGER_SERVER_TYPES if pooled else b""))
@@ -220,7 +231,8 @@ class PgSessionCore:
         self.instance: str | None = facts.instance if not pooled else None
         self.in_recovery = facts.in_recovery
         self.status = facts.status  # transaction status of its last ReadyForQuery
-        self.marks: dict[str, BackendMark] = {} if pooled else {self.role: BackendMark(self.state.version)}
+        # Pooled: a shared empty dict, never written (a borrowed connection's record is its PooledMark).
+        self.marks: dict[str, BackendMark] = _NO_MARKS if pooled else {self.role: BackendMark(self.state.version)}
         self._checked_generation = env.generation
         # The request ledger.
         self.inflight = 0  # ReadyForQuery messages the client still waits for
@@ -849,7 +861,7 @@ class PgSessionCore:
         cleanup = b""
         if mark is not None:
             state = self.state
-            version, changes, dropped = self._borrowed_at
+            version, changes, dropped = self._borrowed_version, self._borrowed_changes, self._borrowed_dropped
             if state.statements_dropped != dropped:
                 mark.statements.clear()  # DISCARD ALL / DEALLOCATE ALL ran there: every name is gone
             if state.version != version:
@@ -857,7 +869,7 @@ class PgSessionCore:
             elif state.changes != changes:
                 mark.settings = self._settings()
             if state.changes != changes or state.statements_dropped != dropped:
-                mark.sql_prepared = dict(state.sql_prepared)
+                mark.sql_prepared = dict(state.sql_prepared) if state.sql_prepared else _NO_SQL
             mark.owner = self
             mark.stamp = (state.version, state.changes)
             evicted = mark.evict(self.max_prepared)
@@ -878,10 +890,10 @@ class PgSessionCore:
         """The settings this session wants on its server (cached until its state changes)."""
         state = self.state
         cached = self._desired
-        if cached is not None and cached[0] == state.version and cached[1] == state.changes:
-            return cached[2]
-        settings = desired_settings(self._startup, state)
-        self._desired = (state.version, state.changes, settings)
+        if cached is not None and self._desired_version == state.version and self._desired_changes == state.changes:
+            return cached
+        settings = self._desired = desired_settings(self._startup, state)
+        self._desired_version, self._desired_changes = state.version, state.changes
         return settings
 
     def pooled_plan(self, mark: PooledMark) -> ReplayPlan:
@@ -890,8 +902,12 @@ class PgSessionCore:
         usually). Each statement is its own Query, so one failure spoils no other."""
         state = self.state
         if mark.owner is self and mark.stamp == (state.version, state.changes):
-            return ReplayPlan(b"", 0)
-        sqls = diff_statements(mark.settings, self._settings())
+            return _NOTHING_TO_REPLAY
+        settings = self._settings()
+        if not state.sql_prepared and not mark.sql_prepared and (mark.settings is settings
+                                                                 or mark.settings == settings):
+            return _NOTHING_TO_REPLAY  # another session's, in the same state (the usual case)
+        sqls = diff_statements(mark.settings, settings)
         for name, text in mark.sql_prepared.items():
             if state.sql_prepared.get(name) != text:
                 sqls.append('DEALLOCATE "' + name.replace('"', '""') + '"')
@@ -956,17 +972,23 @@ class PgSessionCore:
             self.smap.mark = mark
             self._conn_params = conn_params
             mark.settings = self._settings()
-            mark.sql_prepared = dict(state.sql_prepared)
+            mark.sql_prepared = dict(state.sql_prepared) if state.sql_prepared or mark.sql_prepared else _NO_SQL
             mark.owner, mark.stamp = self, (state.version, state.changes)
-            self._borrowed_at = (state.version, state.changes, state.statements_dropped)
+            self._borrowed_version, self._borrowed_changes = state.version, state.changes
+            self._borrowed_dropped = state.statements_dropped
         else:
             self.marks[role] = BackendMark(state.version, len(state.set_statements), set(state.parse_messages),
                                            set(state.sql_prepared))
-        changed = b"".join(m.ParameterStatus(k, v).encode() for k, v in facts.parameters
-                           if self.client_params.get(k) != v)
+        # Pooled: the borrowed connection's own record (``facts`` carries none).
+        parameters = conn_params.items() if conn_params is not None else facts.parameters
+        if conn_params is not None and conn_params == self.client_params:
+            changed = b""  # a connection that says what the client was told (the usual case)
+        else:
+            changed = b"".join(m.ParameterStatus(k, v).encode() for k, v in parameters
+                               if self.client_params.get(k) != v)
         if changed:
             if self.smap is not None:
-                self.client_params = shared({**self.client_params, **dict(facts.parameters)})
+                self.client_params = shared({**self.client_params, **dict(parameters)})
             else:
                 self.client_params.update(facts.parameters)
             self._actions.append(ToClient(changed))
@@ -1128,8 +1150,6 @@ def parameters_of(params: Sequence[tuple[str, str]]) -> dict[str, str]:
 def whole_messages(data: Buffer, max_length: int) -> int:
     """The length of the longest prefix of ``data`` made of whole messages (a bad length raises,
     as the scanner would)."""
-    from ..protocol.pg.framing import check_length
-
     n = len(data)
     pos = 0
     while pos + 5 <= n:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..protocol.pg import messages as m
@@ -190,6 +190,8 @@ class PooledMark:
     def evict(self, limit: int, keep: Iterable[bytes] = ()) -> list[bytes]:
         """Names to close so that at most ``limit`` stay (least recently used first; ``keep``
         are about to be used)."""
+        if len(self.statements) <= limit:
+            return []
         keep = set(keep)
         out: list[bytes] = []
         for name in list(self.statements):
@@ -250,7 +252,7 @@ class StatementMap:
         self.ledger: list[object] = []  # entry kinds, or (K_PARSE, server name, client name)
         self.skipping = False  # the server skips extended messages until the next Sync (an error)
         self.out = b""  # REWRITE: the message to send; ANSWER: our answer to the client
-        self.wanted: list[tuple[bytes, bytes]] = []  # PREPARE: (server name, body) to prepare first
+        self.wanted: Sequence[tuple[bytes, bytes]] = ()  # PREPARE: (server name, body) to prepare first
 
     @property
     def drained(self) -> bool:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 import trio
@@ -340,6 +342,87 @@ async def test_a_callback_that_lets_its_descriptor_go_can_still_wake_the_task(hu
         await _until(lambda: bool(result))
     assert result == [wake]
     assert not hub.is_parked(client.fileno()) and not hub.is_parked(server.fileno())
+
+
+class _CountingEpoll:
+    """The hub's epoll, with its registrations counted."""
+
+    def __init__(self, epoll: Any) -> None:
+        self.epoll = epoll
+        self.registers = 0
+
+    def register(self, fd: int, mask: int) -> None:
+        self.registers += 1
+        self.epoll.register(fd, mask)
+
+    def modify(self, fd: int, mask: int) -> None:
+        self.registers += 1
+        self.epoll.modify(fd, mask)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.epoll, name)
+
+
+async def test_a_connection_kept_between_borrowers_stays_registered(hub: Hub, pairs) -> None:  # type: ignore[no-untyped-def]
+    # A pooled connection goes back with its socket kept (unpark_fd ``keep``): the next borrower's
+    # park_more costs no registration. A byte on it while nobody borrows it (a server closing an
+    # idle connection) unregisters it (no spinning) and waits for the next borrower, who reads it.
+    # A socket closed while kept, and another under the same number, is registered afresh.
+    client, client_peer = pairs()
+    server, server_peer = pairs()
+    counting = _CountingEpoll(hub._epoll)
+    hub._epoll = counting  # type: ignore[assignment]
+    answers: list[bytes] = []
+    current = [server]
+
+    def on_server() -> object:
+        sock = current[0]
+        answers.append(sock.recv(100))
+        hub.unpark_fd(sock.fileno(), sock)
+        return None
+
+    def on_client() -> object:
+        if client.recv(100) == b"bye":
+            return READ
+        sock = current[0]
+        assert hub.park_more(sock.fileno(), on_server, client.fileno(), sock)
+        return None
+
+    async def parked() -> None:
+        await hub.wait(client.fileno(), on_client)
+
+    async def borrow_and_answer(peer: socket.socket, answer: bytes) -> None:
+        client_peer.send(b"request")
+        await _until(lambda: hub.is_parked(current[0].fileno()))
+        peer.send(answer)
+        await _until(lambda: not hub.is_parked(current[0].fileno()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(parked)
+        await trio.testing.wait_all_tasks_blocked()
+        before = counting.registers
+        await borrow_and_answer(server_peer, b"one")
+        assert counting.registers == before + 1
+        await borrow_and_answer(server_peer, b"two")
+        assert counting.registers == before + 1  # kept: registered once for both borrows
+
+        server_peer.send(b"closing")  # nobody borrows it now
+        await _until(lambda: server.fileno() not in hub._kept)
+        await trio.testing.wait_all_tasks_blocked()
+        assert answers == [b"one", b"two"]  # not read by anyone while in the pool
+        client_peer.send(b"request")
+        await _until(lambda: answers[-1] == b"closing")  # the next borrower finds it
+
+        fd = server.fileno()
+        other, other_peer = pairs()
+        server.close()  # closed while kept; a new connection gets the same number
+        os.dup2(other.fileno(), fd)
+        current[0] = socket.socket(fileno=fd)
+        current[0].setblocking(False)
+        await borrow_and_answer(other_peer, b"three")
+        assert answers[-1] == b"three"
+        client_peer.send(b"bye")
+    current[0].close()
 
 
 async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:

@@ -6,12 +6,14 @@ import socket
 from typing import Any
 
 import pytest
+import structlog.testing
 import trio
 
 from endpoint_proxy import app as app_module
 from endpoint_proxy.app import Proxy
 from endpoint_proxy.config import parse_config
 from endpoint_proxy.server.acceptwatch import AcceptWatch, accept_backlog
+from endpoint_proxy.server.pg import session as pg_session_module
 
 
 def test_accept_backlog_counts_waiting_connections() -> None:
@@ -122,3 +124,43 @@ async def test_a_busy_listener_is_not_stuck(nursery: trio.Nursery, monkeypatch: 
         c.close()
     assert proxy._nursery is not None
     proxy._nursery.cancel_scope.cancel()
+
+
+async def test_a_session_that_crashes_is_logged_counted_and_alone(nursery: trio.Nursery,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bug in one session (here: its login raises): the session's task ends through the proxy's
+    # session_ended, which logs and counts it and forgets the session; the client's connection
+    # closes; the listener and the next client carry on.
+    calls = []
+
+    async def broken_login(*args: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in a session")
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(pg_session_module, "login", broken_login)
+    proxy: Proxy = await nursery.start(Proxy(parse_config(DOC)).run)
+    endpoint = proxy.bound["app/rw"]
+    cluster = proxy.clusters["app"]
+    with structlog.testing.capture_logs() as logs:
+        first = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+        with trio.fail_after(5):
+            assert await first.receive_some(100) == b""  # closed by the crashed session
+        with trio.fail_after(5):
+            while cluster.metrics._metrics.registry.get_sample_value(
+                    "endpoint_proxy_errors_total", {"cluster": "app", "kind": "session_crashed"}) != 1:
+                await trio.sleep(0.01)
+    crashes = [e for e in logs if e["event"] == "session_crashed"]
+    assert len(crashes) == 1 and crashes[0]["endpoint"] == "rw"
+    assert isinstance(crashes[0]["exc_info"], RuntimeError)
+    assert not proxy.sessions
+    second = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+    try:
+        with trio.fail_after(5):
+            while len(calls) < 2 or len(proxy.sessions) != 1:
+                await trio.sleep(0.01)
+    finally:
+        await first.aclose()
+        await second.aclose()
+    proxy._nursery.cancel_scope.cancel()  # type: ignore[union-attr]

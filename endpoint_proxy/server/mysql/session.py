@@ -98,7 +98,7 @@ class MySession(SessionShell):
         self.login: MyLogin | None = None
         self.backends: BackendSet[MyBackendConnection] = BackendSet(ctx.cluster)
         self.env = SessionEnv(ctx.cluster, ctx.endpoint, self.metrics)
-        self.backends.on_fault = self._fault
+        self.backends.owner = self
         self._core: MySessionCore | None = None
         self.ticket: Ticket | None = None  # counts it against the connection limits (login admits)
         # Transaction mode: the pooled connection borrowed now (also ``backends.active``), and the
@@ -186,46 +186,52 @@ class MySession(SessionShell):
     # --- the session ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        cluster = self.ctx.cluster
-        err_seq = 0
-        greeting: MyGreeting | None = None
+        crash: Exception | None = None
         try:
-            with trio.move_on_after(self.ctx.startup_timeout_s) as scope:
-                # Transaction mode keeps the proxy's own id: the session has no server connection of
-                # its own, so CONNECTION_ID() names whichever it borrowed for that statement, and KILL
-                # of this id is mapped to the connection it has borrowed at the time.
-                greeting = None if self.pooled else await self._greet_first()
-                if greeting is not None:
-                    self.connection_id = greeting.hello.connection_id
-                cluster.mysql_sessions[self.connection_id] = self
-                result = await login(self.ctx, self, self.log, connection_id=self.connection_id,
-                                     server_version=greeting.hello.server_version if greeting else None)
-            if scope.cancelled_caught:
-                cluster.metrics.error("startup_timeout")
-                return
-            self.login, self.user = result, result.user
-            err_seq = result.ok_seq
-            await self._attach_first(result, greeting)
-            greeting = None
-            del result  # this frame lives as long as the session
-            await self.relay()
-        except Fatal as e:
-            cluster.metrics.error("auth_failed" if e.errno == 1045 else "session_fatal")
-            await send_quietly(self.client, e.raw or encode_packet(e.seq or err_seq,
-                                                                   err_packet(e.errno, e.sqlstate, str(e))))
-        except MySQLProtocolError as e:
-            cluster.metrics.error("client_protocol")
-            self.log.info("client_protocol_error", error=e.message)
-            await send_quietly(self.client, encode_packet(err_seq, err_packet(e.errno, e.sqlstate, e.message)))
-        except ProtocolError as e:
-            cluster.metrics.error("client_protocol")
-            self.log.info("client_protocol_error", error=e.message)
-        except NETWORK_ERRORS:
-            pass
+            cluster = self.ctx.cluster
+            err_seq = 0
+            greeting: MyGreeting | None = None
+            try:
+                with trio.move_on_after(self.ctx.startup_timeout_s) as scope:
+                    # Transaction mode keeps the proxy's own id: the session has no server connection of
+                    # its own, so CONNECTION_ID() names whichever it borrowed for that statement, and KILL
+                    # of this id is mapped to the connection it has borrowed at the time.
+                    greeting = None if self.pooled else await self._greet_first()
+                    if greeting is not None:
+                        self.connection_id = greeting.hello.connection_id
+                    cluster.mysql_sessions[self.connection_id] = self
+                    result = await login(self.ctx, self, self.log, connection_id=self.connection_id,
+                                         server_version=greeting.hello.server_version if greeting else None)
+                if scope.cancelled_caught:
+                    cluster.metrics.error("startup_timeout")
+                    return
+                self.login, self.user = result, result.user
+                err_seq = result.ok_seq
+                await self._attach_first(result, greeting)
+                greeting = None
+                del result  # this frame lives as long as the session
+                await self.relay()
+            except Fatal as e:
+                cluster.metrics.error("auth_failed" if e.errno == 1045 else "session_fatal")
+                await send_quietly(self.client, e.raw or encode_packet(e.seq or err_seq,
+                                                                       err_packet(e.errno, e.sqlstate, str(e))))
+            except MySQLProtocolError as e:
+                cluster.metrics.error("client_protocol")
+                self.log.info("client_protocol_error", error=e.message)
+                await send_quietly(self.client, encode_packet(err_seq, err_packet(e.errno, e.sqlstate, e.message)))
+            except ProtocolError as e:
+                cluster.metrics.error("client_protocol")
+                self.log.info("client_protocol_error", error=e.message)
+            except NETWORK_ERRORS:
+                pass
+            finally:
+                if greeting is not None and not greeting.conn.closed:
+                    await greeting.conn.aclose()  # greeted for a login that never came
+                await self._close()
+        except Exception as e:  # a bug: the proxy logs it (ctx.session_ended); nothing else is disturbed
+            crash = e
         finally:
-            if greeting is not None and not greeting.conn.closed:
-                await greeting.conn.aclose()  # greeted for a login that never came
-            await self._close()
+            self.ctx.session_ended(self, crash)
 
     async def _close(self) -> None:
         with trio.CancelScope(shield=True):
@@ -559,8 +565,8 @@ class MySession(SessionShell):
         fitted = await self._fit(pooled, True)
         return (pooled, *fitted) if fitted is not None else None
 
-    def _fault(self, backend: MyBackendConnection) -> None:
-        """A fault started on a backend's instance (BackendSet.on_fault): apply it now."""
+    def take_fault(self, backend: MyBackendConnection) -> None:
+        """A fault started on a backend's instance (BackendSet.fault): apply it now."""
         faults.take_fault(self.ctx.cluster, backend)
         self.wake()
 
@@ -885,7 +891,7 @@ class MySession(SessionShell):
             if reader is None:
                 reader = await self._open(READER, 0.0, schema=self.core.state.schema)
                 self.core.marks.pop(READER, None)
-            self.backends.parked[READER] = reader
+            self.backends.keep(READER, reader)
             if not reader.in_recovery:
                 return True
             wait_s = self.ctx.endpoint.session_wait_ms / 1000

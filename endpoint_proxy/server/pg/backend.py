@@ -52,6 +52,7 @@ class BackendConnection:
     address: Address | None = None
     in_recovery: bool = False  # the instance was a replica when this connection was made
     lsn_reached: int = 0  # session consistency: WAL position this replica is known to have replayed
+    cancel_target: object = None  # transaction mode: its CancelTarget, made once (sessions retarget to it per borrow)
 
 
 async def _read_message(conn: Conn, reader: FrameReader, buf: bytearray | memoryview) -> tuple[int, bytes]:

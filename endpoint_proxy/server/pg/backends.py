@@ -70,8 +70,12 @@ class PgBackends(SessionShell):
 
     @staticmethod
     def _cancel_target(backend: BackendConnection) -> CancelTarget:
+        target = backend.cancel_target
+        if isinstance(target, CancelTarget) and target.process_id == backend.process_id:
+            return target
         assert backend.address is not None
-        return CancelTarget(backend.address, backend.process_id, backend.secret_key)
+        target = backend.cancel_target = CancelTarget(backend.address, backend.process_id, backend.secret_key)
+        return target
 
     async def _open(self, role: str, timeout_s: float, exclude: frozenset[str] = frozenset(),
                     *, held: bool = False) -> BackendConnection:
@@ -117,8 +121,8 @@ class PgBackends(SessionShell):
             if not verdict.up:
                 exclude = exclude | {name}
 
-    def _fault(self, backend: BackendConnection) -> None:
-        """A fault started on a backend's instance (BackendSet.on_fault): apply it now."""
+    def take_fault(self, backend: BackendConnection) -> None:
+        """A fault started on a backend's instance (BackendSet.fault): apply it now."""
         faults.take_fault(self.ctx.cluster, backend)
         self.wake()
 
@@ -236,7 +240,7 @@ class PgBackends(SessionShell):
             except (NoRoute, Refused):
                 return False
             self.core.marks.pop(READER, None)  # the Attach that follows replays everything
-        self.backends.parked[READER] = reader
+        self.backends.keep(READER, reader)
         if not reader.in_recovery:
             return True  # the "reader" is the writer itself (fallback)
         deadline = trio.current_time() + self.ctx.endpoint.session_wait_ms / 1000

@@ -29,6 +29,11 @@ class PgPooling(PgBackends):
 
     __slots__ = ()
 
+    @staticmethod
+    def _pooled_facts(backend: BackendConnection) -> BackendFacts:
+        """Facts of a borrowed connection (its ParameterStatus values go to the core as they are)."""
+        return BackendFacts(backend.instance, backend.in_recovery, backend.status)
+
     async def _login_pooled(self, role: str, parameters: dict[str, str]) -> None:
         """Transaction mode: the client is told what a server connection of the pool says, with
         its own startup values set; then the connection goes back until the first request."""
@@ -66,7 +71,7 @@ class PgPooling(PgBackends):
         core.client_params = shared(dict(backend.parameters))  # one copy for the sessions that see the same
         core.state.dialect = dialect_of(core.client_params)
         core._attaching = role
-        core.attached_backend(self._facts(backend), mark=pooled.mark,  # type: ignore[arg-type]
+        core.attached_backend(self._pooled_facts(backend), mark=pooled.mark,  # type: ignore[arg-type]
                               conn_params=backend.parameters)
         # A process id of our own: the client's requests run on whichever connection is free.
         pid = secrets.randbelow((1 << 31) - 2) + 1
@@ -233,7 +238,7 @@ class PgPooling(PgBackends):
             return False  # parked on the server alone: letting it go here would leave nothing to wake the task by
         conn = pooled.conn.conn
         if isinstance(conn, RawConn):
-            hub.unpark_fd(conn.sock.fileno())  # another session may borrow it in this very round
+            hub.unpark_fd(conn.sock.fileno(), conn.sock)  # another session may borrow it in this very round
         if self.cancel_key is not None:
             self.ctx.cancels.retarget(*self.cancel_key, None)
         self._pooled = None
@@ -281,11 +286,11 @@ class PgPooling(PgBackends):
             pooled.mark = PooledMark()
         if core.pooled_plan(pooled.mark).expected_ready:  # type: ignore[arg-type]
             return False  # the task sets it up (and parks its descriptor)
-        if not hub.park_more(conn.sock.fileno(), self._on_server, client.sock.fileno()):
+        if not hub.park_more(conn.sock.fileno(), self._on_server, client.sock.fileno(), conn.sock):
             return False
         if self.cancel_key is not None:
             self.ctx.cancels.retarget(*self.cancel_key, self._cancel_target(backend))
-        core.attached_backend(self._facts(backend), mark=pooled.mark,  # type: ignore[arg-type]
+        core.attached_backend(self._pooled_facts(backend), mark=pooled.mark,  # type: ignore[arg-type]
                               conn_params=backend.parameters)
         return True
 
@@ -374,7 +379,7 @@ class PgPooling(PgBackends):
                 return
         if self.cancel_key is not None:
             self.ctx.cancels.retarget(*self.cancel_key, self._cancel_target(backend))
-        core.attached_backend(self._facts(backend), mark=pooled.mark,  # type: ignore[arg-type]
+        core.attached_backend(self._pooled_facts(backend), mark=pooled.mark,  # type: ignore[arg-type]
                               conn_params=backend.parameters)
 
     async def _prepare(self, action: PrepareStatements) -> None:

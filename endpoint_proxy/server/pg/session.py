@@ -74,7 +74,7 @@ class PgSession(PgPooling):
         self.backend_params: dict[str, str] = _NO_PARAMS  # session mode: what its server logins send
         self.backends: BackendSet[BackendConnection] = BackendSet(ctx.cluster)
         self.env = SessionEnv(ctx.cluster, ctx.endpoint, self.metrics)
-        self.backends.on_fault = self._fault
+        self.backends.owner = self
         self.cancel_key: tuple[int, int] | None = None
         self._login: ScramKeys | None = None  # SCRAM keys of the client's own login (passthrough)
         self._core: PgSessionCore | None = None
@@ -147,51 +147,57 @@ class PgSession(PgPooling):
     # --- the session ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        cluster = self.ctx.cluster
+        crash: Exception | None = None
         try:
-            result = None
-            with trio.move_on_after(self.ctx.startup_timeout_s):
-                result = await login(self.ctx, self, self.log)
-            if result is None:
-                cluster.metrics.error("startup_timeout")
-                return
-            if result.console is not None and result.startup is not None and self.ctx.console is not None:
-                # Outside the startup deadline: the console applies it to its login only.
-                self.is_console = True
-                reader, buf = result.console
-                with trio.CancelScope() as self.scope:
-                    if self.draining:
-                        return
-                    await self.ctx.console(self.client, result.startup, reader, buf, self.ctx.startup_timeout_s)
-                return
-            if result.startup is None:
-                return
-            assert result.user is not None
-            self.user = result.user
-            # Only what later server logins need of the client's exchange: its SCRAM keys.
-            self._login = result.auth.passthrough_keys() if isinstance(result.auth, ScramServerAuth) else None
-            await self._attach_first(result.startup.user, result.startup.parameters)
-            leftover = result.leftover
-            del result  # the login's objects go now: this frame lives as long as the session
-            if leftover:
-                await self._feed_leftover(leftover)
-            del leftover
-            await self.relay()
-        except Fatal as e:
-            cluster.metrics.error("auth_failed" if e.sqlstate.startswith("28") else "session_fatal")
-            await send_quietly(self.client, e.raw or m.error_response("FATAL", e.sqlstate, str(e)))
-        except FrameError as e:
-            # An impossible length: close at once, allocate nothing, say nothing more.
-            cluster.metrics.error("client_protocol")
-            self.log.info("client_protocol_error", error=e.message)
-        except ProtocolError as e:
-            cluster.metrics.error("client_protocol")
-            self.log.info("client_protocol_error", error=e.message, sqlstate=e.sqlstate)
-            await send_quietly(self.client, m.error_response("FATAL", e.sqlstate, e.message))
-        except NETWORK_ERRORS:
-            pass
+            cluster = self.ctx.cluster
+            try:
+                result = None
+                with trio.move_on_after(self.ctx.startup_timeout_s):
+                    result = await login(self.ctx, self, self.log)
+                if result is None:
+                    cluster.metrics.error("startup_timeout")
+                    return
+                if result.console is not None and result.startup is not None and self.ctx.console is not None:
+                    # Outside the startup deadline: the console applies it to its login only.
+                    self.is_console = True
+                    reader, buf = result.console
+                    with trio.CancelScope() as self.scope:
+                        if self.draining:
+                            return
+                        await self.ctx.console(self.client, result.startup, reader, buf, self.ctx.startup_timeout_s)
+                    return
+                if result.startup is None:
+                    return
+                assert result.user is not None
+                self.user = result.user
+                # Only what later server logins need of the client's exchange: its SCRAM keys.
+                self._login = result.auth.passthrough_keys() if isinstance(result.auth, ScramServerAuth) else None
+                await self._attach_first(result.startup.user, result.startup.parameters)
+                leftover = result.leftover
+                del result  # the login's objects go now: this frame lives as long as the session
+                if leftover:
+                    await self._feed_leftover(leftover)
+                del leftover
+                await self.relay()
+            except Fatal as e:
+                cluster.metrics.error("auth_failed" if e.sqlstate.startswith("28") else "session_fatal")
+                await send_quietly(self.client, e.raw or m.error_response("FATAL", e.sqlstate, str(e)))
+            except FrameError as e:
+                # An impossible length: close at once, allocate nothing, say nothing more.
+                cluster.metrics.error("client_protocol")
+                self.log.info("client_protocol_error", error=e.message)
+            except ProtocolError as e:
+                cluster.metrics.error("client_protocol")
+                self.log.info("client_protocol_error", error=e.message, sqlstate=e.sqlstate)
+                await send_quietly(self.client, m.error_response("FATAL", e.sqlstate, e.message))
+            except NETWORK_ERRORS:
+                pass
+            finally:
+                await self._close()
+        except Exception as e:  # a bug: the proxy logs it (ctx.session_ended); nothing else is disturbed
+            crash = e
         finally:
-            await self._close()
+            self.ctx.session_ended(self, crash)
 
     async def _feed_leftover(self, data: bytes) -> None:
         from ...sessioncore.actions import FORWARD

@@ -7,7 +7,6 @@ connection, a switch, the end of the session): ``BackendSet`` is the one place t
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import trio
@@ -26,22 +25,38 @@ class Backend(Protocol):
 B = TypeVar("B", bound=Backend)
 
 
+B_in = TypeVar("B_in", bound=Backend, contravariant=True)
+
+
+class FaultTaker(Protocol[B_in]):
+    def take_fault(self, backend: B_in) -> None: ...
+
+
+_NONE: dict[str, object] = {}  # never written: replaced by a dict of the session's own first
+_NONE_COUNTED: list[object] = []
+
+
 class BackendSet(Generic[B]):
-    __slots__ = ("cluster", "active", "active_role", "parked", "_counted", "on_fault")
+    __slots__ = ("cluster", "active", "active_role", "parked", "_counted", "owner")
 
     def __init__(self, cluster: ClusterRuntime) -> None:
         self.cluster = cluster
         self.active: B | None = None
         self.active_role: str | None = None
-        self.parked: dict[str, B] = {}
-        self._counted: list[B] = []  # the backends counted in cluster.connections (a few at most)
-        # Called when a fault starts on the instance of one of these backends (see
+        # Idle backends kept per role (readwrite endpoints in session mode). Until the first, a
+        # shared empty dict, as is _counted until a backend is counted: a transaction-mode session
+        # keeps none (its connections are its pool's), and these would be memory of each one.
+        self.parked: dict[str, B] = _NONE  # type: ignore[assignment]
+        self._counted: list[B] = _NONE_COUNTED  # type: ignore[assignment]
+        # Told when a fault starts on the instance of one of these backends (see
         # ClusterRuntime.faults_changed): the session applies it.
-        self.on_fault: Callable[[B], None] | None = None
+        self.owner: FaultTaker[B] | None = None
 
     def count(self, backend: B) -> B:
         """A backend was just opened for this session: count it."""
         self.cluster.connections[backend.instance] += 1
+        if self._counted is _NONE_COUNTED:
+            self._counted = []
         self._counted.append(backend)
         self.cluster.live_backends.setdefault(backend.instance, {})[id(backend)] = self
         return backend
@@ -49,8 +64,8 @@ class BackendSet(Generic[B]):
     def fault(self, backend_id: int) -> None:
         """A fault started on the instance of one of these backends (ClusterRuntime.faults_changed)."""
         for backend in self._counted:
-            if id(backend) == backend_id and self.on_fault is not None:
-                self.on_fault(backend)
+            if id(backend) == backend_id and self.owner is not None:
+                self.owner.take_fault(backend)
 
     def activate(self, role: str, backend: B) -> None:
         assert self.active is None, "a session has one active backend"
@@ -62,8 +77,14 @@ class BackendSet(Generic[B]):
             old = self.parked.pop(self.active_role, None)
             if old is not None:
                 self._drop(old)
-            self.parked[self.active_role] = self.active
+            self.keep(self.active_role, self.active)
         self.active = self.active_role = None
+
+    def keep(self, role: str, backend: B) -> None:
+        """Keep ``backend`` idle for ``role`` (the caller dropped any other of that role)."""
+        if self.parked is _NONE:
+            self.parked = {}
+        self.parked[role] = backend
 
     def take_parked(self, role: str) -> B | None:
         return self.parked.pop(role, None)

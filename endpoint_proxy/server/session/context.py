@@ -6,7 +6,7 @@ import secrets
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ...config import Address, EndpointConfig
 from ...protocol.pg.framing import FrameReader
@@ -86,6 +86,15 @@ class CancelRegistry:
         return secret & ((1 << PEER_BITS) - 1) if self.peer_id is not None else None
 
 
+# (session, the exception a bug raised in it or None)
+SessionEnded = Callable[[Any, Exception | None], None]
+
+
+def _raise_crash(session: Any, error: Exception | None) -> None:
+    if error is not None:
+        raise error
+
+
 class SessionContext:
     """What a session needs from the process around it."""
 
@@ -95,7 +104,7 @@ class SessionContext:
                  connect_timeout_s: float,
                  cancel_handler: Callable[[CancelRequest, str | None], Awaitable[bool]] | None = None,
                  console: ConsoleHandler | None = None, hub: Hub | None = None,
-                 dial: Dialer = connect_tcp) -> None:
+                 dial: Dialer = connect_tcp, session_ended: SessionEnded | None = None) -> None:
         self.cluster = cluster
         self.endpoint = endpoint
         self.tls_context = tls_context
@@ -108,3 +117,6 @@ class SessionContext:
         self.console = console
         self.hub = hub  # relays sessions in steady state (raw sockets both ways)
         self.dial = dial  # opens session backends (tests: an in-memory network)
+        # Called as a session's task ends (with the exception that ended it, a bug): the proxy's
+        # bookkeeping, run from the session's own frame (an idle session is one frame fewer).
+        self.session_ended: SessionEnded = session_ended or _raise_crash
