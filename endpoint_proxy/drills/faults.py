@@ -437,6 +437,11 @@ class FaultSet:
     _faults: dict[int, Fault] = field(default_factory=dict)
     _toxics_cache: dict[str, tuple[int, Toxics | None]] = field(default_factory=dict)
 
+    @property
+    def empty(self) -> bool:
+        """No fault at all (the usual case: sessions ask before every borrow)."""
+        return not self._faults
+
     def add(self, spec: FaultSpec, now: float, wall: float = 0.0) -> Fault:
         fault = Fault(next(self.ids), self.cluster, spec, now, now + spec.seconds, wall)
         self._faults[fault.id] = fault

@@ -127,6 +127,8 @@ class ClusterDrills:
     def check_probe(self, name: str) -> None:
         """Before a monitor probe: raise as a dead server would when the instance is under a
         simulated INSTANCE FAILURE (the probe then fails like a real one)."""
+        if self.faults.empty:
+            return
         fault = self.faults.instance_failed(name, trio.current_time())
         if fault is not None:
             raise SimulatedFailure(f"connection refused (simulated instance failure, fault {fault.id})")
@@ -139,6 +141,8 @@ class ClusterDrills:
     def reader_routing_fails(self, instance: str) -> bool:
         """For a new reader connection, or a readwrite read routed to a replica: should it fail
         as against a dead replica (SIMULATE n PERCENT READ REPLICA FAILURE)?"""
+        if self.faults.empty:
+            return False
         percent = self.faults.read_failure_percent(instance, trio.current_time())
         return routing_fails(percent, self.rng)
 

@@ -109,10 +109,10 @@ class QuickWaiter(Protocol):
         ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Waiter:
     since: float
-    event: trio.Event = field(default_factory=trio.Event)
+    event: trio.Event | None = None  # a task's (quick waiters have none)
     given: Pooled[Any] | None = None  # a connection handed over (counted as lent)
     allowed_to_open: bool = False  # a place granted (counted as opening)
     gone: bool = False  # gave up: skipped when served
@@ -187,12 +187,12 @@ class ServerPool(Generic[C]):
             if self.total < self.limits.size:
                 self.opening += 1
                 return await self._open(open_conn)
-        waiter = _Waiter(now)
+        waiter = _Waiter(now, trio.Event())
         self._waiters.append(waiter)
         self._waiting += 1
         try:
             with trio.move_on_after(timeout_s):
-                await waiter.event.wait()
+                await waiter.event.wait()  # type: ignore[union-attr]
         except BaseException:
             self._abandon(waiter)
             raise
@@ -244,7 +244,7 @@ class ServerPool(Generic[C]):
 
     def _abandon(self, waiter: _Waiter) -> None:
         """A waiter gives up (timeout, or its task was cancelled): whatever it was granted goes on."""
-        if not waiter.gone and not waiter.event.is_set():
+        if not waiter.gone and waiter.event is not None and not waiter.event.is_set():
             waiter.gone = True
             self._waiting -= 1
             return
@@ -296,6 +296,7 @@ class ServerPool(Generic[C]):
                 self.lent -= 1  # that borrower is gone: the next one
                 continue
             waiter.given = pooled
+            assert waiter.event is not None
             waiter.event.set()
             return
 
@@ -353,6 +354,7 @@ class ServerPool(Generic[C]):
                 continue
             self.opening += 1
             waiter.allowed_to_open = True
+            assert waiter.event is not None
             waiter.event.set()
 
     def _expired(self, pooled: Pooled[C], now: float) -> bool:

@@ -8,7 +8,7 @@ replica to catch up) and end with the shell calling the matching method of the c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # What feeding bytes returns: FORWARD = send exactly what was fed to the other side, nothing
 # else to do (the hot path); ATTEND = take the queued actions with ``next_action()``.
@@ -41,7 +41,7 @@ class Attach:
 
     role: str
     reason: str
-    exclude: frozenset[str] = field(default_factory=frozenset)
+    exclude: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..protocol.pg import messages as m
-from ..protocol.pg.framing import MessageScanner, check_length
+from ..protocol.pg.framing import MessageScanner
 from ..routing.dialect import PgDialect
 from ..routing.pg_classify import FunctionPolicy
 from ..routing.session_state import SessionState
@@ -166,6 +166,7 @@ class ReplayPlan:
 
 _NOTHING_TO_REPLAY = ReplayPlan(b"", 0)
 _NO_MARKS: dict[str, BackendMark] = {}
+_RELEASE = Release()  # (actions are never changed: one for every session)
 # A pooled connection's record of SQL prepared statements when it has none (shared: records are
 # replaced, never changed in place).
 _NO_SQL: dict[str, str] = {}
@@ -314,20 +315,21 @@ class PgSessionCore:
             part += data
             data = part
             self._cpart = None
-        cut = whole_messages(data, self._cscan.max_length)
+        msgs, cut = self._cscan.scan_whole(data)  # (one pass: the scanner is always at a boundary here)
         if cut < len(data):
             self._cpart = bytearray(data[cut:])
             data = data[:cut]
             if not cut:
                 return ATTEND
         elif part is None:
-            return self._client_data(data)
-        if self._client_data(data) == FORWARD:
+            return self._client_data(data, msgs)
+        if self._client_data(data, msgs) == FORWARD:
             self._actions.append(ToServer(bytes(data)))
         return ATTEND
 
-    def _client_data(self, data: Buffer) -> int:
-        msgs = self._cscan.scan(data)
+    def _client_data(self, data: Buffer, msgs: list[Msg] | None = None) -> int:
+        if msgs is None:
+            msgs = self._cscan.scan(data)
         held = self._held
         if held is None:
             return self._feed(data, msgs)
@@ -876,7 +878,7 @@ class PgSessionCore:
             if evicted:
                 cleanup = b"".join(m.Close("S", name.decode()).encode() for name in evicted) + _SYNC
         smap.detached()
-        self._actions.append(Release(cleanup, 1 if cleanup else 0))
+        self._actions.append(Release(cleanup, 1) if cleanup else _RELEASE)
         self.attached = False
         self.instance = None
         self._conn_params = None
@@ -1145,19 +1147,3 @@ _GATE = "gate"  # what _attaching holds while the session waits at the writer ga
 
 def parameters_of(params: Sequence[tuple[str, str]]) -> dict[str, str]:
     return dict(params)
-
-
-def whole_messages(data: Buffer, max_length: int) -> int:
-    """The length of the longest prefix of ``data`` made of whole messages (a bad length raises,
-    as the scanner would)."""
-    n = len(data)
-    pos = 0
-    while pos + 5 <= n:
-        length = int.from_bytes(data[pos + 1: pos + 5], "big")
-        if length < 4 or length > max_length:
-            check_length(length, max_length)
-        end = pos + 1 + length
-        if end > n:
-            break
-        pos = end
-    return pos

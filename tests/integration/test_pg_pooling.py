@@ -253,3 +253,34 @@ def test_a_reload_resizes_the_pools_without_dropping_clients(pg_cluster: Postgre
 
     with ProxyProcess(doc, tmp_path) as proxy:
         asyncio.run(main(proxy))
+
+
+def test_a_client_cancel_reaches_the_connection_it_holds(pool_proxy: ProxyProcess, pg_cluster: PostgresCluster) -> None:
+    # Transaction mode: the client's cancel key names no server connection of its own; a cancel
+    # goes to whichever connection the client holds for the statement under way (and to none
+    # between statements). asyncpg sends a CancelRequest when a statement passes its timeout.
+    async def main() -> None:
+        conn = await connect(pool_proxy, pg_cluster)
+        other = await connect(pool_proxy, pg_cluster)
+        try:
+            started = time.monotonic()
+            with pytest.raises(asyncio.TimeoutError):
+                await conn.execute("select pg_sleep(30)", timeout=0.5)
+            assert await conn.fetchval("select 41 + 1") == 42  # the session goes on
+            assert time.monotonic() - started < 15
+            # The sleep was cancelled on the server, not left running on a pooled connection.
+            assert await other.fetchval("select count(*) from pg_stat_activity "
+                                        "where query = 'select pg_sleep(30)' and state = 'active'") == 0
+            # A cancel between statements cancels nothing: the next statement runs.
+            pid, secret = conn.get_server_pid(), conn._protocol.backend_secret
+            reader, writer = await asyncio.open_connection("127.0.0.1", pool_proxy.port("tx"))
+            writer.write((16).to_bytes(4, "big") + (80877102).to_bytes(4, "big")
+                         + pid.to_bytes(4, "big") + secret.to_bytes(4, "big", signed=secret < 0))
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # taken (closed by the proxy)
+            writer.close()
+            assert await conn.fetchval("select pg_sleep(0.2)::text || '2'") == "2"
+        finally:
+            await conn.close()
+            await other.close()
+
+    asyncio.run(main())

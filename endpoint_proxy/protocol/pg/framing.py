@@ -134,6 +134,28 @@ class MessageScanner:
         """True when the bytes seen so far end exactly at a message boundary."""
         return not self._skip and not self._hdr and self._collect is None
 
+    def scan_whole(self, data: bytes | bytearray | memoryview) -> tuple[list[tuple[int, bytes, int]], int]:
+        """For a scanner at a message boundary: the wanted messages of the longest prefix of
+        ``data`` made of whole messages, and that prefix's length. The rest is not consumed (the
+        caller keeps it and passes it again with what follows)."""
+        assert self.at_boundary
+        out: list[tuple[int, bytes, int]] = []
+        n = len(data)
+        pos = 0
+        wanted = self._wanted
+        max_length = self.max_length
+        while pos + 5 <= n:
+            type_, length = _HEADER.unpack_from(data, pos)
+            if length < MIN_LENGTH or length > max_length:
+                check_length(length, max_length)
+            end = pos + 1 + length
+            if end > n:
+                break
+            if wanted[type_]:
+                out.append((type_, bytes(data[pos + 5 : end]), end))
+            pos = end
+        return out, pos
+
     def scan(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes, int]]:
         out: list[tuple[int, bytes, int]] = []
         n = len(data)

@@ -53,6 +53,7 @@ class BackendConnection:
     in_recovery: bool = False  # the instance was a replica when this connection was made
     lsn_reached: int = 0  # session consistency: WAL position this replica is known to have replayed
     cancel_target: object = None  # transaction mode: its CancelTarget, made once (sessions retarget to it per borrow)
+    facts: object = None  # transaction mode: its BackendFacts for the core, made again only when they change
 
 
 async def _read_message(conn: Conn, reader: FrameReader, buf: bytearray | memoryview) -> tuple[int, bytes]:

@@ -18,6 +18,7 @@ from ...sessioncore.pg import PgSessionCore, dialect_of, is_fatal
 from ...sessioncore.pg_pool import PooledMark, StartupError, shared, startup_settings
 from ..pool import Pooled, PoolTimeout
 from ..session import faults
+from ..session.context import CancelTarget
 from ..session.shell import NETWORK_ERRORS
 from .backend import BackendConnection, BackendError, open_backend
 from .backends import NoRoute, PgBackends, Refused, close_pooled
@@ -29,10 +30,22 @@ class PgPooling(PgBackends):
 
     __slots__ = ()
 
+    def cancel_target(self) -> CancelTarget | None:
+        """Where the client's cancel key cancels now: the connection it holds for the request
+        under way (none between requests, nor while the proxy sets a connection up)."""
+        pooled = self._pooled
+        if pooled is None or self._core is None or not self._core.attached:
+            return None
+        return self._cancel_target(pooled.conn)
+
     @staticmethod
     def _pooled_facts(backend: BackendConnection) -> BackendFacts:
         """Facts of a borrowed connection (its ParameterStatus values go to the core as they are)."""
-        return BackendFacts(backend.instance, backend.in_recovery, backend.status)
+        facts = backend.facts
+        if (not isinstance(facts, BackendFacts) or facts.in_recovery != backend.in_recovery
+                or facts.status != backend.status):
+            facts = backend.facts = BackendFacts(backend.instance, backend.in_recovery, backend.status)
+        return facts
 
     async def _login_pooled(self, role: str, parameters: dict[str, str]) -> None:
         """Transaction mode: the client is told what a server connection of the pool says, with
@@ -75,7 +88,7 @@ class PgPooling(PgBackends):
                               conn_params=backend.parameters)
         # A process id of our own: the client's requests run on whichever connection is free.
         pid = secrets.randbelow((1 << 31) - 2) + 1
-        secret = ctx.cancels.issue(pid, None)
+        secret = ctx.cancels.issue(pid, self)  # (cancel_target: where a cancel goes, when it comes)
         self.cancel_key = (pid, secret)
         if self.draining:
             core.drain()
@@ -162,8 +175,6 @@ class PgPooling(PgBackends):
         pooled = self._pooled
         if pooled is None:
             return
-        if self.cancel_key is not None:
-            self.ctx.cancels.retarget(*self.cancel_key, None)
         reusable = True
         if action.expected_ready:
             try:
@@ -239,8 +250,6 @@ class PgPooling(PgBackends):
         conn = pooled.conn.conn
         if isinstance(conn, RawConn):
             hub.unpark_fd(conn.sock.fileno(), conn.sock)  # another session may borrow it in this very round
-        if self.cancel_key is not None:
-            self.ctx.cancels.retarget(*self.cancel_key, None)
         self._pooled = None
         self.backends.release_active()
         self.ctx.cluster.pools.give_back(pooled)
@@ -288,8 +297,6 @@ class PgPooling(PgBackends):
             return False  # the task sets it up (and parks its descriptor)
         if not hub.park_more(conn.sock.fileno(), self._on_server, client.sock.fileno(), conn.sock):
             return False
-        if self.cancel_key is not None:
-            self.ctx.cancels.retarget(*self.cancel_key, self._cancel_target(backend))
         core.attached_backend(self._pooled_facts(backend), mark=pooled.mark,  # type: ignore[arg-type]
                               conn_params=backend.parameters)
         return True
@@ -377,8 +384,6 @@ class PgPooling(PgBackends):
                 await self._let_go(False)
                 core.attach_failed(AttachError("failed", "08006", f"could not set up a server connection: {e}"))
                 return
-        if self.cancel_key is not None:
-            self.ctx.cancels.retarget(*self.cancel_key, self._cancel_target(backend))
         core.attached_backend(self._pooled_facts(backend), mark=pooled.mark,  # type: ignore[arg-type]
                               conn_params=backend.parameters)
 

@@ -6,7 +6,7 @@ import secrets
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ...config import Address, EndpointConfig
 from ...protocol.pg.framing import FrameReader
@@ -31,6 +31,12 @@ class CancelTarget:
     secret_key: int
 
 
+class CancelSource(Protocol):
+    """A session whose server connection changes too often to retarget its key each time."""
+
+    def cancel_target(self) -> CancelTarget | None: ...
+
+
 # With [[peers]], the low bits of a secret name the proxy that issued it (ids 0..255).
 PEER_BITS: Final = 8
 
@@ -50,10 +56,11 @@ class CancelRegistry:
         self.worker_bits = worker_bits
         self.peer_id = peer_id
         self.peer_bits = PEER_BITS if peer_id is not None else 0
-        # None: the key is the session's, but it has no server connection now (transaction pooling).
-        self._targets: dict[tuple[int, int], CancelTarget | None] = {}
+        # None: the key is the session's, but it has no server connection now. A CancelSource: the
+        # session says where when asked (transaction pooling: whichever connection it holds then).
+        self._targets: dict[tuple[int, int], CancelTarget | CancelSource | None] = {}
 
-    def issue(self, process_id: int, target: CancelTarget | None) -> int:
+    def issue(self, process_id: int, target: CancelTarget | CancelSource | None) -> int:
         low_bits = self.peer_bits + self.worker_bits
         low = ((self.worker_index & ((1 << self.worker_bits) - 1)) << self.peer_bits) | (self.peer_id or 0)
         while True:
@@ -75,7 +82,10 @@ class CancelRegistry:
         return (process_id, secret) in self._targets
 
     def lookup(self, process_id: int, secret: int) -> CancelTarget | None:
-        return self._targets.get((process_id, secret))
+        target = self._targets.get((process_id, secret))
+        if target is None or isinstance(target, CancelTarget):
+            return target
+        return target.cancel_target()
 
     def owner_of(self, secret: int) -> int:
         """The worker index a secret of this proxy names."""

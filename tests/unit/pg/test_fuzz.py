@@ -248,6 +248,52 @@ def test_scanner_matches_reader_on_valid_streams(
     assert reader_run(stream, DEFAULT_MAX_LENGTH) == (messages, False)
 
 
+def whole_run(chunks: list[bytes], wanted: bytes, ends: list[int]) -> list[tuple[int, bytes]]:
+    """scan_whole as a transaction-mode session uses it: what is not whole yet is kept and passed
+    again with the next chunk."""
+    scanner = MessageScanner(wanted)
+    out: list[tuple[int, bytes]] = []
+    kept = b""
+    offset = 0
+    for chunk in chunks:
+        data = kept + chunk
+        msgs, cut = scanner.scan_whole(data)
+        out += [(t, p) for t, p, _ in msgs]
+        ends += [offset + end for _, _, end in msgs]
+        assert all(end <= cut for _, _, end in msgs) and scanner.at_boundary
+        offset += cut
+        kept = data[cut:]
+    assert kept == b""
+    return out
+
+
+@FUZZ
+@given(
+    messages=st.lists(raw_message, max_size=12),
+    wanted=st.sets(st.sampled_from(TYPE_POOL)).map(bytes),
+    cuts=st.lists(st.integers(0, 10_000), max_size=20),
+)
+def test_whole_message_scan_matches_the_scanner(
+    messages: list[tuple[int, bytes]], wanted: bytes, cuts: list[int]
+) -> None:
+    stream = frames(messages)
+    for chunks in (chunked(stream, cuts), [stream], [stream[i : i + 1] for i in range(len(stream))]):
+        expected_ends: list[int] = []
+        expected, _, _ = scanner_run(chunks, wanted, DEFAULT_MAX_LENGTH, expected_ends)
+        ends: list[int] = []
+        assert whole_run(chunks, wanted, ends) == expected
+        assert ends == expected_ends
+
+
+def test_whole_message_scan_checks_lengths_before_the_body() -> None:
+    scanner = MessageScanner(b"Q", max_length=10000)
+    assert scanner.scan_whole(b"Q" + (9).to_bytes(4, "big") + b"sel") == ([], 0)  # not whole yet
+    with pytest.raises(FrameError):
+        scanner.scan_whole(b"Q" + (10001).to_bytes(4, "big"))
+    with pytest.raises(FrameError):
+        scanner.scan_whole(b"Q" + (3).to_bytes(4, "big"))
+
+
 @FUZZ
 @given(
     prefix=st.lists(raw_message, max_size=4),
