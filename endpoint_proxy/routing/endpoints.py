@@ -19,6 +19,9 @@ class Route:
     needs_writer: bool = False  # the route is "the writer": wait for one when none is known
 
 
+_TO: dict[str, Route] = {}
+
+
 def members(endpoint: EndpointConfig, topology: ClusterTopology) -> list[str]:
     """The instances an endpoint may use right now (up, right role), in configuration order."""
     kind = endpoint.kind
@@ -68,7 +71,10 @@ def route(endpoint: EndpointConfig, topology: ClusterTopology, load: Mapping[str
             return Route(None, "no writer is known", needs_writer=True)
         if w in exclude:
             return Route(None, f"the writer {w} could not be reached", needs_writer=True)
-        return Route(w)
+        route_ = _TO.get(w)
+        if route_ is None:
+            route_ = _TO[w] = Route(w)  # (routes are immutable: one per instance name, asked for per borrow)
+        return route_
     eligible = [n for n in members(endpoint, topology) if n not in exclude]
     if eligible:
         if weights:

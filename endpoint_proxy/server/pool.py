@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, NamedTuple, Protocol, TypeVar
 
 import structlog
 import trio
@@ -40,8 +40,9 @@ class PoolTimeout(Exception):
     """No server connection could be borrowed within the borrow timeout."""
 
 
-@dataclass(frozen=True, slots=True)
-class PoolKey:
+class PoolKey(NamedTuple):
+    """(A tuple: made and hashed on every borrow, which a frozen dataclass does in Python.)"""
+
     instance: str
     user: str
     database: str
@@ -140,6 +141,14 @@ class ServerPool(Generic[C]):
         self.opener: Callable[[], Awaitable[C]] | None = None
         self.filling = False  # a fill is under way (PoolRegistry runs one at a time)
         self.fill_error: str | None = None  # the last fill's failure (logged once per new error)
+        self._clock: Callable[[], float] | None = None  # the run's clock, read on every borrow and give-back
+
+    def _now(self) -> float:
+        """trio.current_time(), without its three calls to reach the clock."""
+        clock = self._clock
+        if clock is None:
+            clock = self._clock = trio.lowlevel.current_clock().current_time
+        return clock()
 
     # --- what the status reports --------------------------------------------------------------
 
@@ -211,7 +220,7 @@ class ServerPool(Generic[C]):
         """An idle connection, lent, when nobody waits in line; else None (no waiting)."""
         if self._waiting:
             return None
-        pooled = self._take_idle(trio.current_time())
+        pooled = self._take_idle(self._now())
         if pooled is not None:
             self.borrows += 1
         return pooled
@@ -273,7 +282,7 @@ class ServerPool(Generic[C]):
         (``reusable`` False: broken, or state that must not reach another client; also when
         stale, past its lifetime, or beyond a pool_size lowered meanwhile)."""
         self.lent -= 1
-        now = trio.current_time()
+        now = self._now()
         pooled.last_used = now
         if not reusable or self._expired(pooled, now) or self.total >= self.limits.size:
             self._discard(pooled)
@@ -304,7 +313,7 @@ class ServerPool(Generic[C]):
 
     def wait_quick(self, quick: QuickWaiter, timeout_s: float) -> _Waiter:
         """Join the line as a quick waiter (see QuickWaiter); the handle cancels with ``cancel_quick``."""
-        now = trio.current_time()
+        now = self._now()
         waiter = _Waiter(now, quick=quick, deadline=now + timeout_s)
         self._waiters.append(waiter)
         self._waiting += 1

@@ -332,6 +332,8 @@ class PgSessionCore:
             msgs = self._cscan.scan(data)
         held = self._held
         if held is None:
+            if not self.attached and self.smap is not None and self._borrow_first(data, msgs):
+                return ATTEND
             return self._feed(data, msgs)
         base = len(held)
         held += data
@@ -341,6 +343,22 @@ class PgSessionCore:
             # that came in pieces is: it needs no decision.
             self._release()
         return ATTEND
+
+    def _borrow_first(self, data: Buffer, msgs: list[Msg]) -> bool:
+        """Pooled, with no connection, a request begins here (the usual case in transaction
+        mode): hold it and borrow one, as _boundary would decide, without the general walk.
+        False for anything else (readwrite, a drain, COPY, Terminate, answering by ourselves...)."""
+        if (self.in_unit or self._copy_in or self.mode is not None or self.readwrite or self.draining
+                or self._attaching is not None or self.closing or not msgs):
+            return False
+        type_, payload, end = msgs[0]
+        if end != 5 + len(payload) or type_ == _X or data[0] in _COPY_TYPES:
+            return False  # (the first message is not one the scanner wants, or needs more than a borrow)
+        self._attach(self.role, "borrow")
+        self._hold_reason = _BACKEND
+        self._held = bytearray(data)
+        self._held_msgs = msgs
+        return True
 
     def client_eof(self) -> None:
         self.closing = True
@@ -442,8 +460,11 @@ class PgSessionCore:
             self._actions.append(ToServer(bytes(data[start:end])))
 
     def _hold(self, data: Buffer, msgs: list[Msg], i: int, pos: int) -> None:
-        if pos == 0 and isinstance(data, bytearray):
-            self._held = data  # held already (a release that stopped where it began)
+        if pos == 0:
+            if isinstance(data, bytearray):
+                self._held = data  # held already (a release that stopped where it began)
+            else:
+                self._held = bytearray(data)
             self._held_msgs = msgs[i:] if i else msgs
             return
         self._held = bytearray(data[pos:])
@@ -461,7 +482,7 @@ class PgSessionCore:
 
     def _boundary(self, data: Buffer, msgs: list[Msg], i: int, pos: int) -> int:
         """Decide before the first byte of a request at ``pos``."""
-        first = msgs[i] if i < len(msgs) and _start(msgs[i]) == pos else None
+        first = msgs[i] if i < len(msgs) and msgs[i][2] - 5 - len(msgs[i][1]) == pos else None
         if first is not None and first[0] == _X:
             return self._terminate(data, pos)
         if self.mode is not None:
@@ -752,9 +773,11 @@ class PgSessionCore:
         idle_now = False
         strip: tuple[int, int] | None = None
         smap = self.smap
+        if smap is not None:
+            # The ledger first, for the whole chunk: nothing below reads it before the loop ends,
+            # and a FATAL below ends it anyway (_lose).
+            smap.server_messages(msgs)
         for type_, payload, end in msgs:
-            if smap is not None:
-                smap.server_message(type_)
             if type_ == _Z:
                 if payload:
                     self.status = chr(payload[0])
@@ -873,7 +896,7 @@ class PgSessionCore:
             if state.changes != changes or state.statements_dropped != dropped:
                 mark.sql_prepared = dict(state.sql_prepared) if state.sql_prepared else _NO_SQL
             mark.owner = self
-            mark.stamp = (state.version, state.changes)
+            mark.stamp_version, mark.stamp_changes = state.version, state.changes
             evicted = mark.evict(self.max_prepared)
             if evicted:
                 cleanup = b"".join(m.Close("S", name.decode()).encode() for name in evicted) + _SYNC
@@ -903,7 +926,7 @@ class PgSessionCore:
         difference between its settings and SQL prepared statements and the session's (nothing,
         usually). Each statement is its own Query, so one failure spoils no other."""
         state = self.state
-        if mark.owner is self and mark.stamp == (state.version, state.changes):
+        if mark.owner is self and mark.stamp_version == state.version and mark.stamp_changes == state.changes:
             return _NOTHING_TO_REPLAY
         settings = self._settings()
         if not state.sql_prepared and not mark.sql_prepared and (mark.settings is settings
@@ -975,7 +998,7 @@ class PgSessionCore:
             self._conn_params = conn_params
             mark.settings = self._settings()
             mark.sql_prepared = dict(state.sql_prepared) if state.sql_prepared or mark.sql_prepared else _NO_SQL
-            mark.owner, mark.stamp = self, (state.version, state.changes)
+            mark.owner, mark.stamp_version, mark.stamp_changes = self, state.version, state.changes
             self._borrowed_version, self._borrowed_changes = state.version, state.changes
             self._borrowed_dropped = state.statements_dropped
         else:

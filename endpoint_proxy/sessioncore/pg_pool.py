@@ -182,7 +182,9 @@ class PooledMark:
     sql_prepared: dict[str, str] = field(default_factory=dict)  # SQL PREPARE name -> statement
     statements: OrderedDict[bytes, None] = field(default_factory=OrderedDict)  # server names, LRU last
     owner: object = None  # the session that last gave it back
-    stamp: object = None  # that session's state stamp then: the same owner and stamp need nothing
+    # That session's state (version, changes) then: the same owner and state need nothing.
+    stamp_version: int = -1
+    stamp_changes: int = -1
 
     def touch(self, name: bytes) -> None:
         self.statements.move_to_end(name)
@@ -366,6 +368,18 @@ class StatementMap:
             return
         if type_ in _END_TABLE[kind]:
             ledger.pop(0)
+
+    def server_messages(self, msgs: Iterable[tuple[int, bytes, int]]) -> None:
+        """``server_message`` for each of a chunk's scanned messages, in order."""
+        ledger = self.ledger
+        for type_, _, _ in msgs:
+            if not ledger:
+                return
+            head = ledger[0]
+            if type_ == 69 or type(head) is not int:
+                self.server_message(type_)  # an error, or the answer to a Parse of ours
+            elif type_ in _END_TABLE[head]:
+                ledger.pop(0)
 
     def _failed(self, entry: object) -> None:
         """An entry the server answered with an error, or skipped: what it would have made is not there."""

@@ -241,21 +241,21 @@ class SessionShell:
                 return None
             if isinstance(action, ToClient):
                 assert isinstance(client, RawConn)
-                if self._send_now(client, _CLIENT, memoryview(action.data)) is not None:
+                if self._send_now(client, _CLIENT, action.data) is not None:
                     return _WOKE
             elif isinstance(action, ToServer):
                 conn = self.backend_conn()
                 if not isinstance(conn, RawConn):
                     self._stash = action
                     return _WOKE
-                if self._send_now(conn, _SERVER, memoryview(action.data)) is not None:
+                if self._send_now(conn, _SERVER, action.data) is not None:
                     return _WOKE
             elif not self.quick(action):
                 self._stash = action
                 return _WOKE
         return _WOKE
 
-    def _send_now(self, conn: RawConn, side: int, view: memoryview) -> object:
+    def _send_now(self, conn: RawConn, side: int, view: Buffer) -> object:
         """Forward from inside a hub callback; what the socket does not take now is copied and
         sent by the session's task (which stops reading both sides meanwhile)."""
         try:
