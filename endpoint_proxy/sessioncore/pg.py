@@ -413,11 +413,11 @@ class PgSessionCore:
                 i += 1
                 continue
             # Inside a request: account for its messages until it ends or the bytes run out.
+            smap = self.smap if self.attached else None
             while i < nm:
                 type_, payload, end = msgs[i]
                 i += 1
-                smap = self.smap
-                if smap is not None and self.attached and (verdict := smap.client_message(type_, payload)) != SEND:
+                if smap is not None and (verdict := smap.client_message(type_, payload)) != SEND:
                     start = end - 5 - len(payload)
                     if start > run:
                         self._actions.append(ToServer(bytes(data[run:start])))
@@ -645,6 +645,8 @@ class PgSessionCore:
         """Book one client message that goes to the active backend; True if it ends the request."""
         if self._unit_left:
             self._unit_left -= 1
+        if type_ == _E or type_ == _B:
+            return False  # (the usual messages inside a request: nothing to book)
         if type_ == _Q:
             self.inflight += 1
             self.batch_open = False

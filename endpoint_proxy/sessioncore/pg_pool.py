@@ -262,11 +262,15 @@ class StatementMap:
 
     def client_message(self, type_: int, payload: bytes) -> int:
         """What to do with a client message bound for the borrowed connection."""
-        if type_ == 80:  # P
-            return self._parse(payload)
+        if type_ == 69:  # E
+            if not self.skipping:
+                self.ledger.append(K_EXECUTE)
+            return SEND
         if type_ == 66:  # B
             cut = payload.find(b"\0") + 1
             return self._use(K_BIND, payload, cut, 66)
+        if type_ == 80:  # P
+            return self._parse(payload)
         if type_ == 68:  # D
             if payload[:1] == b"S" and len(payload) > 2:
                 return self._use(K_DESCRIBE, payload, 1, 68)
@@ -277,9 +281,7 @@ class StatementMap:
                 return self._close(payload[1:-1])
             self._expect(K_CLOSE)
             return SEND
-        if type_ == 69:  # E
-            self._expect(K_EXECUTE)
-        elif type_ == 83:  # S
+        if type_ == 83:  # S
             self.ledger.append(K_SYNC)
             self.skipping = False
         elif type_ == 81 or type_ == 70:  # Q, F: answered up to ReadyForQuery
