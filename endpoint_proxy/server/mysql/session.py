@@ -204,6 +204,7 @@ class MySession(SessionShell):
                                          server_version=greeting.hello.server_version if greeting else None)
                 if scope.cancelled_caught:
                     cluster.metrics.error("startup_timeout")
+                    self.log.info("startup_timeout", timeout_ms=int(self.ctx.startup_timeout_s * 1000))
                     return
                 self.login, self.user = result, result.user
                 err_seq = result.ok_seq
@@ -213,6 +214,7 @@ class MySession(SessionShell):
                 await self.relay()
             except Fatal as e:
                 cluster.metrics.error("auth_failed" if e.errno == 1045 else "session_fatal")
+                self.log.info("session_refused", errno=e.errno, error=str(e))
                 await send_quietly(self.client, e.raw or encode_packet(e.seq or err_seq,
                                                                        err_packet(e.errno, e.sqlstate, str(e))))
             except MySQLProtocolError as e:

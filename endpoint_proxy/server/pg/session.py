@@ -156,6 +156,7 @@ class PgSession(PgPooling):
                     result = await login(self.ctx, self, self.log)
                 if result is None:
                     cluster.metrics.error("startup_timeout")
+                    self.log.info("startup_timeout", timeout_ms=int(self.ctx.startup_timeout_s * 1000))
                     return
                 if result.console is not None and result.startup is not None and self.ctx.console is not None:
                     # Outside the startup deadline: the console applies it to its login only.
@@ -181,6 +182,7 @@ class PgSession(PgPooling):
                 await self.relay()
             except Fatal as e:
                 cluster.metrics.error("auth_failed" if e.sqlstate.startswith("28") else "session_fatal")
+                self.log.info("session_refused", sqlstate=e.sqlstate, error=str(e))
                 await send_quietly(self.client, e.raw or m.error_response("FATAL", e.sqlstate, str(e)))
             except FrameError as e:
                 # An impossible length: close at once, allocate nothing, say nothing more.
