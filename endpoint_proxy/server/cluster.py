@@ -504,7 +504,7 @@ class ClusterRuntime:
     def failure_pending(self, name: str) -> bool:
         """Whether a session reported ``name`` failed and no probe since has answered (see
         wait_for_route): not to be handed out yet."""
-        return self._failure_pending(name)
+        return name in self._reported and self._failure_pending(name)
 
     def _failure_pending(self, name: str) -> bool:
         """A session reported ``name`` failing and no probe started after that has answered."""

@@ -37,12 +37,9 @@ class WriterGate:
         self._inside: set[Hashable] = set()
         self._opened = trio.Event()
         self._opened.set()
+        self.is_open = True  # (a plain field, kept with _opened: read at every transaction's start)
         self._emptied: trio.Event | None = None
         self.held = 0  # sessions waiting at the closed gate now
-
-    @property
-    def is_open(self) -> bool:
-        return self._opened.is_set()
 
     @property
     def inside(self) -> int:
@@ -81,9 +78,11 @@ class WriterGate:
         """New writer work waits from now on; work under way goes on."""
         if self._opened.is_set():
             self._opened = trio.Event()
+        self.is_open = False
 
     def open(self) -> None:
         """Let held work go (idempotent)."""
+        self.is_open = True
         self._opened.set()
 
     async def wait_empty(self) -> None:

@@ -271,11 +271,13 @@ class ServerPool(Generic[C]):
         return self._waiters[0] if self._waiters else None
 
     def _next_waiter(self) -> _Waiter | None:
-        waiter = self._first_waiter()
-        if waiter is not None:
-            self._waiters.popleft()
-            self._waiting -= 1
-        return waiter
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.gone:
+                self._waiting -= 1
+                return waiter
+        return None
 
     def give_back(self, pooled: Pooled[C], *, reusable: bool = True) -> None:
         """A borrowed connection comes back: to the next waiter, to the idle list, or closed

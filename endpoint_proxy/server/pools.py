@@ -136,12 +136,20 @@ class PoolRegistry:
         cluster.metrics.pool_borrowed(int((trio.current_time() - started) * 1e9))
         return pooled
 
-    def wait_quick(self, instance: str, user: str, database: str, quick: QuickWaiter) -> Any | None:
-        """Join the line of a full pool without a task (see pool.QuickWaiter); None when the pool
-        does not exist or has room (the caller borrows the usual way, which opens a connection).
-        The handle goes to ``cancel_quick``."""
+    def borrow_quick(self, instance: str, user: str, database: str,
+                     quick: QuickWaiter) -> Pooled[Any] | tuple[ServerPool[Any], Any] | None:
+        """Borrow without a task: an idle connection when one is there and nobody waits (lent);
+        else, when the pool is full, a place in its line (see pool.QuickWaiter; this handle goes
+        to ``cancel_quick``); else None: no such pool, or it has room (the caller borrows the
+        usual way, which opens a connection)."""
         pool = self.pools.get(PoolKey(instance, user, database))
-        if pool is None or pool.total < pool.limits.size:
+        if pool is None:
+            return None
+        pooled = pool.take_idle_now()
+        if pooled is not None:
+            self.cluster.metrics.pool_borrowed(0)
+            return pooled
+        if pool.total < pool.limits.size:
             return None
         waiter = pool.wait_quick(quick, self.cluster.config.borrow_timeout_ms / 1000)
         if waiter.deadline < self._quick_next:
@@ -166,17 +174,6 @@ class PoolRegistry:
                 for _ in range(pool.expire_quick(now)):
                     self.cluster.metrics.error("borrow_timeout")
 
-    def take_idle(self, instance: str, user: str, database: str) -> Pooled[Any] | None:
-        """An idle connection of that pool right away (no waiting, nothing opened), or None: no
-        such pool, none idle, or clients waiting in line before this one."""
-        pool = self.pools.get(PoolKey(instance, user, database))
-        if pool is None:
-            return None
-        pooled = pool.take_idle_now()
-        if pooled is not None:
-            self.cluster.metrics.pool_borrowed(0)
-        return pooled
-
     def _pool_of(self, pooled: Pooled[Any]) -> ServerPool[Any] | None:
         if pooled.pool is not None:
             return pooled.pool
@@ -185,10 +182,11 @@ class PoolRegistry:
     def give_back(self, pooled: Pooled[Any], *, reusable: bool = True) -> None:
         """The transaction is over. Never blocks: a connection to close is closed in the
         cluster's nursery."""
-        pool = self._pool_of(pooled)
+        pool = pooled.pool if pooled.pool is not None else self._pool_of(pooled)
         if pool is not None:
             pool.give_back(pooled, reusable=reusable)
-            self._close_soon(pool)
+            if pool._closing:
+                self._close_soon(pool)
 
     def forget(self, pooled: Pooled[Any]) -> None:
         """A lent connection the session closes itself (lost, or past saving): it stops counting

@@ -267,16 +267,16 @@ class PgPooling(PgBackends):
         name = cluster.route(rule, action.exclude).instance
         if name is None or cluster.failure_pending(name) or faults.refused(cluster, rule, name):
             return False
-        pooled: Pooled[BackendConnection] | None = cluster.pools.take_idle(name, self.user.name, self.env.database)
-        if pooled is None:
+        got = cluster.pools.borrow_quick(name, self.user.name, self.env.database, self)
+        if got is None:
+            return False  # a pool with room: the task opens a connection
+        if type(got) is tuple:
             # A full pool: wait in its line without waking the task (``granted`` runs when a
-            # connection comes back); a pool with room: the task opens one.
-            self._waiter = cluster.pools.wait_quick(name, self.user.name, self.env.database, self)
-            if self._waiter is None:
-                return False
+            # connection comes back).
+            self._waiter = got
             self._waiting_for = action
             return True
-        return self._take(pooled, action)
+        return self._take(got, action)  # type: ignore[arg-type]
 
     def _take(self, pooled: Pooled[BackendConnection], action: Attach) -> bool:
         """Make a borrowed connection the session's; True when it is ready (attached, parked in
