@@ -73,8 +73,9 @@ class NoRoute(Exception):
 
 class MySession(SessionShell):
     __slots__ = ("ctx", "peer", "session_id", "connection_id", "metrics", "draining", "user", "login",
-                 "backends", "env", "_core", "pooled", "lent", "pool_database", "ticket")
+                 "backends", "env", "_core", "pooled", "lent", "pool_database", "ticket", "err_seq")
 
+    ctx: SessionContext
     core: MySessionCore
 
     def __init__(self, ctx: SessionContext, sock: socket.socket | Conn, session_id: int) -> None:
@@ -101,6 +102,7 @@ class MySession(SessionShell):
         self.backends.owner = self
         self._core: MySessionCore | None = None
         self.ticket: Ticket | None = None  # counts it against the connection limits (login admits)
+        self.err_seq = 0  # the sequence number an error packet of ours takes (after the login: its OK's)
         # Transaction mode: the pooled connection borrowed now (also ``backends.active``), and the
         # database of the pools this session borrows from (its login's).
         self.pooled = ctx.endpoint.pool_mode == "transaction"
@@ -185,55 +187,54 @@ class MySession(SessionShell):
 
     # --- the session ---------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        crash: Exception | None = None
+    async def start(self) -> bool:
+        cluster = self.ctx.cluster
+        greeting: MyGreeting | None = None
         try:
-            cluster = self.ctx.cluster
-            err_seq = 0
-            greeting: MyGreeting | None = None
-            try:
-                with trio.move_on_after(self.ctx.startup_timeout_s) as scope:
-                    # Transaction mode keeps the proxy's own id: the session has no server connection of
-                    # its own, so CONNECTION_ID() names whichever it borrowed for that statement, and KILL
-                    # of this id is mapped to the connection it has borrowed at the time.
-                    greeting = None if self.pooled else await self._greet_first()
-                    if greeting is not None:
-                        self.connection_id = greeting.hello.connection_id
-                    cluster.mysql_sessions[self.connection_id] = self
-                    result = await login(self.ctx, self, self.log, connection_id=self.connection_id,
-                                         server_version=greeting.hello.server_version if greeting else None)
-                if scope.cancelled_caught:
-                    cluster.metrics.error("startup_timeout")
-                    self.log.info("startup_timeout", timeout_ms=int(self.ctx.startup_timeout_s * 1000))
-                    return
-                self.login, self.user = result, result.user
-                err_seq = result.ok_seq
-                await self._attach_first(result, greeting)
-                greeting = None
-                del result  # this frame lives as long as the session
-                await self.relay()
-            except Fatal as e:
-                cluster.metrics.error("auth_failed" if e.errno == 1045 else "session_fatal")
-                self.log.info("session_refused", errno=e.errno, error=str(e))
-                await send_quietly(self.client, e.raw or encode_packet(e.seq or err_seq,
-                                                                       err_packet(e.errno, e.sqlstate, str(e))))
-            except MySQLProtocolError as e:
-                cluster.metrics.error("client_protocol")
-                self.log.info("client_protocol_error", error=e.message)
-                await send_quietly(self.client, encode_packet(err_seq, err_packet(e.errno, e.sqlstate, e.message)))
-            except ProtocolError as e:
-                cluster.metrics.error("client_protocol")
-                self.log.info("client_protocol_error", error=e.message)
-            except NETWORK_ERRORS:
-                pass
-            finally:
-                if greeting is not None and not greeting.conn.closed:
-                    await greeting.conn.aclose()  # greeted for a login that never came
-                await self._close()
-        except Exception as e:  # a bug: the proxy logs it (ctx.session_ended); nothing else is disturbed
-            crash = e
+            with trio.move_on_after(self.ctx.startup_timeout_s) as scope:
+                # Transaction mode keeps the proxy's own id: the session has no server connection of
+                # its own, so CONNECTION_ID() names whichever it borrowed for that statement, and KILL
+                # of this id is mapped to the connection it has borrowed at the time.
+                greeting = None if self.pooled else await self._greet_first()
+                if greeting is not None:
+                    self.connection_id = greeting.hello.connection_id
+                cluster.mysql_sessions[self.connection_id] = self
+                result = await login(self.ctx, self, self.log, connection_id=self.connection_id,
+                                     server_version=greeting.hello.server_version if greeting else None)
+            if scope.cancelled_caught:
+                cluster.metrics.error("startup_timeout")
+                self.log.info("startup_timeout", timeout_ms=int(self.ctx.startup_timeout_s * 1000))
+                return False
+            self.login, self.user = result, result.user
+            self.err_seq = result.ok_seq
+            await self._attach_first(result, greeting)
+            greeting = None
+            return True
         finally:
-            self.ctx.session_ended(self, crash)
+            if greeting is not None and not greeting.conn.closed:
+                await greeting.conn.aclose()  # greeted for a login that never came
+
+    async def failed(self, error: Exception) -> bool:
+        cluster = self.ctx.cluster
+        if isinstance(error, Fatal):
+            cluster.metrics.error("auth_failed" if error.errno == 1045 else "session_fatal")
+            self.log.info("session_refused", errno=error.errno, error=str(error))
+            await send_quietly(self.client, error.raw or encode_packet(
+                error.seq or self.err_seq, err_packet(error.errno, error.sqlstate, str(error))))
+        elif isinstance(error, MySQLProtocolError):
+            cluster.metrics.error("client_protocol")
+            self.log.info("client_protocol_error", error=error.message)
+            await send_quietly(self.client, encode_packet(self.err_seq, err_packet(error.errno, error.sqlstate,
+                                                                                   error.message)))
+        elif isinstance(error, ProtocolError):
+            cluster.metrics.error("client_protocol")
+            self.log.info("client_protocol_error", error=error.message)
+        elif not isinstance(error, NETWORK_ERRORS):
+            return False
+        return True
+
+    async def finish(self) -> None:
+        await self._close()
 
     async def _close(self) -> None:
         with trio.CancelScope(shield=True):

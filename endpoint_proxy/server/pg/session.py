@@ -146,60 +146,57 @@ class PgSession(PgPooling):
 
     # --- the session ---------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        crash: Exception | None = None
-        try:
-            cluster = self.ctx.cluster
-            try:
-                result = None
-                with trio.move_on_after(self.ctx.startup_timeout_s):
-                    result = await login(self.ctx, self, self.log)
-                if result is None:
-                    cluster.metrics.error("startup_timeout")
-                    self.log.info("startup_timeout", timeout_ms=int(self.ctx.startup_timeout_s * 1000))
-                    return
-                if result.console is not None and result.startup is not None and self.ctx.console is not None:
-                    # Outside the startup deadline: the console applies it to its login only.
-                    self.is_console = True
-                    reader, buf = result.console
-                    with trio.CancelScope() as self.scope:
-                        if self.draining:
-                            return
-                        await self.ctx.console(self.client, result.startup, reader, buf, self.ctx.startup_timeout_s)
-                    return
-                if result.startup is None:
-                    return
-                assert result.user is not None
-                self.user = result.user
-                # Only what later server logins need of the client's exchange: its SCRAM keys.
-                self._login = result.auth.passthrough_keys() if isinstance(result.auth, ScramServerAuth) else None
-                await self._attach_first(result.startup.user, result.startup.parameters)
-                leftover = result.leftover
-                del result  # the login's objects go now: this frame lives as long as the session
-                if leftover:
-                    await self._feed_leftover(leftover)
-                del leftover
-                await self.relay()
-            except Fatal as e:
-                cluster.metrics.error("auth_failed" if e.sqlstate.startswith("28") else "session_fatal")
-                self.log.info("session_refused", sqlstate=e.sqlstate, error=str(e))
-                await send_quietly(self.client, e.raw or m.error_response("FATAL", e.sqlstate, str(e)))
-            except FrameError as e:
-                # An impossible length: close at once, allocate nothing, say nothing more.
-                cluster.metrics.error("client_protocol")
-                self.log.info("client_protocol_error", error=e.message)
-            except ProtocolError as e:
-                cluster.metrics.error("client_protocol")
-                self.log.info("client_protocol_error", error=e.message, sqlstate=e.sqlstate)
-                await send_quietly(self.client, m.error_response("FATAL", e.sqlstate, e.message))
-            except NETWORK_ERRORS:
-                pass
-            finally:
-                await self._close()
-        except Exception as e:  # a bug: the proxy logs it (ctx.session_ended); nothing else is disturbed
-            crash = e
-        finally:
-            self.ctx.session_ended(self, crash)
+    async def start(self) -> bool:
+        ctx = self.ctx
+        result = None
+        with trio.move_on_after(ctx.startup_timeout_s):
+            result = await login(ctx, self, self.log)
+        if result is None:
+            ctx.cluster.metrics.error("startup_timeout")
+            self.log.info("startup_timeout", timeout_ms=int(ctx.startup_timeout_s * 1000))
+            return False
+        if result.console is not None and result.startup is not None and ctx.console is not None:
+            # Outside the startup deadline: the console applies it to its login only.
+            self.is_console = True
+            reader, buf = result.console
+            with trio.CancelScope() as self.scope:
+                if self.draining:
+                    return False
+                await ctx.console(self.client, result.startup, reader, buf, ctx.startup_timeout_s)
+            return False
+        if result.startup is None:
+            return False
+        assert result.user is not None
+        self.user = result.user
+        # Only what later server logins need of the client's exchange: its SCRAM keys.
+        self._login = result.auth.passthrough_keys() if isinstance(result.auth, ScramServerAuth) else None
+        await self._attach_first(result.startup.user, result.startup.parameters)
+        leftover = result.leftover
+        del result  # the login's objects go now
+        if leftover:
+            await self._feed_leftover(leftover)
+        return True
+
+    async def failed(self, error: Exception) -> bool:
+        cluster = self.ctx.cluster
+        if isinstance(error, Fatal):
+            cluster.metrics.error("auth_failed" if error.sqlstate.startswith("28") else "session_fatal")
+            self.log.info("session_refused", sqlstate=error.sqlstate, error=str(error))
+            await send_quietly(self.client, error.raw or m.error_response("FATAL", error.sqlstate, str(error)))
+        elif isinstance(error, FrameError):
+            # An impossible length: close at once, allocate nothing, say nothing more.
+            cluster.metrics.error("client_protocol")
+            self.log.info("client_protocol_error", error=error.message)
+        elif isinstance(error, ProtocolError):
+            cluster.metrics.error("client_protocol")
+            self.log.info("client_protocol_error", error=error.message, sqlstate=error.sqlstate)
+            await send_quietly(self.client, m.error_response("FATAL", error.sqlstate, error.message))
+        elif not isinstance(error, NETWORK_ERRORS):
+            return False
+        return True
+
+    async def finish(self) -> None:
+        await self._close()
 
     async def _feed_leftover(self, data: bytes) -> None:
         from ...sessioncore.actions import FORWARD

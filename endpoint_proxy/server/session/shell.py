@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -59,6 +59,7 @@ class SessionShell:
 
     client: Conn
     core: Core
+    ctx: Any  # the session's SessionContext (set by the subclass)
 
     def __init__(self, hub: Hub | None) -> None:
         self.hub = hub
@@ -95,37 +96,69 @@ class SessionShell:
         elif self.hub is not None and isinstance(self.client, RawConn):
             self.hub.wake_fd(self.client.sock.fileno())  # parked in the hub: wake it from there
 
-    # --- the loop ---------------------------------------------------------------------------
+    # --- the session's task ---------------------------------------------------------------
 
-    async def relay(self) -> None:
-        """Run until the core says Close or a side goes away."""
-        hub = self.hub
-        if hub is not None and isinstance(self.client, RawConn):
-            # Parked in the hub (inlined, as is the wait: an idle session's task is a stack of
-            # frames, each of them memory for as long as it stays idle).
-            client_fd = self.client.sock.fileno()
-            while True:
-                await self.run_actions()
-                if self.closed:
+    async def start(self) -> bool:
+        """The login, up to the steady state; False when the session ends there."""
+        raise NotImplementedError
+
+    async def failed(self, error: Exception) -> bool:
+        """An exception ended the session: answer the client as the protocol says; False when
+        it is not one the protocol knows (a bug)."""
+        raise NotImplementedError
+
+    async def finish(self) -> None:
+        """The session's last step (shielded by the subclass), whatever ended it."""
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        """The session's task, from login to its end: the relay loop is inlined here, as is the
+        hub's wait (an idle session's task is a stack of frames, each of them memory for as long
+        as it stays idle: here, one). The proxy's bookkeeping runs from ``ctx.session_ended``."""
+        crash: Exception | None = None
+        try:
+            try:
+                if not await self.start():
                     return
-                conn = self.backend_conn()
-                if conn is not None and not isinstance(conn, RawConn):
-                    break  # a TLS or faulted backend: reader tasks from now on
-                parks: list[tuple[int, Callable[[], object]]] = []
-                if self.core.wants_client:
-                    parks.append((client_fd, self._on_client))
-                if conn is not None:
-                    parks.append((conn.sock.fileno(), self._on_server))
-                if not parks:
-                    self._wake = trio.CancelScope()
-                    with self._wake:
-                        await trio.sleep_forever()  # nothing to read until the session is woken
-                    self._wake = None
-                    continue
-                waiting = hub.wait_any(parks)
-                del parks  # the hub keeps what it needs: this frame stays small while idle
-                if await waiting is READ and not hub.running:
-                    break
+                hub = self.hub
+                if hub is not None and isinstance(self.client, RawConn):
+                    # Parked in the hub.
+                    client_fd = self.client.sock.fileno()
+                    while True:
+                        await self.run_actions()
+                        if self.closed:
+                            return
+                        conn = self.backend_conn()
+                        if conn is not None and not isinstance(conn, RawConn):
+                            break  # a TLS or faulted backend: reader tasks from now on
+                        parks: list[tuple[int, Callable[[], object]]] = []
+                        if self.core.wants_client:
+                            parks.append((client_fd, self._on_client))
+                        if conn is not None:
+                            parks.append((conn.sock.fileno(), self._on_server))
+                        if not parks:
+                            self._wake = trio.CancelScope()
+                            with self._wake:
+                                await trio.sleep_forever()  # nothing to read until the session is woken
+                            self._wake = None
+                            continue
+                        waiting = hub.wait_any(parks)
+                        del parks  # the hub keeps what it needs: this frame stays small while idle
+                        if await waiting is READ and not hub.running:
+                            break
+                await self._relay_streams()
+            except Exception as e:
+                if not await self.failed(e):
+                    raise
+            finally:
+                await self.finish()
+        except Exception as e:  # a bug: the proxy logs it (ctx.session_ended); nothing else is disturbed
+            crash = e
+        finally:
+            self.ctx.session_ended(self, crash)
+
+    async def _relay_streams(self) -> None:
+        """Relay with reader tasks (TLS, or transports that are not raw sockets) until the end."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self._inbox_send, self._inbox = trio.open_memory_channel(0)
