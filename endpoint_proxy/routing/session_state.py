@@ -150,11 +150,13 @@ class SessionState:
         for statement in analysis.statements:
             self._on_statement(statement, status)
 
-    def on_parse(self, name: str, raw_message: bytes, *, query: str | None = None, status: str = "I") -> None:
+    def on_parse(self, name: str, raw_message: bytes, *, query: str | None = None, status: str = "I",
+                 keep: bool = True) -> None:
         """A Parse message: `raw_message` is the whole message (kept for replay when the statement is named)
         or its payload; `query` its text when the caller has it decoded. A named statement that changes session
-        state pins the session (its Executes are not seen); an unnamed one counts as run right away."""
-        if name:
+        state pins the session (its Executes are not seen); an unnamed one counts as run right away.
+        ``keep`` False: the statement is not kept for replay (transaction pooling keeps its own record)."""
+        if name and keep:
             self.parse_messages[name] = raw_message
         if query is None:
             query = _parse_query(raw_message)

@@ -702,7 +702,10 @@ class PgSessionCore:
     def _track_parse(self, payload: bytes) -> None:
         if payload[0]:  # a named statement: kept for replay on other backends
             name = payload[: payload.find(b"\0")].decode("utf-8", "surrogateescape")
-            self.state.on_parse(name, frame(_P, payload), status=self.status)
+            if self.smap is not None:  # pooled: the StatementMap is the record (no copy per session)
+                self.state.on_parse(name, payload, status=self.status, keep=False)
+            else:
+                self.state.on_parse(name, frame(_P, payload), status=self.status)
             mark = self.marks.get(self.role)
             if mark is not None:
                 mark.statements.add(name)

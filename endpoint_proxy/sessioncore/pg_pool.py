@@ -44,6 +44,24 @@ def server_statement_name(body: bytes) -> bytes:
     return b"ep_" + hashlib.blake2b(body, digest_size=10).hexdigest().encode()
 
 
+# Statements seen lately, shared by the sessions that prepare them (body -> (server name, body)):
+# thousands of clients of one application prepare the same few statements, and each session's
+# record of one is then a reference, not copies of its text and name. Bounded: past the limit a
+# statement is simply not shared.
+_STATEMENTS: dict[bytes, tuple[bytes, bytes]] = {}
+_STATEMENTS_LIMIT = 4096
+
+
+def shared_statement(body: bytes) -> tuple[bytes, bytes]:
+    """(server name, body) of a Parse body, the same objects for every session that has it."""
+    known = _STATEMENTS.get(body)
+    if known is None:
+        known = (server_statement_name(body), body)
+        if len(_STATEMENTS) < _STATEMENTS_LIMIT:
+            _STATEMENTS[body] = known
+    return known
+
+
 def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -299,9 +317,9 @@ class StatementMap:
             return SEND
         if self.skipping:
             return SEND  # the server skips it: nothing is created
-        name, body = payload[:cut], payload[cut + 1:]
-        server = server_statement_name(body)
-        self.statements[name] = (server, body)
+        name = payload[:cut]
+        self.statements[name] = known = shared_statement(payload[cut + 1:])
+        server, body = known
         mark = self.mark
         assert mark is not None
         if server in mark.statements:

@@ -88,6 +88,21 @@ def test_clients_share_server_statements_and_each_sees_its_own() -> None:
         assert bytes(c.to_client) == direct(flow)
 
 
+def test_sessions_keep_one_shared_record_of_a_statement_they_all_prepared() -> None:
+    # Thousands of clients of one application prepare the same statements: each idle session's
+    # record of one is a reference to shared objects, and no raw Parse is kept for replay (that is
+    # session mode's; the StatementMap is transaction mode's record).
+    pool = Pool(size=1)
+    a, b = PooledClient(pool), PooledClient(pool)
+    a.send(prepared_run("stmt_a", "select $1 + 1"))
+    b.send(prepared_run("stmt_b", "select $1 + 1"))
+    assert a.core.smap is not None and b.core.smap is not None
+    record_a, record_b = a.core.smap.statements[b"stmt_a"], b.core.smap.statements[b"stmt_b"]
+    assert record_a is record_b and record_a[0].startswith(b"ep_")
+    assert not a.core.state.parse_messages and not b.core.state.parse_messages
+    assert bytes(a.to_client) == direct(prepared_run("stmt_a", "select $1 + 1"))
+
+
 def test_a_statement_is_prepared_on_the_connection_that_lacks_it() -> None:
     pool = Pool(size=2)
     a, b = PooledClient(pool), PooledClient(pool)
