@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+from endpoint_proxy.relay import hub as hub_module
 from endpoint_proxy.relay.hub import READ, HandBack, Hub
 
 
@@ -213,6 +214,9 @@ async def test_the_pinned_trio_lets_the_hub_serve_from_its_dispatch(hub: Hub) ->
     # The hub reaches into trio's run loop (no public API for it); a trio upgrade that
     # moves those internals must fail here, not quietly fall back to the slower path.
     assert hub.in_dispatch == hub.hooked
+    # Nor to the larger wait: a parked task waits on one small object (hub._Park), not on trio's
+    # wait_task_rescheduled coroutine and its helpers (memory of every idle session).
+    assert hub_module._Trap is not None
 
 
 async def test_trio_stays_responsive_while_the_hub_is_busy(hub: Hub, pairs) -> None:  # type: ignore[no-untyped-def]
