@@ -11,9 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # What feeding bytes returns: FORWARD = send exactly what was fed to the other side, nothing
-# else to do (the hot path); ATTEND = take the queued actions with ``next_action()``.
+# else to do (the hot path); ATTEND = take the queued actions with ``next_action()``;
+# FORWARD_FIRST = send exactly what was fed to the other side, then take the queued actions
+# (a transaction's last answer, then its connection goes back to the pool).
 FORWARD = 0
 ATTEND = 1
+FORWARD_FIRST = 2
 
 # Backend roles. A readwrite session has a writer and a reader backend; every other
 # endpoint kind has one, under its own routing rule.

@@ -31,6 +31,7 @@ from ..routing.session_state import SessionState
 from .actions import (
     ATTEND,
     FORWARD,
+    FORWARD_FIRST,
     MAIN,
     READER,
     WRITER,
@@ -834,6 +835,9 @@ class PgSessionCore:
                 return ATTEND
         if smap is not None and (give_back or (self._held is not None and self._hold_reason == _DRAIN
                                                and smap.drained)):
+            if give_back and strip is None and not self._actions:
+                self._give_back()
+                return FORWARD_FIRST  # (the answer as it came, no copy; then the Release)
             self._actions.append(ToClient(bytes(data)))
             if give_back:
                 self._give_back()

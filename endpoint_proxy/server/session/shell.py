@@ -23,7 +23,7 @@ import trio
 
 from ...relay.hub import READ, Hub
 from ...relay.net import Conn, RawConn
-from ...sessioncore.actions import FORWARD, Close, ToClient, ToServer
+from ...sessioncore.actions import ATTEND, FORWARD, Close, ToClient, ToServer
 
 Buffer = bytes | bytearray | memoryview
 NETWORK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)
@@ -257,10 +257,17 @@ class SessionShell:
             self.core.server_eof()
             return _WOKE
         view = hub.view[:n]
-        if self.core.server_data(view) != FORWARD:
+        verdict = self.core.server_data(view)
+        if verdict == ATTEND:
             return self._attend()
         assert isinstance(self.client, RawConn)
-        return self._send_now(self.client, _CLIENT, view)
+        if verdict == FORWARD:
+            return self._send_now(self.client, _CLIENT, view)
+        # FORWARD_FIRST: the answer, then the actions (what the socket does not take is sent by
+        # the task, before them)
+        if self._send_now(self.client, _CLIENT, view) is not None:
+            return _WOKE
+        return self._attend()
 
     def _attend(self) -> object:
         """The core asked for attention inside a hub callback: do at once what needs no waiting
@@ -336,7 +343,7 @@ class SessionShell:
         elif source is self.backend_conn():
             if not data:
                 self.core.server_eof()
-            elif self.core.server_data(data) == FORWARD:
+            elif self.core.server_data(data) != ATTEND:  # FORWARD, FORWARD_FIRST
                 await self._send(_CLIENT, data)
         return True
 

@@ -15,6 +15,7 @@ from endpoint_proxy.protocol.pg import messages as m
 from endpoint_proxy.protocol.pg.framing import FrameReader
 from endpoint_proxy.routing.pg_classify import FunctionPolicy
 from endpoint_proxy.sessioncore.actions import (
+    ATTEND,
     FORWARD,
     Action,
     Attach,
@@ -283,12 +284,12 @@ class Driver:
         assert server is not None, "the core forwarded bytes with no backend"
         answer = server.feed(bytes(data))
         for chunk in pieces(answer, self.server_piece) if self.server_piece else ([answer] if answer else []):
-            if self.core.server_data(chunk) == FORWARD:
+            if self.core.server_data(chunk) != ATTEND:  # FORWARD, FORWARD_FIRST
                 self.to_client += chunk
 
     def server_closes(self, fatal: bytes = b"") -> None:
         """The active server sends ``fatal`` (if any) and closes."""
-        if fatal and self.core.server_data(fatal) == FORWARD:
+        if fatal and self.core.server_data(fatal) != ATTEND:
             self.to_client += fatal
         self.core.server_eof()
         self.run()

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from endpoint_proxy.protocol.pg import messages as m
 from endpoint_proxy.protocol.pg.framing import FrameReader
 from endpoint_proxy.sessioncore.actions import (
+    ATTEND,
     FORWARD,
     Action,
     Attach,
@@ -291,7 +292,7 @@ class PooledClient:
         assert self.active is not None, "the core forwarded bytes with no backend"
         answer = self.active[0].feed(bytes(data))
         for chunk in pieces(answer, self.server_piece) if self.server_piece else ([answer] if answer else []):
-            if self.core.server_data(chunk) == FORWARD:
+            if self.core.server_data(chunk) != ATTEND:  # FORWARD, FORWARD_FIRST
                 self.to_client += chunk
 
 
