@@ -61,11 +61,12 @@ Dialer = Callable[[str, int], Awaitable[Conn]]
 
 
 class RawConn(Conn):
-    __slots__ = ("sock", "_spins", "closed")
+    __slots__ = ("sock", "fd", "_spins", "closed")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.sock = sock
+        self.fd = sock.fileno()  # (read on every borrow and give-back: no method call)
         self._spins = 0
         self.closed = False
 

@@ -138,7 +138,7 @@ class MessageScanner:
         """For a scanner at a message boundary: the wanted messages of the longest prefix of
         ``data`` made of whole messages, and that prefix's length. The rest is not consumed (the
         caller keeps it and passes it again with what follows)."""
-        assert self.at_boundary
+        assert not self._skip and not self._hdr and self._collect is None  # (at_boundary, inlined)
         out: list[tuple[int, bytes, int]] = []
         n = len(data)
         pos = 0

@@ -245,11 +245,11 @@ class PgPooling(PgBackends):
         pooled, hub, client = self._pooled, self.hub, self.client
         if action.expected_ready or pooled is None or hub is None or not isinstance(client, RawConn):
             return False
-        if not hub.is_parked(client.sock.fileno()):
+        if not hub.is_parked(client.fd):
             return False  # parked on the server alone: letting it go here would leave nothing to wake the task by
         conn = pooled.conn.conn
         if isinstance(conn, RawConn):
-            hub.unpark_fd(conn.sock.fileno(), conn.sock)  # another session may borrow it in this very round
+            hub.unpark_fd(conn.fd, conn.sock)  # another session may borrow it in this very round
         self._pooled = None
         self.backends.release_active()
         self.ctx.cluster.pools.give_back(pooled)
@@ -295,7 +295,7 @@ class PgPooling(PgBackends):
             pooled.mark = PooledMark()
         if core.pooled_plan(pooled.mark).expected_ready:  # type: ignore[arg-type]
             return False  # the task sets it up (and parks its descriptor)
-        if not hub.park_more(conn.sock.fileno(), self._on_server, client.sock.fileno(), conn.sock):
+        if not hub.park_more(conn.fd, self._on_server, client.fd, conn.sock):
             return False
         core.attached_backend(self._pooled_facts(backend), mark=pooled.mark,  # type: ignore[arg-type]
                               conn_params=backend.parameters)
@@ -310,7 +310,7 @@ class PgPooling(PgBackends):
         hub, client = self.hub, self.client
         if action is None or self.closed or hub is None or not isinstance(client, RawConn):
             return False
-        if not hub.is_parked(client.sock.fileno()):
+        if not hub.is_parked(client.fd):
             self._stash = action  # the task is up (or asleep, woken now): it borrows itself
             self.wake()
             return False

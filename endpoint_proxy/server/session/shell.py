@@ -279,11 +279,11 @@ class SessionShell:
             action = core.next_action()
             if action is None:
                 return None
-            if isinstance(action, ToClient):
+            if type(action) is ToClient:
                 assert isinstance(client, RawConn)
                 if self._send_now(client, _CLIENT, action.data) is not None:
                     return _WOKE
-            elif isinstance(action, ToServer):
+            elif type(action) is ToServer:
                 conn = self.backend_conn()
                 if not isinstance(conn, RawConn):
                     self._stash = action
