@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,6 +198,74 @@ def terminate_as_interrupt() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def run_main(parse_args: Callable[[Sequence[str] | None], Any], run: Callable[[Any], int],
+             argv: Sequence[str] | None, also: tuple[type[Exception], ...] = ()) -> int:
+    """A benchmark script's ``main``: its arguments, then ``run`` with SIGTERM/SIGHUP as Ctrl-C.
+    A failed set-up step (BenchError; a cluster step's RuntimeError, TimeoutError or failed
+    command; ``also``) exits 1 with its message, an interruption 130 (whatever was started is
+    stopped by the script's own cleanup)."""
+    args = parse_args(argv)
+    setup_errors: tuple[type[Exception], ...] = (RuntimeError, TimeoutError, subprocess.CalledProcessError, *also)
+    try:
+        with terminate_as_interrupt():
+            return run(args)
+    except BenchError as exc:
+        log(f"error: {exc}")
+        return 1
+    except setup_errors as exc:  # a cluster step failed
+        log(f"error: {type(exc).__name__}: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted; everything started was stopped")
+        return 130
+
+
+def wait_for_login(svc: Service | None, port: int, name: str, attempt: Callable[[], str | None]) -> None:
+    """Until ``attempt`` (a real login and query through ``port``: None when it worked, else why
+    not) succeeds, bounded by READY_TIMEOUT; ``svc`` must stay alive meanwhile."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        if svc is not None:
+            svc.check_alive()
+        last = attempt()
+        if last is None:
+            log(f"{name} accepts logins on port {port}")
+            return
+        if time.monotonic() > deadline:
+            extra = f"\nlog {svc.logfile}:\n{tail(svc.logfile)}" if svc is not None else ""
+            raise BenchError(
+                f"{name} on port {port} did not accept a login within {READY_TIMEOUT:.0f} s: {last}{extra}"
+            )
+        time.sleep(0.3)
+
+
+def pgbench_login(pgbench: str, port: int, env: Mapping[str, str]) -> str | None:
+    """One ``pgbench -S`` transaction through ``port`` (for wait_for_login)."""
+    cmd = [pgbench, "-h", LOOPBACK, "-p", str(port), "-U", APP_USER, "-S", "-n", "-c", "1", "-t", "1", APP_DB]
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=10, check=False)
+    except subprocess.TimeoutExpired:
+        return "login attempt timed out"
+    return None if out.returncode == 0 else (out.stderr or out.stdout).strip()
+
+
+def mysql_login(connect: Callable[[], Any]) -> str | None:
+    """``SELECT 1`` on a pymysql connection made by ``connect`` (for wait_for_login)."""
+    import pymysql  # (only the MySQL benchmarks need it)
+
+    try:
+        conn = connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+                cur.fetchall()
+        finally:
+            conn.close()
+    except pymysql.MySQLError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 # --------------------------------------------------------------------------

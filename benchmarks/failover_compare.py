@@ -59,9 +59,9 @@ from _common import (
     machine_info,
     machine_line,
     proxy_config,
+    run_main,
     server_version,
     tail,
-    terminate_as_interrupt,
 )
 
 if TYPE_CHECKING:
@@ -942,19 +942,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        with terminate_as_interrupt():
-            return run(args)
-    except BenchError as exc:
-        log(f"error: {exc}")
-        return 1
-    except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:  # a cluster step failed
-        log(f"error: {type(exc).__name__}: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        return 130
+    return run_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -48,11 +48,12 @@ from _common import (
     log,
     machine_info,
     machine_line,
+    pgbench_login,
     proxy_config,
+    run_main,
     server_version,
-    tail,
-    terminate_as_interrupt,
     version_number,
+    wait_for_login,
 )
 
 ALL_TARGETS = ("direct", "proxy", "pgbouncer", "haproxy")
@@ -127,27 +128,7 @@ def pgbench_init(pgbench: str, port: int, scale: int) -> None:
 
 def wait_ready(pgbench: str, svc: Service | None, port: int, name: str) -> None:
     """Wait until a real login and query through ``port`` succeed (bounded)."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    cmd = [pgbench, "-h", LOOPBACK, "-p", str(port), "-U", APP_USER,
-           "-S", "-n", "-c", "1", "-t", "1", APP_DB]  # fmt: skip
-    last = ""
-    while True:
-        if svc is not None:
-            svc.check_alive()
-        try:
-            out = subprocess.run(cmd, env=pg_env(), capture_output=True, text=True, timeout=10, check=False)
-            if out.returncode == 0:
-                log(f"{name} accepts logins on port {port}")
-                return
-            last = (out.stderr or out.stdout).strip()
-        except subprocess.TimeoutExpired:
-            last = "login attempt timed out"
-        if time.monotonic() > deadline:
-            extra = f"\nlog {svc.logfile}:\n{tail(svc.logfile)}" if svc is not None else ""
-            raise BenchError(
-                f"{name} on port {port} did not accept a login within {READY_TIMEOUT:.0f} s: {last}{extra}"
-            )
-        time.sleep(0.3)
+    wait_for_login(svc, port, name, lambda: pgbench_login(pgbench, port, pg_env()))
 
 
 # --------------------------------------------------------------------------
@@ -446,16 +427,7 @@ def wait_ready_direct(port: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        with terminate_as_interrupt():
-            return run(args)
-    except BenchError as exc:
-        log(f"error: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        return 130
+    return run_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

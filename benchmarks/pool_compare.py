@@ -58,11 +58,13 @@ from _common import (
     machine_info,
     machine_line,
     markdown_table,
+    mysql_login,
+    pgbench_login,
     proxy_config,
+    run_main,
     server_version,
-    tail,
-    terminate_as_interrupt,
     version_number,
+    wait_for_login,
 )
 
 # (target name, what pgbench's -M is, which service: None = the server itself)
@@ -263,26 +265,7 @@ def pgbench_init(pgbench: str, port: int, scale: int) -> None:
 
 def pg_wait_ready(pgbench: str, svc: Service | None, port: int, name: str) -> None:
     """Wait until a real login and query through ``port`` succeed (bounded)."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    cmd = [pgbench, "-h", LOOPBACK, "-p", str(port), "-U", APP_USER, "-S", "-n", "-c", "1", "-t", "1", APP_DB]
-    last = ""
-    while True:
-        if svc is not None:
-            svc.check_alive()
-        try:
-            out = subprocess.run(cmd, env=pg_env(), capture_output=True, text=True, timeout=10, check=False)
-            if out.returncode == 0:
-                log(f"{name} accepts logins on port {port}")
-                return
-            last = (out.stderr or out.stdout).strip()
-        except subprocess.TimeoutExpired:
-            last = "login attempt timed out"
-        if time.monotonic() > deadline:
-            extra = f"\nlog {svc.logfile}:\n{tail(svc.logfile)}" if svc is not None else ""
-            raise BenchError(
-                f"{name} on port {port} did not accept a login within {READY_TIMEOUT:.0f} s: {last}{extra}"
-            )
-        time.sleep(0.3)
+    wait_for_login(svc, port, name, lambda: pgbench_login(pgbench, port, pg_env()))
 
 
 def log_lines(svc: Service, limit: int = 8) -> tuple[int, list[str]]:
@@ -535,29 +518,7 @@ def innodb_deadlocks(port: int) -> int | None:
 
 
 def my_wait_ready(svc: Service | None, port: int, name: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    last = ""
-    while True:
-        if svc is not None:
-            svc.check_alive()
-        try:
-            conn = my_connect(port)
-            try:
-                with conn.cursor() as cur:
-                    cur.execute("SELECT 1")
-                    cur.fetchall()
-            finally:
-                conn.close()
-            log(f"{name} accepts logins on port {port}")
-            return
-        except pymysql.MySQLError as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        if time.monotonic() > deadline:
-            extra = f"\nlog {svc.logfile}:\n{tail(svc.logfile)}" if svc is not None else ""
-            raise BenchError(
-                f"{name} on port {port} did not accept a login within {READY_TIMEOUT:.0f} s: {last}{extra}"
-            )
-        time.sleep(0.3)
+    wait_for_login(svc, port, name, lambda: mysql_login(lambda: my_connect(port)))
 
 
 def sysbench_run(binary: str, args: argparse.Namespace, port: int, primary_port: int, svc: Service | None) -> MyRun:
@@ -840,19 +801,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        with terminate_as_interrupt():
-            return run(args)
-    except BenchError as exc:
-        log(f"error: {exc}")
-        return 1
-    except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:  # a cluster step failed
-        log(f"error: {type(exc).__name__}: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        return 130
+    return run_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,6 @@ from _common import (
     APP_USER,
     DEFAULT_RESULTS,
     LOOPBACK,
-    READY_TIMEOUT,
     REPO,
     BenchError,
     ProxyEndpoint,
@@ -61,11 +59,12 @@ from _common import (
     machine_line,
     markdown_table,
     metric_value,
+    pgbench_login,
     proxy_config,
+    run_main,
     server_version,
-    tail,
-    terminate_as_interrupt,
     version_number,
+    wait_for_login,
 )
 
 if TYPE_CHECKING:
@@ -207,26 +206,7 @@ def pgbench_init(pgbench_bin: str, port: int, scale: int) -> None:
 
 def wait_ready(pgbench_bin: str, svc: Service | None, port: int, name: str) -> None:
     """Wait until a real login and query through ``port`` succeed (bounded)."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    cmd = [pgbench_bin, "-h", LOOPBACK, "-p", str(port), "-U", APP_USER, "-S", "-n", "-c", "1", "-t", "1", APP_DB]
-    last = ""
-    while True:
-        if svc is not None:
-            svc.check_alive()
-        try:
-            out = subprocess.run(cmd, env=pg_env(), capture_output=True, text=True, timeout=10, check=False)
-            if out.returncode == 0:
-                log(f"{name} accepts logins on port {port}")
-                return
-            last = (out.stderr or out.stdout).strip()
-        except subprocess.TimeoutExpired:
-            last = "login attempt timed out"
-        if time.monotonic() > deadline:
-            extra = f"\nlog {svc.logfile}:\n{tail(svc.logfile)}" if svc is not None else ""
-            raise BenchError(
-                f"{name} on port {port} did not accept a login within {READY_TIMEOUT:.0f} s: {last}{extra}"
-            )
-        time.sleep(0.3)
+    wait_for_login(svc, port, name, lambda: pgbench_login(pgbench_bin, port, pg_env()))
 
 
 # --------------------------------------------------------------------------
@@ -571,19 +551,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        with terminate_as_interrupt():
-            return run(args)
-    except BenchError as exc:
-        log(f"error: {exc}")
-        return 1
-    except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:  # a cluster step failed
-        log(f"error: {type(exc).__name__}: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        return 130
+    return run_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -67,9 +67,9 @@ from _common import (
     markdown_table,
     pg_env,
     proxy_config,
+    run_main,
     server_version,
     tail,
-    terminate_as_interrupt,
     version_number,
 )
 
@@ -844,19 +844,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        with terminate_as_interrupt():
-            return run(args)
-    except BenchError as exc:
-        log(f"error: {exc}")
-        return 1
-    except (RuntimeError, TimeoutError, subprocess.CalledProcessError, pymysql.MySQLError) as exc:
-        log(f"error: {type(exc).__name__}: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        return 130
+    return run_main(parse_args, run, argv, also=(pymysql.MySQLError,))
 
 
 if __name__ == "__main__":

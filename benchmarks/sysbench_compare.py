@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,6 @@ from _common import (
     APP_USER,
     DEFAULT_RESULTS,
     LOOPBACK,
-    READY_TIMEOUT,
     REPO,
     BenchError,
     ProxyEndpoint,
@@ -51,10 +49,11 @@ from _common import (
     machine_info,
     machine_line,
     markdown_table,
+    mysql_login,
     proxy_config,
-    tail,
-    terminate_as_interrupt,
+    run_main,
     version_number,
+    wait_for_login,
 )
 
 ALL_TARGETS = ("direct", "proxy", "haproxy")
@@ -153,38 +152,12 @@ def sysbench_run(binary: str, args: argparse.Namespace, test: str, port: int, th
 
 def wait_ready(svc: Service | None, port: int, name: str) -> None:
     """Wait until a real login and query through ``port`` succeed (bounded)."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    last = ""
-    while True:
-        if svc is not None:
-            svc.check_alive()
-        try:
-            conn = pymysql.connect(
-                host=LOOPBACK,
-                port=port,
-                user=APP_USER,
-                password=APP_PASSWORD,
-                database=APP_DB,
-                connect_timeout=5,
-                read_timeout=5,
-                write_timeout=5,
-            )
-            try:
-                with conn.cursor() as cur:
-                    cur.execute("SELECT 1")
-                    cur.fetchall()
-            finally:
-                conn.close()
-            log(f"{name} accepts logins on port {port}")
-            return
-        except pymysql.MySQLError as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        if time.monotonic() > deadline:
-            extra = f"\nlog {svc.logfile}:\n{tail(svc.logfile)}" if svc is not None else ""
-            raise BenchError(
-                f"{name} on port {port} did not accept a login within {READY_TIMEOUT:.0f} s: {last}{extra}"
-            )
-        time.sleep(0.3)
+
+    def connect() -> pymysql.Connection:
+        return pymysql.connect(host=LOOPBACK, port=port, user=APP_USER, password=APP_PASSWORD, database=APP_DB,
+                               connect_timeout=5, read_timeout=5, write_timeout=5)
+
+    wait_for_login(svc, port, name, lambda: mysql_login(connect))
 
 
 def mariadb_version(port: int) -> str:
@@ -477,19 +450,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        with terminate_as_interrupt():
-            return run(args)
-    except BenchError as exc:
-        log(f"error: {exc}")
-        return 1
-    except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:  # a cluster step failed
-        log(f"error: {type(exc).__name__}: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        return 130
+    return run_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":
