@@ -271,13 +271,11 @@ class ServerPool(Generic[C]):
         return self._waiters[0] if self._waiters else None
 
     def _next_waiter(self) -> _Waiter | None:
-        waiters = self._waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.gone:
-                self._waiting -= 1
-                return waiter
-        return None
+        waiter = self._first_waiter()
+        if waiter is not None:
+            self._waiters.popleft()
+            self._waiting -= 1
+        return waiter
 
     def give_back(self, pooled: Pooled[C], *, reusable: bool = True) -> None:
         """A borrowed connection comes back: to the next waiter, to the idle list, or closed

@@ -182,11 +182,10 @@ class PoolRegistry:
     def give_back(self, pooled: Pooled[Any], *, reusable: bool = True) -> None:
         """The transaction is over. Never blocks: a connection to close is closed in the
         cluster's nursery."""
-        pool = pooled.pool if pooled.pool is not None else self._pool_of(pooled)
+        pool = self._pool_of(pooled)
         if pool is not None:
             pool.give_back(pooled, reusable=reusable)
-            if pool._closing:
-                self._close_soon(pool)
+            self._close_soon(pool)
 
     def forget(self, pooled: Pooled[Any]) -> None:
         """A lent connection the session closes itself (lost, or past saving): it stops counting

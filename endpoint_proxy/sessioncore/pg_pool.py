@@ -280,9 +280,8 @@ class StatementMap:
 
     def client_message(self, type_: int, payload: bytes) -> int:
         """What to do with a client message bound for the borrowed connection."""
-        if type_ == 69:  # E
-            if not self.skipping:
-                self.ledger.append(K_EXECUTE)
+        if type_ == 69:  # E (first: the most common message of a request)
+            self._expect(K_EXECUTE)
             return SEND
         if type_ == 66:  # B
             cut = payload.find(b"\0") + 1
