@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from . import __version__
+from . import __version__, compiled
 from .config import Config, ConfigError, load_config
 
 
@@ -102,6 +102,9 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     workers = args.workers or config.server.workers
     _tune_gc()
+    build = compiled.summary()
+    if build.startswith("stale"):
+        print(f"endpoint-proxy: warning: {build}", file=sys.stderr)
     if workers == 1:
         configure_logging(config.logging)
         try:
@@ -353,7 +356,7 @@ def _demo_patroni(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="endpoint-proxy",
                                      description="Aurora-style endpoints for PostgreSQL and MySQL clusters")
-    parser.add_argument("--version", action="version", version=f"endpoint-proxy {__version__}")
+    parser.add_argument("--version", action="version", version=f"endpoint-proxy {__version__} ({compiled.summary()})")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("--config", required=True, type=Path)

@@ -42,7 +42,17 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 stamp=.venv/.installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# Install again when the project's metadata changed, or when a source the compiled modules are
+# built from (endpoint_proxy/compiled.py lists them; mypyc also inlines constants of the
+# modules they import) is newer than the last build: a compiled module shadows its source.
+rebuild=false
+[ -f "$stamp" ] || rebuild=true
+if ! $rebuild && [ -n "$(find pyproject.toml setup.py endpoint_proxy/compiled.py endpoint_proxy/protocol \
+    endpoint_proxy/routing endpoint_proxy/sessioncore -name '*.py' -newer "$stamp" -o -name pyproject.toml \
+    -newer "$stamp" 2>/dev/null | head -n 1)" ]; then
+  rebuild=true
+fi
+if $rebuild; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
   touch "$stamp"
 fi

@@ -65,3 +65,12 @@ def my_proxy(my_cluster: MariaDBCluster, tmp_path_factory: pytest.TempPathFactor
     doc["tls"] = {"cert_file": str(cert), "key_file": str(key)}
     with ProxyProcess(doc, workdir) as proxy:
         yield proxy
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to test a compiled module that is older than its source: the edit would not run."""
+    from endpoint_proxy import compiled
+
+    summary = compiled.summary()
+    if summary.startswith("stale"):
+        pytest.exit(f"endpoint_proxy: {summary}", returncode=2)

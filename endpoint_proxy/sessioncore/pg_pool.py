@@ -20,6 +20,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from ..protocol.pg import messages as m
 from ..routing.session_state import SessionState
@@ -48,15 +49,23 @@ def server_statement_name(body: bytes) -> bytes:
 # thousands of clients of one application prepare the same few statements, and each session's
 # record of one is then a reference, not copies of its text and name. Bounded: past the limit a
 # statement is simply not shared.
-_STATEMENTS: dict[bytes, tuple[bytes, bytes]] = {}
+class Statement(NamedTuple):
+    """A prepared statement as the server connections know it. A class, not a bare tuple type:
+    compiled code (mypyc) copies a fixed tuple type by value, so the record would not be shared."""
+
+    server: bytes  # the proxy-wide name
+    body: bytes  # the Parse body after the client's name
+
+
+_STATEMENTS: dict[bytes, Statement] = {}
 _STATEMENTS_LIMIT = 4096
 
 
-def shared_statement(body: bytes) -> tuple[bytes, bytes]:
-    """(server name, body) of a Parse body, the same objects for every session that has it."""
+def shared_statement(body: bytes) -> Statement:
+    """(server name, body) of a Parse body, the same object for every session that has it."""
     known = _STATEMENTS.get(body)
     if known is None:
-        known = (server_statement_name(body), body)
+        known = Statement(server_statement_name(body), body)
         if len(_STATEMENTS) < _STATEMENTS_LIMIT:
             _STATEMENTS[body] = known
     return known
@@ -199,7 +208,8 @@ class PooledMark:
     settings: dict[str, str] | None = field(default_factory=dict)  # None: not known (rebuild)
     sql_prepared: dict[str, str] = field(default_factory=dict)  # SQL PREPARE name -> statement
     statements: OrderedDict[bytes, None] = field(default_factory=OrderedDict)  # server names, LRU last
-    owner: object = None  # the session that last gave it back
+    # the session that last gave it back (Any, not object: mypyc cannot build a dataclass field of type object)
+    owner: Any = None
     # That session's state (version, changes) then: the same owner and state need nothing.
     stamp_version: int = -1
     stamp_changes: int = -1
@@ -267,12 +277,12 @@ class StatementMap:
     __slots__ = ("statements", "mark", "ledger", "skipping", "out", "wanted")
 
     def __init__(self) -> None:
-        self.statements: dict[bytes, tuple[bytes, bytes]] = {}  # client name -> (server name, Parse body)
+        self.statements: dict[bytes, Statement] = {}  # client name -> (server name, Parse body)
         self.mark: PooledMark | None = None  # the borrowed connection's
         self.ledger: list[object] = []  # entry kinds, or (K_PARSE, server name, client name)
         self.skipping = False  # the server skips extended messages until the next Sync (an error)
         self.out = b""  # REWRITE: the message to send; ANSWER: our answer to the client
-        self.wanted: Sequence[tuple[bytes, bytes]] = ()  # PREPARE: (server name, body) to prepare first
+        self.wanted: Sequence[Statement] = ()  # PREPARE: (server name, body) to prepare first
 
     @property
     def drained(self) -> bool:
@@ -346,7 +356,7 @@ class StatementMap:
         if server not in mark.statements:
             if self.ledger:
                 return DRAIN
-            self.wanted = [(server, body)]
+            self.wanted = [known]
             return PREPARE
         mark.touch(server)
         self.ledger.append(kind)

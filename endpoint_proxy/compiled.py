@@ -1,0 +1,62 @@
+"""The modules built as C extensions by mypyc (``setup.py``), and whether this install has them.
+
+Every transaction of every session runs through the sans-IO session core; compiled, the
+proxy spends markedly less CPU per transaction (benchmarks/RESULTS.md). The Python sources
+stay the reference: a build with ``ENDPOINT_PROXY_PURE=1`` (or without a C compiler) runs
+them as they are. A compiled module shadows its source, so a source edited after the build
+is "stale" until ``scripts/bootstrap.sh`` (or ``pip install -e .``) builds it again.
+
+Only pure modules belong here: no I/O, no trio, not subclassed or patched by interpreted code.
+This file imports nothing of the package, so ``setup.py`` reads the list without importing it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+COMPILED: tuple[str, ...] = (
+    "endpoint_proxy.protocol.pg.framing",
+    "endpoint_proxy.sessioncore.actions",
+    "endpoint_proxy.sessioncore.pg_pool",
+    "endpoint_proxy.sessioncore.pg",
+)
+
+
+def source_path(module: str) -> str:
+    """The module's source file, relative to the project root (what mypyc is given)."""
+    return module.replace(".", "/") + ".py"
+
+
+def status(modules: tuple[str, ...] = COMPILED) -> dict[str, str]:
+    """Each module: "compiled", "pure" (its source runs) or "stale" (compiled from an older
+    source than the one beside it). Nothing is imported."""
+    out: dict[str, str] = {}
+    for module in modules:
+        spec = importlib.util.find_spec(module)
+        origin = spec.origin if spec is not None else None
+        if origin is None or origin.endswith(".py"):
+            out[module] = "pure"
+            continue
+        source = os.path.join(os.path.dirname(origin), module.rsplit(".", 1)[1] + ".py")
+        try:
+            stale = os.path.getmtime(source) > os.path.getmtime(origin)
+        except OSError:
+            stale = False  # an install without sources: nothing to be stale against
+        out[module] = "stale" if stale else "compiled"
+    return out
+
+
+def summary() -> str:
+    """One line for ``--version`` and the startup log: "compiled (4 modules)", "pure Python", or
+    what is stale."""
+    st = status()
+    stale = [m for m, s in st.items() if s == "stale"]
+    if stale:
+        return "stale compiled modules (rebuild with scripts/bootstrap.sh): " + ", ".join(stale)
+    compiled = sum(1 for s in st.values() if s == "compiled")
+    if compiled == len(st):
+        return f"compiled ({compiled} modules)"
+    if compiled == 0:
+        return "pure Python"
+    return f"partly compiled ({compiled} of {len(st)} modules)"
