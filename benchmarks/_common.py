@@ -388,6 +388,28 @@ def start_proxy(tmp: Path, config_text: str, port: int, *, name: str = "endpoint
 # --------------------------------------------------------------------------
 
 
+def pgbouncer_binary() -> str:
+    """``$PGBOUNCER`` if set (a PgBouncer built elsewhere, e.g. by ``setup.sh --pgbouncer-source``),
+    else the one ``setup.sh --pgbouncer-source`` built in ``benchmarks/.pgbouncer``, else Debian's."""
+    explicit = os.environ.get("PGBOUNCER")
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise BenchError(f"PGBOUNCER={explicit} is not an executable file")
+        return explicit
+    built = REPO / "benchmarks" / ".pgbouncer" / "bin" / "pgbouncer"
+    binary = find_binary("pgbouncer", [str(built), "/usr/sbin/pgbouncer"])
+    if binary is None:
+        raise BenchError("pgbouncer not found: run benchmarks/setup.sh")
+    return binary
+
+
+def pgbouncer_supports_prepared(version: str) -> bool:
+    """PgBouncer 1.21 brought ``max_prepared_statements`` (named prepared statements in
+    transaction mode)."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return bool(m) and (int(m.group(1)), int(m.group(2))) >= (1, 21)
+
+
 def start_pgbouncer(
     tmp: Path,
     databases: Mapping[str, tuple[str, int]],
@@ -395,13 +417,13 @@ def start_pgbouncer(
     pool_mode: str,
     pool_size: int,
     max_client_conn: int = 500,
+    max_prepared_statements: int = 0,
 ) -> Service:
     """PgBouncer on a free port, one ``[databases]`` entry per item of ``databases``
     (client-side name -> server host, port; the server database is always ``app``).
-    Config, auth file, log and pidfile live in ``tmp/pgbouncer``."""
-    binary = find_binary("pgbouncer", ["/usr/sbin/pgbouncer"])
-    if binary is None:
-        raise BenchError("pgbouncer not found: run benchmarks/setup.sh")
+    Config, auth file, log and pidfile live in ``tmp/pgbouncer``. ``max_prepared_statements``
+    (PgBouncer 1.21 and newer) is written only when not 0."""
+    binary = pgbouncer_binary()
     port = free_port()
     d = tmp / "pgbouncer"
     d.mkdir()
@@ -428,6 +450,7 @@ def start_pgbouncer(
                 f"pidfile = {d / 'pgbouncer.pid'}",
                 "log_connections = 0",
                 "log_disconnections = 0",
+                *([f"max_prepared_statements = {max_prepared_statements}"] if max_prepared_statements else []),
                 "",
             ]
         )

@@ -3,7 +3,7 @@
 
 PostgreSQL: a local cluster (primary only), ``pgbench -i`` once, then ``pgbench -S`` with 200
 clients against endpoint_proxy's writer endpoint in ``pool_mode = "transaction"`` (cluster
-``pool_size = 20``) with ``-M prepared`` and ``-M extended``, against PgBouncer 1.18 in transaction
+``pool_size = 20``) with ``-M prepared`` and ``-M extended``, against PgBouncer in transaction
 mode (``default_pool_size = 20``) with ``-M extended`` (1.18 cannot carry named prepared statements
 across transactions) and against PostgreSQL itself with ``-M prepared``, interleaved and repeated.
 Besides tps, failed transactions and latency it samples the middleman's CPU time
@@ -73,10 +73,14 @@ PG_TARGETS = {
     "proxy-prepared": ("prepared", "proxy"),
     "proxy-extended": ("extended", "proxy"),
     "pgbouncer-extended": ("extended", "pgbouncer"),
+    "pgbouncer-prepared": ("prepared", "pgbouncer"),  # PgBouncer >= 1.21, max_prepared_statements set
 }
 MY_TARGETS = ("direct", "proxy")
-PG_RATIOS = (("proxy-prepared", "pgbouncer-extended"), ("proxy-extended", "pgbouncer-extended"),
-             ("proxy-prepared", "direct-prepared"), ("pgbouncer-extended", "direct-prepared"))  # fmt: skip
+PG_RATIOS = (("proxy-prepared", "pgbouncer-prepared"), ("proxy-prepared", "pgbouncer-extended"),
+             ("proxy-extended", "pgbouncer-extended"), ("proxy-prepared", "direct-prepared"),
+             ("pgbouncer-prepared", "direct-prepared"), ("pgbouncer-extended", "direct-prepared"))  # fmt: skip
+PG_CPU_RATIOS = (("proxy-prepared", "pgbouncer-prepared"), ("proxy-extended", "pgbouncer-extended"),
+                 ("proxy-prepared", "pgbouncer-extended"))  # fmt: skip
 
 TPS_RE = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.MULTILINE)
 LAT_RE = re.compile(r"^latency average = ([0-9.]+) ms", re.MULTILINE)
@@ -304,6 +308,16 @@ def pg_measure(args: argparse.Namespace, pgbench: str, tmp: Path, res: PgResults
     # Room for the direct clients, both pools and the proxy's monitor connections at once.
     max_connections = max(300, args.clients + 2 * args.pool_size + 50)
     extra_conf = {"max_connections": str(max_connections), "shared_buffers": "256MB"}
+    if "pgbouncer-prepared" in res.targets:
+        version = version_number(first_line([_common.pgbouncer_binary(), "--version"]))
+        if not _common.pgbouncer_supports_prepared(version):
+            if not args.pg_targets_given:
+                res.targets.remove("pgbouncer-prepared")
+                log(f"PgBouncer {version} has no max_prepared_statements (1.21+): pgbouncer-prepared left out "
+                    "(benchmarks/setup.sh --pgbouncer-source builds 1.24)")  # fmt: skip
+            else:
+                raise BenchError(f"pgbouncer-prepared needs PgBouncer 1.21 or newer, found {version} "
+                                 "(benchmarks/setup.sh --pgbouncer-source builds 1.24, or set PGBOUNCER)")  # fmt: skip
     with PostgresCluster(replicas=0, extra_conf=extra_conf) as cluster:
         primary = cluster.instance(cluster.primary_name)
         host, port = primary.host, int(primary.port)
@@ -334,6 +348,7 @@ def pg_measure(args: argparse.Namespace, pgbench: str, tmp: Path, res: PgResults
                 services["pgbouncer"] = _common.start_pgbouncer(
                     tmp / "pgb", {APP_DB: (host, port)}, pool_mode="transaction", pool_size=args.pool_size,
                     max_client_conn=max(300, args.clients + 100),
+                    max_prepared_statements=args.max_prepared_statements if "pgbouncer-prepared" in res.targets else 0,
                 )  # fmt: skip
                 versions["PgBouncer"] = services["pgbouncer"].version
             for name, svc in services.items():
@@ -408,12 +423,10 @@ def pg_ratios(res: PgResults) -> list[str]:
         va, vb = res.median(a, "tps"), res.median(b, "tps")
         if va is not None and vb:
             lines.append(f"{a}/{b} tps: {va / vb:.2f}")
-    ca, cb = res.median("proxy-extended", "cpu_us_per_txn"), res.median("pgbouncer-extended", "cpu_us_per_txn")
-    if ca is not None and cb:
-        lines.append(f"proxy-extended/pgbouncer-extended CPU per txn: {ca / cb:.2f}")
-    ca = res.median("proxy-prepared", "cpu_us_per_txn")
-    if ca is not None and cb:
-        lines.append(f"proxy-prepared/pgbouncer-extended CPU per txn: {ca / cb:.2f}")
+    for a, b in PG_CPU_RATIOS:
+        ca, cb = res.median(a, "cpu_us_per_txn"), res.median(b, "cpu_us_per_txn")
+        if ca is not None and cb:
+            lines.append(f"{a}/{b} CPU per txn: {ca / cb:.2f}")
     return lines
 
 
@@ -701,7 +714,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=8, help="pgbench -j (8)")
     p.add_argument("--pool-size", type=int, default=20, help="PostgreSQL pool size: proxy and PgBouncer (20)")
     p.add_argument("--scale", type=int, default=10, help="pgbench -i scale (10)")
-    p.add_argument("--pg-targets", default=",".join(PG_TARGETS), help="subset of: " + ",".join(PG_TARGETS))
+    p.add_argument("--pg-targets", default=None, help="subset of: " + ",".join(PG_TARGETS) + " (default: all; "
+                   "pgbouncer-prepared only with PgBouncer 1.21+)")
+    p.add_argument("--max-prepared-statements", type=int, default=200,
+                   help="PgBouncer max_prepared_statements for pgbouncer-prepared (200)")
     p.add_argument("--my-threads", type=int, default=64, help="sysbench --threads (64)")
     p.add_argument("--my-pool-size", type=int, default=8, help="MySQL pool size of the proxy (8)")
     p.add_argument("--my-targets", default=",".join(MY_TARGETS), help="subset of: " + ",".join(MY_TARGETS))
@@ -713,6 +729,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--results-file", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
     args = p.parse_args(argv)
+    args.pg_targets_given = args.pg_targets is not None
+    if args.pg_targets is None:
+        args.pg_targets = ",".join(PG_TARGETS)
     for opt, allowed in (("pg_targets", tuple(PG_TARGETS)), ("my_targets", MY_TARGETS)):
         chosen = [v.strip() for v in getattr(args, opt).split(",") if v.strip()]
         unknown = [v for v in chosen if v not in allowed]
@@ -720,7 +739,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--{opt.replace('_', '-')}: unknown {unknown}; choose from {','.join(allowed)}")
         setattr(args, opt, [v for v in allowed if v in chosen])
     positive = (args.duration, args.repeat, args.proxy_workers, args.clients, args.jobs, args.pool_size, args.scale,
-                args.my_threads, args.my_pool_size, args.tables, args.table_size)  # fmt: skip
+                args.my_threads, args.my_pool_size, args.tables, args.table_size,
+                args.max_prepared_statements)  # fmt: skip
     if min(positive) < 1 or args.warmup < 0:
         p.error("counts and durations must be positive (--warmup may be 0)")
     if args.jobs > args.clients:
@@ -734,7 +754,8 @@ def pg_parameters(args: argparse.Namespace) -> str:
         f"scale {args.scale}, repeat {args.repeat} (median shown), interleaved ({', '.join(args.pg_targets)}); "
         f"proxy: writer endpoint pool_mode=transaction, pool_size={args.pool_size}, workers {args.proxy_workers}; "
         f"PgBouncer: pool_mode=transaction, default_pool_size={args.pool_size}, max_client_conn="
-        f"{max(300, args.clients + 100)} (1.18: no max_prepared_statements, so -M extended); PostgreSQL primary "
+        f"{max(300, args.clients + 100)}, max_prepared_statements={args.max_prepared_statements} for "
+        "pgbouncer-prepared (1.21+; before 1.21 only -M extended works through it); PostgreSQL primary "
         "only, shared_buffers 256MB; all on 127.0.0.1 TCP. CPU µs/txn: utime+stime of the middleman's process "
         "group from the 2nd to the last 1 s progress report, over the transactions of those reports"
     )

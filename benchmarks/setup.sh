@@ -7,7 +7,21 @@
 #
 # Idempotent: installs only what is missing, runs `apt-get update` only when
 # an install is needed. Needs root (or sudo) for the install step.
+#
+# --pgbouncer-source: also build PgBouncer from Debian 13's source package
+# (1.24) into benchmarks/.pgbouncer. Debian 12 ships 1.18, which has no
+# max_prepared_statements (1.21+): pool_compare.py's pgbouncer-prepared target
+# needs the newer one, and the scripts prefer benchmarks/.pgbouncer when it is
+# there.
 set -euo pipefail
+
+build_pgbouncer=false
+for arg in "$@"; do
+    case "$arg" in
+        --pgbouncer-source) build_pgbouncer=true ;;
+        *) echo "setup.sh: unknown argument $arg (known: --pgbouncer-source)" >&2; exit 2 ;;
+    esac
+done
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
@@ -71,6 +85,27 @@ for pidfile in /var/run/postgresql/pgbouncer.pid /run/postgresql/pgbouncer.pid \
     fi
 done
 
+here="$(cd "$(dirname "$0")" && pwd)"
+built="$here/.pgbouncer/bin/pgbouncer"
+if $build_pgbouncer && [ ! -x "$built" ]; then
+    echo "setup.sh: building PgBouncer from Debian 13's source package into $here/.pgbouncer"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get install -y --no-install-recommends dpkg-dev build-essential pkg-config libevent-dev libssl-dev
+    src_list=/etc/apt/sources.list.d/endpoint-proxy-trixie-src.list
+    echo "deb-src http://deb.debian.org/debian trixie main" | $SUDO tee "$src_list" >/dev/null
+    work="$(mktemp -d)"
+    trap 'rm -rf "$work"; $SUDO rm -f "$src_list"' EXIT
+    $SUDO apt-get update -qq
+    (cd "$work" && apt-get source --download-only pgbouncer >/dev/null)
+    tar -xzf "$work"/pgbouncer_*.orig.tar.gz -C "$work"
+    (cd "$work"/pgbouncer-*/ && ./configure --prefix="$here/.pgbouncer" --without-cares >/dev/null \
+        && make -j"$(nproc)" >/dev/null && make install >/dev/null)
+    # PgBouncer runs as postgres when the benchmarks run as root: it must reach the binary.
+    chmod -R a+rX "$here/.pgbouncer"
+fi
 echo "setup.sh: pgbouncer $(pgbouncer --version 2>/dev/null | head -n1 || echo '?')"
+if [ -x "$built" ]; then
+    echo "setup.sh: benchmarks/.pgbouncer: $("$built" --version 2>/dev/null | head -n1 || echo '?') (used by the scripts)"
+fi
 echo "setup.sh: $(haproxy -v 2>/dev/null | head -n1 || echo 'haproxy ?')"
 echo "setup.sh: $(sysbench --version 2>/dev/null | head -n1 || echo 'sysbench ?')"
