@@ -28,9 +28,18 @@ def source_path(module: str) -> str:
     return module.replace(".", "/") + ".py"
 
 
+def _in_checkout(origin: str, module: str) -> bool:
+    """Whether the compiled file sits in a source checkout (an editable install), where an
+    edit can make it stale. An installed wheel's files all carry its install time."""
+    root = os.path.dirname(origin)
+    for _ in range(module.count(".")):
+        root = os.path.dirname(root)
+    return os.path.isfile(os.path.join(root, "setup.py")) and os.path.isfile(os.path.join(root, "pyproject.toml"))
+
+
 def status(modules: tuple[str, ...] = COMPILED) -> dict[str, str]:
-    """Each module: "compiled", "pure" (its source runs) or "stale" (compiled from an older
-    source than the one beside it). Nothing is imported."""
+    """Each module: "compiled", "pure" (its source runs) or "stale" (in a checkout, compiled
+    from an older source than the one beside it). Nothing is imported."""
     out: dict[str, str] = {}
     for module in modules:
         spec = importlib.util.find_spec(module)
@@ -40,9 +49,9 @@ def status(modules: tuple[str, ...] = COMPILED) -> dict[str, str]:
             continue
         source = os.path.join(os.path.dirname(origin), module.rsplit(".", 1)[1] + ".py")
         try:
-            stale = os.path.getmtime(source) > os.path.getmtime(origin)
+            stale = _in_checkout(origin, module) and os.path.getmtime(source) > os.path.getmtime(origin)
         except OSError:
-            stale = False  # an install without sources: nothing to be stale against
+            stale = False  # no source beside it: nothing to be stale against
         out[module] = "stale" if stale else "compiled"
     return out
 

@@ -41,6 +41,11 @@ def test_a_compiled_module_older_than_its_source_is_stale(tmp_path: Path, monkey
     os.utime(pkg / f"old{suffix}", (1_000_000, 1_000_000))
     monkeypatch.syspath_prepend(str(tmp_path))
     modules = ("fakepkg.fresh", "fakepkg.old", "fakepkg.plain")
+    # An installed wheel (no checkout around it): its files' times say nothing.
+    assert compiled.status(modules) == {"fakepkg.fresh": "compiled", "fakepkg.old": "compiled", "fakepkg.plain": "pure"}
+    # A checkout (editable install): an edited source makes its compiled module stale.
+    (tmp_path / "setup.py").write_text("")
+    (tmp_path / "pyproject.toml").write_text("")
     assert compiled.status(modules) == {"fakepkg.fresh": "compiled", "fakepkg.old": "stale", "fakepkg.plain": "pure"}
 
 

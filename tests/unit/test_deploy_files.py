@@ -131,10 +131,18 @@ def test_k8s_sidecar_probes_and_config() -> None:
 def test_dockerfile() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    assert lines[0] == "FROM python:3.11-slim"
+    # A build stage with a compiler makes the wheel (the compiled session core); the image
+    # installs it and fails to build if the wheel came out pure Python.
+    stages = [line for line in lines if line.startswith("FROM ")]
+    assert stages == ["FROM python:3.11-slim AS build", "FROM python:3.11-slim"]
+    build = text.split("FROM python:3.11-slim\n")[0]
+    assert "gcc" in build and "COPY pyproject.toml setup.py" in build and "pip wheel" in build
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    assert "!setup.py" in ignore and "!endpoint_proxy/" in ignore
+    assert any(line.startswith("RUN pip install /wheels/") for line in lines)
+    assert 'endpoint-proxy --version | grep -q "(compiled"' in text
     user = next(line for line in lines if line.startswith("USER "))
     assert "root" not in user and user.split()[1].split(":")[0] not in ("0", "")
-    assert any(line.startswith("RUN pip install .") for line in lines)
     assert f"http://127.0.0.1:{admin_port()}/healthz" in text and "urllib.request" in text
     assert 'ENTRYPOINT ["endpoint-proxy", "run", "--config", "/etc/endpoint-proxy/config.toml"]' in lines
     assert (DEPLOY / "endpoint-proxy.service").is_file()
