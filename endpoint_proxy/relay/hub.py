@@ -317,12 +317,19 @@ class Hub:
     def _serve(self, events: list[tuple[int, int]]) -> None:
         parked = self._parked
         self.events += len(events)
+        kept = self._kept
+        if kept:
+            # Kept descriptors that are active (a server closing an idle connection) stop being
+            # kept before any callback of this batch runs: a session that borrows one in this
+            # batch must not take it for silent (``is_kept``).
+            for fd, _mask in events:
+                if fd in kept:
+                    del kept[fd]
+                    self._unregister(fd)
         for fd, _mask in events:
             entry = parked.get(fd)
             if entry is None:
-                if self._kept.pop(fd, None) is not None:
-                    self._unregister(fd)  # kept registered, and now active: nobody's to serve here
-                continue  # handed back or cancelled earlier in this batch
+                continue  # handed back or cancelled earlier in this batch, or kept (above)
             try:
                 result = entry.callback()
             except Exception as e:  # the session's own failure, raised in its task
@@ -404,6 +411,12 @@ class Hub:
 
     def is_parked(self, fd: int) -> bool:
         return fd in self._parked
+
+    def is_kept(self, fd: int, sock: Any) -> bool:
+        """Whether ``sock`` has stayed registered here with nothing parked on it since it was let
+        go (``unpark_fd`` with ``keep``) and no event on it as of the last batch served: a pooled
+        connection that has been silent since its last borrower (so nothing to peek at)."""
+        return self._kept.get(fd) is sock and sock.fileno() == fd
 
     def unpark_fd(self, fd: int, keep: Any = None) -> None:
         """Stop watching one descriptor of a parked task, from one of its callbacks (its server

@@ -284,3 +284,38 @@ def test_a_client_cancel_reaches_the_connection_it_holds(pool_proxy: ProxyProces
             await other.close()
 
     asyncio.run(main())
+
+
+def test_idle_pooled_connections_the_server_terminated_are_not_handed_to_clients(
+        pool_proxy: ProxyProcess, pg_cluster: PostgresCluster) -> None:
+    # pg_terminate_backend on every idle pooled connection (as an administrator, or the server's
+    # idle_session_timeout, would): the clients' next statements run on fresh connections, with
+    # no error, whether a connection was used a moment ago (kept in the hub) or not.
+    primary = pg_cluster.primary_name
+
+    def pooled_pids() -> list[str]:
+        out = pg_cluster.sql(primary, f"select pid from pg_stat_activity where datname = '{DB}' and "
+                                      "backend_type = 'client backend' and pid <> pg_backend_pid()",
+                             database="postgres")
+        return out.split() if out else []
+
+    async def main() -> None:
+        conns = [await connect(pool_proxy, pg_cluster) for _ in range(POOL_SIZE)]
+        try:
+            for _round in range(3):
+                # Every connection of the pool used just now, then idle in the pool.
+                assert await asyncio.gather(*(c.fetchval("select $1::int", i) for i, c in enumerate(conns))) \
+                    == list(range(POOL_SIZE))
+                old = pooled_pids()
+                assert old
+                pg_cluster.sql(primary, "select count(pg_terminate_backend(pid::int)) from unnest("
+                                        f"string_to_array('{' '.join(old)}', ' ')) as pid", database="postgres")
+                wait_until(lambda old=old: not set(old) & set(pooled_pids()), 10, "terminated backends gone")
+                for i, c in enumerate(conns):
+                    assert await c.fetchval("select $1::int + 1", i) == i + 1
+                assert not set(old) & set(pooled_pids())
+        finally:
+            for c in conns:
+                await c.close()
+
+    asyncio.run(main())

@@ -429,6 +429,53 @@ async def test_a_connection_kept_between_borrowers_stays_registered(hub: Hub, pa
     current[0].close()
 
 
+async def test_a_kept_connection_that_spoke_is_not_kept_for_any_callback_of_that_batch(hub: Hub, pairs) -> None:  # type: ignore[no-untyped-def]
+    # A borrower skips the peek at a pooled connection that is still kept (is_kept): silent as
+    # of the hub's last batch. A server closing it while idle must count even when the
+    # borrower's request comes earlier in the same batch than the close.
+    client, client_peer = pairs()
+    server, server_peer = pairs()
+    seen: list[bool] = []
+    answers: list[bytes] = []
+
+    def on_server() -> object:
+        answers.append(server.recv(100))
+        hub.unpark_fd(server.fileno(), server)
+        return None
+
+    def on_client() -> object:
+        data = client.recv(100)
+        if data == b"bye":
+            return READ
+        if data == b"borrow":
+            assert hub.park_more(server.fileno(), on_server, client.fileno(), server)
+        else:
+            seen.append(hub.is_kept(server.fileno(), server))
+        return None
+
+    async def parked() -> None:
+        await hub.wait(client.fileno(), on_client)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(parked)
+        await trio.testing.wait_all_tasks_blocked()
+        client_peer.send(b"borrow")
+        await _until(lambda: hub.is_parked(server.fileno()))
+        server_peer.send(b"ReadyForQuery")
+        await _until(lambda: answers == [b"ReadyForQuery"])
+        client_peer.send(b"check")  # silent since: kept
+        await _until(lambda: len(seen) == 1)
+        # The request, then the close, with no checkpoint between: one batch, the client's
+        # descriptor ready first.
+        client_peer.send(b"check")
+        server_peer.send(b"FATAL")
+        server_peer.close()
+        await _until(lambda: len(seen) == 2)
+        assert seen == [True, False]
+        assert answers == [b"ReadyForQuery"]  # nobody read the close: the next borrower's peek finds it
+        client_peer.send(b"bye")
+
+
 async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
     """Wait, bounded, until the hub's callbacks have made ``condition`` true."""
     with trio.fail_after(timeout_s):

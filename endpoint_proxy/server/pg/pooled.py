@@ -288,8 +288,12 @@ class PgPooling(PgBackends):
         conn = backend.conn
         self._pooled = pooled
         self.backends.activate(action.role, backend)
-        if not isinstance(conn, RawConn) or conn.peer_closed():
+        if not isinstance(conn, RawConn) or (not hub.is_kept(conn.fd, conn.sock) and conn.peer_closed()):
             return False  # the task finds it closed and borrows another
+        # (Kept in the hub: the connection said nothing and did not close as of the hub's last
+        # batch, which would have shown it, so no peek system call. Like PgBouncer, which checks
+        # a server connection only after server_check_delay idle, a close later than that batch
+        # is met by the request itself.)
         backend.in_recovery = bool(cluster.topology.instances[backend.instance].in_recovery)
         if pooled.mark is None:
             pooled.mark = PooledMark()
