@@ -416,7 +416,8 @@ class Hub:
         """Whether ``sock`` has stayed registered here with nothing parked on it since it was let
         go (``unpark_fd`` with ``keep``) and no event on it as of the last batch served: a pooled
         connection that has been silent since its last borrower (so nothing to peek at)."""
-        return self._kept.get(fd) is sock and sock.fileno() == fd
+        kept = self._kept.get(fd)
+        return kept is not None and kept is sock and kept.fileno() == fd
 
     def unpark_fd(self, fd: int, keep: Any = None) -> None:
         """Stop watching one descriptor of a parked task, from one of its callbacks (its server
