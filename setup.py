@@ -1,5 +1,5 @@
-"""Build hook: the hot sans-IO modules listed in ``endpoint_proxy/compiled.py`` are compiled
-with mypyc (one C extension each, plus one shared runtime library).
+"""Build hook: the per-transaction modules listed in ``endpoint_proxy/compiled.py`` are
+compiled with mypyc (one C extension each, plus one shared runtime library).
 
 ``ENDPOINT_PROXY_PURE=1`` at install time skips compiling: the Python sources then run as they
 are, with the same behaviour and more CPU per transaction.

@@ -1,12 +1,16 @@
 """The modules built as C extensions by mypyc (``setup.py``), and whether this install has them.
 
-Every transaction of every session runs through the sans-IO session core; compiled, the
-proxy spends markedly less CPU per transaction (benchmarks/RESULTS.md). The Python sources
-stay the reference: a build with ``ENDPOINT_PROXY_PURE=1`` (or without a C compiler) runs
-them as they are. A compiled module shadows its source, so a source edited after the build
-is "stale" until ``scripts/bootstrap.sh`` (or ``pip install -e .``) builds it again.
+Every transaction of every pooled session runs through these: the sans-IO session core, and
+the pools' borrow and give-back with the per-request bookkeeping (gate, latency, session env).
+Compiled, the proxy spends markedly less CPU per transaction (benchmarks/RESULTS.md). The
+Python sources stay the reference: a build with ``ENDPOINT_PROXY_PURE=1`` runs them as they
+are. A compiled module shadows its source, so a source edited after the build is "stale" until
+``scripts/bootstrap.sh`` (or ``pip install -e .``) builds it again.
 
-Only pure modules belong here: no I/O, no trio, not subclassed or patched by interpreted code.
+What belongs here: modules whose classes interpreted code neither subclasses nor patches
+(compiled classes refuse both), whose annotations say the runtime types (compiled code checks
+them), and that are on the per-transaction path. Compiling the session shells and the hub was
+tried and measured no gain: their cost is the socket calls and the interpreted subclasses.
 This file imports nothing of the package, so ``setup.py`` reads the list without importing it.
 """
 
@@ -20,6 +24,11 @@ COMPILED: tuple[str, ...] = (
     "endpoint_proxy.sessioncore.actions",
     "endpoint_proxy.sessioncore.pg_pool",
     "endpoint_proxy.sessioncore.pg",
+    "endpoint_proxy.drills.latency",
+    "endpoint_proxy.server.gate",
+    "endpoint_proxy.server.session.env",
+    "endpoint_proxy.server.pool",
+    "endpoint_proxy.server.pools",
 )
 
 
@@ -57,7 +66,7 @@ def status(modules: tuple[str, ...] = COMPILED) -> dict[str, str]:
 
 
 def summary() -> str:
-    """One line for ``--version`` and the startup log: "compiled (4 modules)", "pure Python", or
+    """One line for ``--version`` and the startup log: "compiled (N modules)", "pure Python", or
     what is stale."""
     st = status()
     stale = [m for m, s in st.items() if s == "stale"]

@@ -47,10 +47,14 @@ stamp=.venv/.installed
 # modules they import) is newer than the last build: a compiled module shadows its source.
 rebuild=false
 [ -f "$stamp" ] || rebuild=true
-if ! $rebuild && [ -n "$(find pyproject.toml setup.py endpoint_proxy/compiled.py endpoint_proxy/protocol \
-    endpoint_proxy/routing endpoint_proxy/sessioncore -name '*.py' -newer "$stamp" -o -name pyproject.toml \
-    -newer "$stamp" 2>/dev/null | head -n 1)" ]; then
-  rebuild=true
+if ! $rebuild; then
+  compiled_sources=$(.venv/bin/python -c 'import runpy; c = runpy.run_path("endpoint_proxy/compiled.py"); print(" ".join(c["source_path"](m) for m in c["COMPILED"]))')
+  # shellcheck disable=SC2086 # one word per file
+  if [ -n "$(find pyproject.toml setup.py endpoint_proxy/compiled.py $compiled_sources endpoint_proxy/protocol \
+      endpoint_proxy/routing endpoint_proxy/sessioncore endpoint_proxy/drills -newer "$stamp" \
+      \( -name '*.py' -o -name pyproject.toml \) 2>/dev/null | head -n 1)" ]; then
+    rebuild=true
+  fi
 fi
 if $rebuild; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, Generic, NamedTuple, Protocol, TypeVar
 
 import structlog
@@ -51,17 +51,22 @@ class PoolKey(NamedTuple):
         return f"{self.instance}/{self.user}/{self.database}"
 
 
-@dataclass(eq=False)
 class Pooled(Generic[C]):
-    """A pool's server connection, with what of a session it carries."""
+    """A pool's server connection, with what of a session it carries. (Not a dataclass: mypyc
+    cannot build a generic one.)"""
 
-    conn: C
-    created_at: float
-    last_used: float
-    generation: int  # the pool's generation when it was opened (a drain makes it stale)
-    mark: object = None  # the session core's record of this connection's state
-    key: PoolKey | None = None  # the pool it belongs to
-    pool: ServerPool[Any] | None = field(default=None, repr=False)  # the same pool, itself
+    def __init__(self, conn: C, *, created_at: float, last_used: float, generation: int, mark: object = None,
+                 key: PoolKey | None = None, pool: ServerPool[Any] | None = None) -> None:
+        self.conn = conn
+        self.created_at = created_at
+        self.last_used = last_used
+        self.generation = generation  # the pool's generation when it was opened (a drain makes it stale)
+        self.mark = mark  # the session core's record of this connection's state
+        self.key = key  # the pool it belongs to
+        self.pool = pool  # the same pool, itself
+
+    def __repr__(self) -> str:
+        return f"Pooled({self.conn!r}, generation={self.generation}, key={self.key})"
 
 
 @dataclass
