@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,14 @@ def test_prepared_statement_records_stay_shared_objects_when_compiled() -> None:
     # thousands of sessions hold one object per statement.
     body = b"select 1 -- test_compiled\0\0\0"
     assert pg_pool.shared_statement(body) is pg_pool.shared_statement(bytes(body))
+
+
+def test_the_build_pins_every_runtime_dependency_as_the_project_does() -> None:
+    # mypyc compiles against the build environment's packages: the same pins as at run time,
+    # so that the compiled code was typed against the trio it runs with.
+    doc = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert set(doc["project"]["dependencies"]) <= set(doc["build-system"]["requires"])
+    assert (
+        next(r for r in doc["build-system"]["requires"] if r.startswith("mypy"))
+        in doc["project"]["optional-dependencies"]["test"]
+    )
